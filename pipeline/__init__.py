@@ -1,0 +1,7 @@
+"""Reading URL lists, downloading, filtering and sharding."""
+
+import os
+
+# albumentations (imported by img2dataset's resizer) checks PyPI for a newer version
+# on import: a network call from every worker, and a warning. Off.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

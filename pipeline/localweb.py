@@ -144,8 +144,9 @@ class LocalWeb:
                 if res.trickle:
                     self.send_response(200)
                     self.send_header("Content-Type", res.content_type)
-                    self.send_header("Content-Length", str(10**9))
+                    self.send_header("Connection", "close")  # body ends at close: no length to refuse early
                     self.end_headers()
+                    self.close_connection = True
                     try:
                         for _ in range(600):  # bounded: stops by itself after ~60 s
                             self.wfile.write(b"\x00" * 16)
@@ -258,7 +259,7 @@ def populate_faults(web: LocalWeb, internal: LocalWeb | None = None, seed: int =
     add("huge_body", Resource(good + b"\x00" * (3 * 2**20), "image/jpeg"))
     add("noai", Resource(good, "image/jpeg", headers={"X-Robots-Tag": "noai"}))
     add("tiny", Resource(encode(make_image("square", "blue", (12, 12), rng), "png"), "image/png"))
-    add("wide", Resource(encode(make_image("square", "green", (600, 60), rng), "jpg"), "image/jpeg"))
+    add("wide", Resource(encode(make_image("square", "green", (640, 160), rng), "jpg"), "image/jpeg"))
     add("long_caption", Resource(encode(make_image("cross", "purple", (128, 128), rng), "jpg"), "image/jpeg"),
         caption="a purple cross " * 200)
     add("empty_caption", Resource(good, "image/jpeg"), caption="   ")

@@ -1,0 +1,47 @@
+"""Build a corpus of WebDataset shards from a list of image URLs with captions.
+
+    python jobs/build_corpus.py --urls data/urls.parquet --out corpus/          # starts a local Ray
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/build_corpus.py --urls data/urls.parquet --out corpus/      # on a cluster
+
+Rerunning the same command after a crash finishes the remaining work.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a Ray working dir
+
+from pipeline.build import build_corpus  # noqa: E402
+from pipeline.config import BuildConfig, ConfigError, parse_config  # noqa: E402
+from pipeline.executor import TaskFailed, make_executor  # noqa: E402
+from pipeline.readers import read_urls  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        cfg = parse_config(BuildConfig, argv, description=__doc__, prog="build_corpus")
+        table = read_urls(cfg.urls, cfg.url_col, cfg.caption_col, cfg.extra_cols)
+        matcher = None
+        if cfg.eval:
+            from dedup.removal import eval_matcher
+
+            matcher = eval_matcher(cfg.eval)
+        with make_executor(cfg.executor, cfg.ray_address, cfg.num_cpus) as executor:
+            result = build_corpus(cfg, table, executor, matcher)
+    except ConfigError as exc:
+        print(f"build_corpus: error: {exc}", file=sys.stderr)
+        return 2
+    except TaskFailed as exc:
+        print(f"build_corpus: {exc}", file=sys.stderr)
+        return 1
+    return 0 if result.adds_up else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,291 @@
+"""Build a corpus: URL rows -> download tasks -> parts -> contiguous shards + manifest.
+
+Two phases, both re-runnable:
+
+1. `run_task(i, rows, cfg)` (one Ray task per chunk of input rows) runs the
+   stages on its rows and writes `parts/{i:05d}.tar` (candidate samples, input
+   order) and `parts/{i:05d}.parquet` (every row with its status), each to a
+   temporary name renamed into place, then the marker `parts/{i:05d}.done.json`
+   last. A rerun skips tasks whose marker exists.
+2. `finalize` (driver) walks the parts in order, drops exact image duplicates
+   (sha256, first occurrence wins) across the whole corpus, writes
+   `shards/00000.tar ...` of exactly `samples_per_shard` samples, `sizes.json`,
+   `manifest/{i:05d}.parquet`, reads every shard back, checks that the counts
+   add up, and writes `stats.json` last. It is deterministic, so re-running it
+   after a crash writes the same bytes.
+
+Why two phases: download tasks finish with unpredictable numbers of good
+samples, and shards must be full and numbered without gaps, so they can only
+be cut once all candidates are known. The second phase only copies bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import BuildConfig, ConfigError, to_yaml
+from pipeline.download import DownloadStage, ErrorLog, ResizeStage
+from pipeline.fetch import Fetcher
+from pipeline.filters import CaptionCleaner, CaptionFilter, DuplicateUrlFilter, ImageSizeFilter
+from pipeline.progress import Progress, fmt_duration
+from pipeline.readers import fingerprint
+from pipeline.sample import DROPPED, FAILED, PENDING, WRITTEN, Sample, run_stages
+from pipeline.shards import (
+    ShardSetWriter,
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_json,
+    get_fs,
+    join,
+    read_tar,
+    verify_shards,
+    write_tar,
+)
+
+log = logging.getLogger("clipforge.build")
+
+CANDIDATE = "candidate"
+MANIFEST_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("status", pa.string()),
+    ("reason", pa.string()), ("error", pa.string()), ("shard", pa.string()), ("sha256", pa.string()),
+])
+
+
+class OutputMismatch(ConfigError):
+    """The output folder holds a run made with other settings or other input."""
+
+
+def key_width(n_rows: int) -> int:
+    return max(9, len(str(max(0, n_rows - 1))))
+
+
+def part_path(root: str, index: int, suffix: str) -> str:
+    return join(root, "parts", f"{index:05d}{suffix}")
+
+
+def _samples(rows: pa.Table, width: int, extra_cols: tuple[str, ...]) -> Iterator[Sample]:
+    for r in rows.to_pylist():
+        s = Sample(
+            key=f"{r['row']:0{width}d}", row=r["row"], url=r["url"] or "", caption=r["caption"],
+            extra={c: r.get(c) for c in extra_cols},
+        )
+        s.meta["duplicate_url"] = r["duplicate_url"]
+        yield s
+
+
+def run_task(index: int, rows: pa.Table, cfg: BuildConfig, width: int) -> dict[str, Any]:
+    """Download, filter and resize one chunk of rows into part files. Idempotent."""
+    fs, root = get_fs(cfg.out)
+    done_path = part_path(root, index, ".done.json")
+    if fs.exists(done_path):
+        with fs.open(done_path, "rb") as f:
+            return json.load(f)
+    t0 = time.monotonic()
+    errors = ErrorLog()
+    cleaner = CaptionCleaner(cfg.max_caption_chars, truncate=cfg.long_captions == "truncate")
+    filters = [
+        DuplicateUrlFilter(),
+        CaptionFilter(cfg.min_caption_words, cfg.min_caption_chars, cfg.max_caption_chars,
+                      drop_long=cfg.long_captions == "drop"),
+    ]
+    download = DownloadStage(Fetcher(cfg.fetch_config()), cfg.threads, cfg.max_image_pixels, errors)
+    size_filter = ImageSizeFilter(cfg.min_image_side, cfg.max_aspect_ratio)
+    resize = ResizeStage(cfg.image_size, cfg.resize_mode, cfg.encode_format, cfg.encode_quality, errors)
+    stages = [cleaner, *filters, download, size_filter, resize]
+    results = sorted(run_stages(_samples(rows, width, cfg.extra_cols), stages), key=lambda s: s.row)
+
+    tar_samples = []
+    records = []
+    for s in results:
+        status = CANDIDATE if s.status == PENDING else s.status
+        if status == CANDIDATE:
+            meta = {**s.extra, "url": s.url, "caption": s.caption, "key": s.key, **s.meta}
+            members = {s.ext or cfg.encode_format: s.image or b"", "txt": (s.caption or "").encode(),
+                       "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()}
+            tar_samples.append((s.key, members))
+        records.append({"row": s.row, "key": s.key, "url": s.url, "status": status, "reason": s.reason,
+                        "error": s.error, "shard": None, "sha256": s.meta.get("sha256")})
+    with atomic_open(fs, part_path(root, index, ".tar")) as f:
+        write_tar(f, tar_samples)
+    with atomic_open(fs, part_path(root, index, ".parquet")) as f:
+        pq.write_table(pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA), f)
+    counts = Counter(r["status"] for r in records)
+    reasons = Counter(f"{r['status']}:{r['reason']}" for r in records if r["reason"])
+    stage_stats: Counter[str] = Counter()
+    for st in (cleaner, *filters, size_filter):
+        stage_stats.update(st.stats)
+    summary = {"task": index, "rows": len(records), "candidates": counts[CANDIDATE], "dropped": counts[DROPPED],
+               "failed": counts[FAILED], "reasons": dict(reasons), "stage_stats": dict(stage_stats),
+               "seconds": round(time.monotonic() - t0, 3)}
+    atomic_write_json(fs, done_path, summary)  # the completion marker, last
+    return summary
+
+
+@dataclass
+class BuildResult:
+    rows_in: int
+    written: int
+    dropped: int
+    failed: int
+    reasons: Counter[str] = field(default_factory=Counter)
+    shards: int = 0
+
+    @property
+    def adds_up(self) -> bool:
+        return self.rows_in == self.written + self.dropped + self.failed
+
+    def accounting_line(self) -> str:
+        return (f"rows in {self.rows_in} = written {self.written} + dropped {self.dropped} + failed {self.failed}"
+                + ("" if self.adds_up else "  <-- DOES NOT ADD UP"))
+
+
+Matcher = Callable[[str, str, bytes], str | None]
+"""(key, caption, image bytes) -> a drop reason (e.g. eval_overlap:coco:image) or None."""
+
+
+def _check_previous_run(fs: Any, root: str, settings: dict[str, Any]) -> None:
+    path = join(root, "run.json")
+    if not fs.exists(path):
+        return
+    with fs.open(path, "rb") as f:
+        previous = json.load(f)
+    changed = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v]
+    if changed:
+        raise OutputMismatch(
+            f"{path}: the output folder holds a run with other settings or input ({'; '.join(changed[:4])}); "
+            "use a new --out, or delete the folder to start over"
+        )
+
+
+def _clean_temporaries(fs: Any, root: str) -> None:
+    for sub in ("parts", "shards", "manifest", ""):
+        for p in fs.glob(join(root, sub, "*.tmp-*") if sub else join(root, "*.tmp-*")):
+            fs.rm(p)
+
+
+def build_corpus(cfg: BuildConfig, table: pa.Table, executor: Any, matcher: Matcher | None = None) -> BuildResult:
+    """Run both phases on `table` (columns url, caption, extras) with `executor`."""
+    fs, root = get_fs(cfg.out)
+    n = table.num_rows
+    width = key_width(n)
+    settings = {**cfg.output_settings(), "input_rows": n, "input_fingerprint": fingerprint(table)}
+    _check_previous_run(fs, root, settings)
+    fs.makedirs(join(root, "parts"), exist_ok=True)
+    _clean_temporaries(fs, root)
+    atomic_write_json(fs, join(root, "run.json"), settings)
+    atomic_write_bytes(fs, join(root, "config.yaml"), to_yaml(cfg).encode())
+
+    # Duplicate URLs are judged here, the only place that sees every row: first occurrence wins.
+    seen: set[str] = set()
+    dup = []
+    for url in table.column("url").to_pylist():
+        dup.append(url in seen)
+        seen.add(url)
+    table = table.append_column("row", pa.array(range(n), pa.int64())).append_column("duplicate_url", pa.array(dup))
+
+    n_tasks = (n + cfg.rows_per_task - 1) // cfg.rows_per_task
+    todo = [i for i in range(n_tasks) if not fs.exists(part_path(root, i, ".done.json"))]
+    already = sum(min(cfg.rows_per_task, n - i * cfg.rows_per_task) for i in range(n_tasks) if i not in set(todo))
+    log.info("%d input rows in %d tasks of %d rows; %d tasks to run (%d done before); executor %s",
+             n, n_tasks, cfg.rows_per_task, len(todo), n_tasks - len(todo), executor.name)
+    progress = Progress(n, cfg.progress_every, already=already)
+    t0 = time.monotonic()
+
+    def on_result(_index: int, summary: dict[str, Any]) -> None:
+        progress.update(summary["rows"], summary["candidates"])
+
+    tasks = [(i, (i, table.slice(i * cfg.rows_per_task, cfg.rows_per_task), cfg, width)) for i in todo]
+    executor.map(run_task, tasks, on_result, on_tick=progress.tick, tick_seconds=min(cfg.progress_every, 1.0))
+    progress.tick(force=True)
+    download_seconds = time.monotonic() - t0
+
+    result = finalize(cfg, n_tasks, matcher)
+    if result.rows_in != n:
+        raise RuntimeError(f"{root}: manifests hold {result.rows_in} rows but the input has {n}")
+    elapsed = time.monotonic() - t0
+    stats = {
+        "rows_in": result.rows_in, "written": result.written, "dropped": result.dropped, "failed": result.failed,
+        "shards": result.shards, "reasons": dict(result.reasons.most_common()),
+        "seconds": {"download": round(download_seconds, 3), "total": round(elapsed, 3)},
+        "images_per_second": round(result.written / max(1e-9, elapsed), 2),
+        "rows_this_run": progress.done_this_run,
+    }
+    atomic_write_json(fs, join(root, "stats.json"), stats)  # written last: the run is complete
+    _print_summary(result, elapsed, root)
+    return result
+
+
+def finalize(cfg: BuildConfig, n_tasks: int, matcher: Matcher | None = None) -> BuildResult:
+    fs, root = get_fs(cfg.out)
+    shards_dir = join(root, "shards")
+    result = BuildResult(0, 0, 0, 0)
+    seen_sha: set[str] = set()
+    with ShardSetWriter(fs, shards_dir, cfg.samples_per_shard) as writer:
+        for i in range(n_tasks):
+            records = pq.read_table(fs.open(part_path(root, i, ".parquet"), "rb")).to_pylist()
+            members_by_key = dict(read_tar(fs, part_path(root, i, ".tar")))
+            for rec in records:
+                if rec["status"] == CANDIDATE:
+                    members = members_by_key.pop(rec["key"], None)
+                    if members is None:
+                        raise RuntimeError(f"{part_path(root, i, '.tar')}: sample {rec['key']} missing; "
+                                           f"delete {part_path(root, i, '.done.json')} and rerun")
+                    reason = None
+                    if rec["sha256"] in seen_sha:
+                        reason = "duplicate_image"
+                    elif matcher is not None:
+                        image = next(v for k, v in members.items() if k in ("jpg", "webp", "png", "jpeg"))
+                        reason = matcher(rec["key"], members["txt"].decode(), image)
+                    if reason:
+                        rec["status"], rec["reason"] = DROPPED, reason
+                    else:
+                        seen_sha.add(rec["sha256"])
+                        rec["shard"] = writer.add(rec["key"], members)
+                        rec["status"] = WRITTEN
+                result.rows_in += 1
+                if rec["status"] == WRITTEN:
+                    result.written += 1
+                elif rec["status"] == DROPPED:
+                    result.dropped += 1
+                    result.reasons[f"dropped:{rec['reason']}"] += 1
+                elif rec["status"] == FAILED:
+                    result.failed += 1
+                    result.reasons[f"failed:{rec['reason']}"] += 1
+                else:
+                    raise RuntimeError(f"{part_path(root, i, '.parquet')}: row {rec['row']} has status {rec['status']}")
+            with atomic_open(fs, join(root, "manifest", f"{i:05d}.parquet")) as f:
+                pq.write_table(pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA), f)
+    sizes = writer.sizes
+    result.shards = len(sizes)
+    # Shards left by an earlier, different finalize (cannot happen with the settings
+    # check, but a stale file must never be mistaken for part of this corpus).
+    for p in fs.glob(join(shards_dir, "*.tar")):
+        if p.rsplit("/", 1)[-1] not in sizes:
+            fs.rm(p)
+    for p in fs.glob(join(root, "manifest", "*.parquet")):
+        if int(p.rsplit("/", 1)[-1].split(".")[0]) >= n_tasks:
+            fs.rm(p)
+    counted = verify_shards(fs, shards_dir, cfg.samples_per_shard)
+    if counted != result.written:
+        raise RuntimeError(f"{shards_dir}: shards hold {counted} samples, the manifest says {result.written}")
+    return result
+
+
+def _print_summary(result: BuildResult, elapsed: float, root: str) -> None:
+    print(f"corpus written to {root}/shards: {result.shards} shards, {result.written} samples "
+          f"in {fmt_duration(elapsed)} ({result.written / max(1e-9, elapsed):.1f} images/s)")
+    top = result.reasons.most_common(10)
+    if top:
+        print("most common reasons a row was not written:")
+        for reason, count in top:
+            print(f"  {count:8d}  {reason}")
+    print(result.accounting_line(), flush=True)

@@ -1,0 +1,233 @@
+"""Typed configuration: dataclasses validated on construction, filled from YAML then flags.
+
+One way in: every field of a config dataclass is a `--flag-name`; `--config
+FILE.yaml` supplies values first and flags override them. The resolved config
+is written next to the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from pipeline.fetch import DEFAULT_DISALLOWED, FetchConfig
+
+
+class ConfigError(ValueError):
+    """A bad setting or input; main() prints it as one line and exits 2."""
+
+
+T = TypeVar("T")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring under each field (read from the source)."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return docs
+    for i, line in enumerate(lines[:-1]):
+        name = line.strip().split(":", 1)[0]
+        nxt = lines[i + 1].strip()
+        if nxt.startswith('"""') and ":" in line and name.isidentifier():
+            docs[name] = nxt.strip('"')
+    return docs
+
+
+def _base_type(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return tp
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    tp = _base_type(tp)
+    if value is None:
+        return None
+    if typing.get_origin(tp) is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return tuple(str(v) for v in value)
+    if tp is bool:
+        if isinstance(value, str):
+            return value.lower() in ("1", "true", "yes", "on")
+        return bool(value)
+    try:
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not a valid {tp.__name__}") from None
+
+
+def parse_config(cls: type[T], argv: list[str] | None, description: str = "", prog: str | None = None) -> T:
+    """Build `cls` from `--config FILE.yaml` and flags (flags win)."""
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help="YAML file with settings; flags override it")
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        base = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = docs.get(f.name, "") + (f" (default: {default})" if default not in (None, ()) else "")
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        else:
+            p.add_argument(flag, default=argparse.SUPPRESS, help=help_, metavar=f.name.upper())
+    ns = vars(p.parse_args(argv))
+    values: dict[str, Any] = {}
+    if ns.get("config"):
+        path = Path(ns.pop("config"))
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings")
+        known = {f.name for f in fields(cls)}
+        for k, v in loaded.items():
+            key = str(k).replace("-", "_")
+            if key not in known:
+                raise ConfigError(f"{path}: unknown setting {k!r}")
+            values[key] = v
+    ns.pop("config", None)
+    values.update(ns)
+    missing = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise ConfigError("missing required setting(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    coerced = {k: _coerce(k, hints[k], v) for k, v in values.items()}
+    try:
+        return cls(**coerced)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def to_yaml(cfg: Any) -> str:
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+@dataclass(kw_only=True, frozen=True)
+class BuildConfig:
+    """Settings of jobs/build_corpus.py."""
+
+    urls: str
+    """Input: a parquet/csv/tsv/jsonl file, a folder of them, or a glob."""
+    out: str
+    """Output folder (local path or fsspec URL)."""
+    url_col: str = "url"
+    """Column holding the image URL."""
+    caption_col: str = "caption"
+    """Column holding the caption."""
+    extra_cols: tuple[str, ...] = ()
+    """Comma-separated extra columns carried into each sample's json (e.g. uid)."""
+    samples_per_shard: int = 1000
+    """Samples in every shard but the last."""
+    rows_per_task: int = 1000
+    """Input rows per download task (one Ray task each)."""
+    threads: int = 32
+    """Download threads per task."""
+    num_cpus: int | None = None
+    """CPUs of the local Ray started when no cluster address is given (default: all)."""
+    ray_address: str | None = None
+    """Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)."""
+    executor: str = "ray"
+    """ray, or local (in this process, no Ray: for debugging)."""
+    timeout: float = 10.0
+    """Total deadline in seconds per request, redirects and body included."""
+    retries: int = 2
+    """Retries for transient failures (timeouts, 429, 5xx), with backoff."""
+    retry_backoff: float = 0.5
+    """First retry backoff in seconds (doubles each retry)."""
+    max_body_bytes: int = 20 * 2**20
+    """Largest response body accepted."""
+    max_redirects: int = 5
+    """Redirect hops followed, each checked against the address policy."""
+    user_agent_token: str = "clipforge"
+    """Token in the user agent, matched by X-Robots-Tag opt-outs."""
+    disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED
+    """X-Robots-Tag directives that opt an image out."""
+    allow_hosts: tuple[str, ...] = ()
+    """HOST:PORT entries reachable although not public (e.g. 127.0.0.1:8000)."""
+    max_image_pixels: int = 89_478_485
+    """Images whose header claims more pixels are refused before decoding (PIL's bomb limit)."""
+    image_size: int = 256
+    """Output image side in pixels."""
+    resize_mode: str = "center_crop"
+    """center_crop, keep_ratio or border."""
+    encode_format: str = "jpg"
+    """jpg or webp."""
+    encode_quality: int = 95
+    """Encoder quality (1-100)."""
+    min_caption_words: int = 2
+    """Captions with fewer words are dropped."""
+    min_caption_chars: int = 5
+    """Captions with fewer characters are dropped."""
+    max_caption_chars: int = 1000
+    """Longer captions are truncated or dropped (see long_captions)."""
+    long_captions: str = "truncate"
+    """truncate or drop."""
+    min_image_side: int = 64
+    """Images whose original short side is smaller are dropped."""
+    max_aspect_ratio: float = 3.0
+    """Images with a larger long/short side ratio are dropped (DataComp's basic filter)."""
+    eval: tuple[str, ...] = ()
+    """NAME=PATH evaluation sets whose overlapping samples are removed before sharding."""
+    progress_every: float = 5.0
+    """Seconds between progress lines."""
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        check(self.samples_per_shard >= 1, f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
+        check(self.rows_per_task >= 1, f"--rows-per-task must be >= 1, got {self.rows_per_task}")
+        check(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        check(self.executor in ("ray", "local"), f"--executor must be ray or local, got {self.executor!r}")
+        check(self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}")
+        check(self.resize_mode in ("center_crop", "keep_ratio", "border"),
+              f"--resize-mode must be center_crop, keep_ratio or border, got {self.resize_mode!r}")
+        check(self.encode_format in ("jpg", "webp"), f"--encode-format must be jpg or webp, got {self.encode_format!r}")
+        check(1 <= self.encode_quality <= 100, f"--encode-quality must be 1..100, got {self.encode_quality}")
+        check(self.long_captions in ("truncate", "drop"), f"--long-captions must be truncate or drop, got {self.long_captions!r}")
+        check(self.max_aspect_ratio >= 1, f"--max-aspect-ratio must be >= 1, got {self.max_aspect_ratio}")
+        check(self.max_caption_chars >= 1, f"--max-caption-chars must be >= 1, got {self.max_caption_chars}")
+        for e in self.eval:
+            check("=" in e and all(e.split("=", 1)), f"--eval entries are NAME=PATH, got {e!r}")
+        try:
+            self.fetch_config()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def fetch_config(self) -> FetchConfig:
+        return FetchConfig(
+            timeout=self.timeout,
+            retries=self.retries,
+            retry_backoff=self.retry_backoff,
+            max_body_bytes=self.max_body_bytes,
+            max_redirects=self.max_redirects,
+            user_agent_token=self.user_agent_token or None,
+            disallowed_header_directives=tuple(d.strip().lower() for d in self.disallowed_header_directives),
+            allow_hosts=self.allow_hosts,
+        )
+
+    # Settings that change what is written; a resume with any of them changed is refused.
+    RUNTIME_ONLY: typing.ClassVar[frozenset[str]] = frozenset(
+        {"threads", "num_cpus", "ray_address", "executor", "progress_every", "out"}
+    )
+
+    def output_settings(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME_ONLY}

@@ -1,0 +1,138 @@
+"""Where tasks run, kept apart from what they do (DataTrove's executor split).
+
+`LocalExecutor` runs tasks in this process, one after the other (tests,
+debugging). `RayExecutor` runs each task as a Ray task, joining a cluster when
+an address is given (or RAY_ADDRESS is set, as `ray job submit` does) and
+starting a local Ray otherwise. This is the only pipeline module that imports
+ray. Task arguments travel through Ray, never through a file only the driver's
+disk holds (img2dataset's Ray distributor needs a shared filesystem for that).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class TaskFailed(RuntimeError):
+    """One or more tasks failed after Ray's retries; rerunning the job resumes."""
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        pass
+
+    def put(self, obj: Any) -> Any:
+        return obj
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        tasks: Sequence[tuple[int, tuple]],
+        on_result: Callable[[int, Any], None],
+        on_tick: Callable[[], None] | None = None,
+        tick_seconds: float = 5.0,
+    ) -> None:
+        failures = []
+        for index, args in tasks:
+            try:
+                on_result(index, fn(*args))
+            except Exception as exc:  # noqa: BLE001 - collected and raised below, like the Ray path
+                log.error("task %05d failed: %s", index, exc)
+                failures.append((index, exc))
+            if on_tick:
+                on_tick()
+        if failures:
+            raise TaskFailed(f"{len(failures)} task(s) failed, first: {failures[0][0]:05d}: {failures[0][1]}")
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, max_retries: int = 3):
+        self.address = address or os.environ.get("RAY_ADDRESS")
+        self.num_cpus = num_cpus
+        self.max_retries = max_retries
+        self._started = False
+
+    def __enter__(self) -> RayExecutor:
+        import ray
+
+        if not ray.is_initialized():
+            if self.address:
+                ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=True)
+            else:
+                ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                         log_to_driver=True)
+            self._started = True
+        log.info("ray: %s CPUs in the cluster", ray.cluster_resources().get("CPU"))
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        import ray
+
+        if self._started:
+            ray.shutdown()
+
+    def put(self, obj: Any) -> Any:
+        import ray
+
+        return ray.put(obj)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        tasks: Sequence[tuple[int, tuple]],
+        on_result: Callable[[int, Any], None],
+        on_tick: Callable[[], None] | None = None,
+        tick_seconds: float = 5.0,
+    ) -> None:
+        import ray
+
+        # max_retries re-runs a task whose worker died (OOM, SIGKILL, node loss); the
+        # task's own outputs are atomic, so a re-run is harmless.
+        remote = ray.remote(num_cpus=1, max_retries=self.max_retries)(fn)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        # Bounded submission: arguments of queued tasks sit in the object store.
+        max_inflight = 2 * cpus + 2
+        pending = list(tasks)[::-1]
+        inflight: dict[Any, int] = {}
+        failures: list[tuple[int, BaseException]] = []
+        while pending or inflight:
+            while pending and len(inflight) < max_inflight:
+                index, args = pending.pop()
+                inflight[remote.remote(*args)] = index
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=tick_seconds)
+            for ref in ready:
+                index = inflight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except (ray.exceptions.RayError, Exception) as exc:  # noqa: BLE001
+                    msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                    log.error("task %05d failed: %s", index, msg)
+                    failures.append((index, exc))
+                    continue
+                on_result(index, result)
+            if on_tick:
+                on_tick()
+        if failures:
+            first_index, first_exc = failures[0]
+            raise TaskFailed(
+                f"{len(failures)} task(s) failed, first: {first_index:05d}: "
+                f"{str(first_exc).strip().splitlines()[-1][:300]}; rerun the same command to resume"
+            )
+
+
+def make_executor(kind: str, address: str | None = None, num_cpus: int | None = None) -> LocalExecutor | RayExecutor:
+    if kind == "local":
+        return LocalExecutor()
+    return RayExecutor(address=address, num_cpus=num_cpus)

@@ -1,0 +1,245 @@
+"""One guarded HTTP(S) GET: the network half of img2dataset's `download_image`, made safe.
+
+Why not call `img2dataset.downloader.download_image` directly: it uses
+`urllib.request.urlopen`, which follows redirects to any host (an SSRF hole:
+a public URL can bounce the crawler into 10.x or 169.254.169.254), has only a
+per-socket-operation timeout (a URL that streams forever never finishes,
+img2dataset #437), reads the whole body with no size cap, and retries every
+error immediately, 404s included. We keep what it does well and reuse its
+X-Robots-Tag parser (`is_disallowed`) and user-agent convention, and add:
+
+- every hop (the first request and each redirect) is resolved, checked against
+  the address policy, and then connected to *the checked IP* (no second DNS
+  lookup an attacker could answer differently);
+- a total deadline per request, enforced between reads with `read1`;
+- a body-size cap, checked against Content-Length and while reading;
+- retries with exponential backoff, only for transient failures.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import random
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+from img2dataset.downloader import is_disallowed
+
+DEFAULT_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class FetchError(Exception):
+    """A URL could not be fetched. `reason` is a short code used as the manifest reason."""
+
+    def __init__(self, reason: str, detail: str = "", transient: bool = False):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.transient = transient
+
+
+class OptedOut(FetchError):
+    """The server said, through X-Robots-Tag, that this image must not be used for AI."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class FetchConfig:
+    """How one URL is fetched."""
+
+    timeout: float = 10.0
+    """Total deadline in seconds for one request, redirects and body included."""
+    retries: int = 2
+    """Extra attempts after a transient failure (timeout, connection reset, 429, 5xx)."""
+    retry_backoff: float = 0.5
+    """First backoff in seconds; doubles each retry, with jitter."""
+    max_body_bytes: int = 20 * 2**20
+    """Bodies larger than this are refused (Content-Length or bytes read)."""
+    max_redirects: int = 5
+    user_agent_token: str | None = "clipforge"
+    """Token added to the user agent and matched against `X-Robots-Tag: token: ...`."""
+    disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED
+    """X-Robots-Tag directives that opt an image out (img2dataset's defaults)."""
+    allow_hosts: tuple[str, ...] = ()
+    """`host:port` or `host` entries reachable even if their address is not public (tests, demo)."""
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        for entry in self.allow_hosts:
+            host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+            if port and not port.isdigit():
+                raise ValueError(f"allow_hosts entry {entry!r} must be HOST or HOST:PORT")
+
+    @property
+    def user_agent(self) -> str:
+        ua = "Mozilla/5.0 (compatible; clipforge/0.1; +https://github.com/clipforge)"
+        return f"{ua} ({self.user_agent_token})" if self.user_agent_token else ua
+
+
+def address_is_public(ip: str) -> bool:
+    """False for loopback, private, link-local, multicast, reserved, shared and unspecified addresses."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_global and not (addr.is_multicast or addr.is_reserved or addr.is_loopback)
+
+
+def _pinned(cls: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+    """A connection class that connects to a pre-checked IP, keeping Host/SNI as the name."""
+
+    class Pinned(cls):  # type: ignore[valid-type,misc]
+        def __init__(self, host: str, port: int, ip: str, **kw):
+            super().__init__(host, port, **kw)
+            self._ip = ip
+
+        def _create_connection(self, address, timeout, source_address=None):  # noqa: ANN001
+            return socket.create_connection((self._ip, address[1]), timeout, source_address)
+
+    return Pinned
+
+
+PinnedHTTP = _pinned(http.client.HTTPConnection)
+PinnedHTTPS = _pinned(http.client.HTTPSConnection)
+
+
+@dataclass
+class Fetcher:
+    """Fetch image bytes under the policy in `cfg`. Thread-safe; one per task."""
+
+    cfg: FetchConfig
+    _ssl: ssl.SSLContext = field(default_factory=ssl.create_default_context, repr=False)
+
+    def __post_init__(self) -> None:
+        self._allowed: set[tuple[str, int | None]] = set()
+        for entry in self.cfg.allow_hosts:
+            if entry.count(":") == 1:
+                host, port = entry.rsplit(":", 1)
+                self._allowed.add((host.lower(), int(port)))
+            else:
+                self._allowed.add((entry.lower().strip("[]"), None))
+
+    def _is_allowed(self, host: str, ip: str, port: int) -> bool:
+        for name in (host.lower(), ip):
+            if (name, port) in self._allowed or (name, None) in self._allowed:
+                return True
+        return False
+
+    def resolve(self, host: str, port: int) -> str:
+        """Resolve `host` and return an IP the policy lets us connect to, or raise."""
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise FetchError("dns_error", f"{host}: {exc}") from None
+        ips = [info[4][0] for info in infos]
+        # Every address must pass: a name that resolves to one public and one private
+        # address is refused, or the connection could land on the private one.
+        for ip in ips:
+            if not address_is_public(ip) and not self._is_allowed(host, ip, port):
+                raise FetchError("blocked_address", f"{host}:{port} resolves to non-public {ip}")
+        return ips[0]
+
+    def fetch(self, url: str) -> bytes:
+        """The body of `url`, retrying transient failures with backoff."""
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                return self._fetch_once(url, time.monotonic() + self.cfg.timeout)
+            except FetchError as exc:
+                if not exc.transient or attempt == self.cfg.retries:
+                    raise
+            delay = self.cfg.retry_backoff * (2**attempt) * random.uniform(0.5, 1.5)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _fetch_once(self, url: str, deadline: float) -> bytes:
+        current = url
+        for _hop in range(self.cfg.max_redirects + 1):
+            parts = urlsplit(current)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise FetchError("bad_url", current[:200])
+            try:
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+            except ValueError:
+                raise FetchError("bad_url", current[:200]) from None
+            ip = self.resolve(parts.hostname, port)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FetchError("timeout", f"deadline of {self.cfg.timeout}s", transient=True)
+            if parts.scheme == "https":
+                conn = PinnedHTTPS(parts.hostname, port, ip, timeout=remaining, context=self._ssl)
+            else:
+                conn = PinnedHTTP(parts.hostname, port, ip, timeout=remaining)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            try:
+                conn.request("GET", path, headers={
+                    "User-Agent": self.cfg.user_agent,
+                    "Accept": "image/*,*/*;q=0.5",
+                    "Accept-Encoding": "identity",
+                    "Connection": "close",
+                })
+                # Kept before getresponse: with "Connection: close" http.client hands the
+                # socket to the response and sets conn.sock to None.
+                sock = conn.sock
+                resp = conn.getresponse()
+                if resp.status in REDIRECTS:
+                    location = resp.getheader("Location")
+                    if not location:
+                        raise FetchError(f"http_{resp.status}", "redirect without Location")
+                    current = urljoin(current, location)
+                    continue
+                if resp.status == 429 or 500 <= resp.status < 600:
+                    raise FetchError(f"http_{resp.status}", transient=True)
+                if resp.status != 200:
+                    raise FetchError(f"http_{resp.status}")
+                if self.cfg.disallowed_header_directives and is_disallowed(
+                    resp.headers, self.cfg.user_agent_token, set(self.cfg.disallowed_header_directives)
+                ):
+                    raise OptedOut("opted_out", ", ".join(resp.headers.get_all("X-Robots-Tag", [])))
+                return self._read_body(sock, resp, deadline)
+            except FetchError:
+                raise
+            except TimeoutError:
+                raise FetchError("timeout", f"deadline of {self.cfg.timeout}s", transient=True) from None
+            except http.client.IncompleteRead as exc:
+                raise FetchError("truncated_body", f"got {len(exc.partial)} bytes", transient=True) from None
+            except ssl.SSLError as exc:
+                raise FetchError("tls_error", str(exc)[:200]) from None
+            except (ConnectionError, OSError, http.client.HTTPException) as exc:
+                raise FetchError("connection_error", f"{type(exc).__name__}: {exc}"[:200], transient=True) from None
+            finally:
+                conn.close()
+        raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects}")
+
+    def _read_body(self, sock: socket.socket | None, resp: http.client.HTTPResponse, deadline: float) -> bytes:
+        cap = self.cfg.max_body_bytes
+        length = resp.getheader("Content-Length")
+        if length and length.isdigit() and int(length) > cap:
+            raise FetchError("body_too_large", f"Content-Length {length} > {cap}")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FetchError("timeout", f"body not done within {self.cfg.timeout}s", transient=True)
+            if sock is not None:
+                sock.settimeout(remaining)
+            # read1 returns after one socket read, so a server that trickles bytes
+            # forever is cut at the deadline instead of being waited on per byte.
+            chunk = resp.read1(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > cap:
+                raise FetchError("body_too_large", f"more than {cap} bytes")
+            chunks.append(chunk)
+        if length and length.isdigit() and size < int(length):
+            raise FetchError("truncated_body", f"got {size} of {length} bytes", transient=True)
+        return b"".join(chunks)

@@ -1,0 +1,101 @@
+"""Reading URL lists: parquet, csv, tsv or jsonl; a file, a folder or a glob.
+
+Errors name the file and the problem, so main() can print them as one line.
+"""
+
+from __future__ import annotations
+
+import glob as globmod
+import hashlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import ConfigError
+
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+class InputError(ConfigError):
+    """The URL list is missing, unreadable, empty or lacks a column."""
+
+
+def list_inputs(spec: str) -> list[Path]:
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in FORMATS and f.is_file())
+        if not files:
+            raise InputError(f"{spec}: folder holds no .parquet, .csv, .tsv or .jsonl file")
+        return files
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(f) for f in globmod.glob(spec) if Path(f).suffix.lower() in FORMATS)
+        if not files:
+            raise InputError(f"{spec}: glob matches no .parquet, .csv, .tsv or .jsonl file")
+        return files
+    if not p.exists():
+        raise InputError(f"{spec}: no such file or folder")
+    if p.suffix.lower() not in FORMATS:
+        raise InputError(f"{spec}: unknown format {p.suffix!r} (use .parquet, .csv, .tsv or .jsonl)")
+    return [p]
+
+
+def read_file(path: Path) -> pa.Table:
+    kind = FORMATS[path.suffix.lower()]
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path)
+        if kind in ("csv", "tsv"):
+            import pyarrow.csv as pcsv
+
+            return pcsv.read_csv(
+                path,
+                parse_options=pcsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True),
+                convert_options=pcsv.ConvertOptions(strings_can_be_null=False),
+            )
+        import pyarrow.json as pjson
+
+        return pjson.read_json(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if path.stat().st_size == 0 if path.exists() else False:
+            raise InputError(f"{path}: empty file") from None
+        raise InputError(f"{path}: cannot read as {kind} ({first[:160]})") from None
+
+
+def read_urls(spec: str, url_col: str, caption_col: str, extra_cols: tuple[str, ...]) -> pa.Table:
+    """One table with columns url, caption and the extra columns, as strings, in file order."""
+    wanted = {"url": url_col, "caption": caption_col, **{c: c for c in extra_cols}}
+    tables = []
+    for path in list_inputs(spec):
+        t = read_file(path)
+        missing = [c for c in wanted.values() if c not in t.column_names]
+        if missing:
+            raise InputError(
+                f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(t.column_names[:12])}); "
+                "see --url-col, --caption-col, --extra-cols"
+            )
+        cols = {}
+        for out_name, src in wanted.items():
+            col = t.column(src)
+            if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+                col = pc.cast(col, pa.string())
+            cols[out_name] = col.cast(pa.string())
+        tables.append(pa.table(cols))
+    table = pa.concat_tables(tables)
+    if table.num_rows == 0:
+        raise InputError(f"{spec}: no rows")
+    return table
+
+
+def fingerprint(table: pa.Table) -> str:
+    """Hash of the URLs and captions, to refuse resuming into an output built from other input."""
+    h = hashlib.sha256()
+    for name in ("url", "caption"):
+        for chunk in table.column(name).chunks:
+            h.update("\x00".join(v or "" for v in chunk.to_pylist()).encode())
+            h.update(b"\x01")
+    h.update(str(table.num_rows).encode())
+    return h.hexdigest()[:16]
