@@ -1,0 +1,254 @@
+"""build_corpus end to end (in-process executor), bad input, config, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, build_args
+from shardcheck import read_with_openclip, read_with_webdataset
+
+from jobs.build_corpus import main
+from pipeline.localweb import Resource, encode, make_image
+
+pytestmark = pytest.mark.timeout(180)
+
+EXPECTED = {
+    "not_found": ("failed", "http_404"),
+    "server_error": ("failed", "http_500"),
+    "transient_503": ("written", None),
+    "slow": ("failed", "timeout"),
+    "trickle": ("failed", "timeout"),
+    "truncated": ("failed", "truncated_body"),
+    "html": ("failed", "not_an_image"),
+    "empty": ("failed", "empty_body"),
+    "random_bytes": ("failed", "not_an_image"),
+    "bomb": ("failed", "decompression_bomb"),
+    "huge_body": ("failed", "body_too_large"),
+    "noai": ("dropped", "opted_out"),
+    "tiny": ("dropped", "image_too_small"),
+    "wide": ("dropped", "aspect_ratio_too_large"),
+    "long_caption": ("written", None),
+    "empty_caption": ("dropped", "empty_caption"),
+    "loop": ("failed", "too_many_redirects"),
+    "redirect_internal": ("failed", "blocked_address"),
+    "dup_first": ("written", None),
+    "dup_second": ("dropped", "duplicate_url"),
+}
+
+
+def manifest(out: Path) -> list[dict]:
+    rows = []
+    for p in sorted((out / "manifest").glob("*.parquet")):
+        rows += pq.read_table(p).to_pylist()
+    return rows
+
+
+def written_keys(out: Path) -> list[str]:
+    return [r["key"] for r in manifest(out) if r["status"] == "written"]
+
+
+def test_end_to_end(tmp_path, web, internal, corpus_input, capsys):
+    path, rows, faults = corpus_input
+    # Same bytes under a second URL: an exact image duplicate, and a caption with control characters.
+    table = pq.read_table(path).to_pylist()
+    copy_url = web.add("/copy.jpg", web.resources[rows[0]["url"].split(web.hostport)[1]])
+    table.append({"url": copy_url, "caption": "copy \x00of\tthe first\x1b image", "uid": "copy", "label": ""})
+    pq.write_table(pa.Table.from_pylist(table), path)
+    out = tmp_path / "corpus"
+
+    assert main(build_args(path, out, web)) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    n = len(table)
+    m = manifest(out)
+    written = sum(r["status"] == "written" for r in m)
+    dropped = sum(r["status"] == "dropped" for r in m)
+    failed = sum(r["status"] == "failed" for r in m)
+    assert printed[-1] == f"rows in {n} = written {written} + dropped {dropped} + failed {failed}"
+    assert len(m) == n and sorted(r["row"] for r in m) == list(range(n))
+
+    by_url_first = {}
+    for r in m:
+        by_url_first.setdefault(r["url"], []).append(r)
+    for name, (status, reason) in EXPECTED.items():
+        url = faults[name]["url"]
+        rec = by_url_first[url][1] if name == "dup_second" else by_url_first[url][0]
+        assert (rec["status"], rec["reason"]) == (status, reason), name
+    copy = by_url_first[copy_url][0]
+    assert (copy["status"], copy["reason"]) == ("dropped", "duplicate_image")
+    assert sum(internal.hits.values()) == 0
+    # every good image written
+    assert all(by_url_first[r["url"]][0]["status"] == "written" for r in rows)
+
+    # shards: contiguous, full but the last, sizes.json right, keys unique, readable by both readers
+    sizes = json.loads((out / "shards" / "sizes.json").read_text())
+    assert list(sizes) == [f"{i:05d}.tar" for i in range(len(sizes))]
+    assert all(v == 32 for v in list(sizes.values())[:-1]) and 0 < list(sizes.values())[-1] <= 32
+    assert sum(sizes.values()) == written
+    samples = read_with_webdataset(out / "shards")
+    keys = [k for k, _, _ in samples]
+    assert len(keys) == len(set(keys)) == written and keys == sorted(keys)
+    assert set(keys) == set(written_keys(out))
+    meta = {k: j for k, _, j in samples}
+    rec = meta[by_url_first[rows[5]["url"]][0]["key"]]
+    assert rec["uid"] == rows[5]["uid"] and rec["url"] == rows[5]["url"] and len(rec["sha256"]) == 64
+    assert rec["original_width"] > 0 and rec["width"] == 256
+    long_key = by_url_first[faults["long_caption"]["url"]][0]["key"]
+    assert len(meta[long_key]["caption"]) <= 1000
+    assert all("\x00" not in t and "\t" not in t for _, t, _ in samples)
+    planned, seen = read_with_openclip(out / "shards")
+    assert seen >= written and planned >= written
+
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["written"] + stats["dropped"] + stats["failed"] == stats["rows_in"] == n
+    assert stats["reasons"]["failed:timeout"] == 2
+    assert "image_size: 256" in (out / "config.yaml").read_text()
+    assert not list(out.rglob("*.tmp-*"))
+
+    # A rerun of a finished build changes nothing and downloads nothing.
+    hits = sum(web.hits.values())
+    before = {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")}
+    assert main(build_args(path, out, web)) == 0
+    assert sum(web.hits.values()) == hits
+    assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")} == before
+
+
+def test_long_captions_can_be_dropped_and_webp(tmp_path, web):
+    rows = [{"url": web.add(f"/{i}.png", Resource(encode(make_image("circle", "red", (100, 90), random.Random(i)), "png"),
+                                                  "image/png")),
+             "caption": "a red circle " * (i * 40 + 1)} for i in range(3)]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "o"
+    args = ["--urls", str(path), "--out", str(out), "--allow-hosts", web.hostport, "--long-captions", "drop",
+            "--max-caption-chars", "100", "--encode-format", "webp", "--image-size", "48", "--executor", "local"]
+    assert main(args) == 0
+    fates = [(r["status"], r["reason"]) for r in manifest(out)]
+    assert fates == [("written", None), ("dropped", "caption_too_long"), ("dropped", "caption_too_long")]
+    samples = read_with_webdataset(out / "shards")
+    assert samples[0][2]["width"] == 48
+
+
+def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "build_corpus.py"), *args],
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.mark.parametrize("case", ["missing_file", "missing_column", "empty_file", "garbage", "no_rows",
+                                  "bad_value", "bad_yaml_key", "empty_folder"])
+def test_bad_input_is_one_line_exit_2(tmp_path, case):
+    out = tmp_path / "out"
+    f = tmp_path / "in.parquet"
+    extra: list[str] = []
+    if case == "missing_file":
+        f = tmp_path / "nope.parquet"
+        expect = "no such file"
+    elif case == "missing_column":
+        pq.write_table(pa.table({"link": ["http://x"], "caption": ["a b"]}), f)
+        expect = "missing column(s) url"
+    elif case == "empty_file":
+        f = tmp_path / "in.csv"
+        f.write_text("")
+        expect = "empty file"
+    elif case == "garbage":
+        f.write_bytes(b"not a parquet file at all")
+        expect = "cannot read as parquet"
+    elif case == "no_rows":
+        pq.write_table(pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}), f)
+        expect = "no rows"
+    elif case == "bad_value":
+        pq.write_table(pa.table({"url": ["http://x"], "caption": ["a b"]}), f)
+        extra = ["--resize-mode", "stretch"]
+        expect = "--resize-mode must be"
+    elif case == "bad_yaml_key":
+        pq.write_table(pa.table({"url": ["http://x"], "caption": ["a b"]}), f)
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("image_sise: 3\n")
+        extra = ["--config", str(cfg)]
+        expect = "unknown setting 'image_sise'"
+    else:
+        f = tmp_path / "emptydir"
+        f.mkdir()
+        expect = "folder holds no"
+    r = run_cli("--urls", str(f), "--out", str(out), "--executor", "local", *extra)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("build_corpus: error: ") and expect in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    if case not in ("bad_value", "bad_yaml_key"):
+        assert str(f.name) in lines[0]
+    assert not out.exists()
+
+
+def test_yaml_config_and_flag_override(tmp_path, web):
+    from pipeline.localweb import populate_images
+
+    rows = populate_images(web, 6, seed=9)
+    path = tmp_path / "in.csv"
+    pcsv.write_csv(pa.Table.from_pylist(rows), path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"image-size: 40\nencode_format: webp\nallow_hosts: [{web.hostport}]\nexecutor: local\n")
+    out = tmp_path / "o"
+    assert main(["--config", str(cfg), "--urls", str(path), "--out", str(out), "--image-size", "24"]) == 0
+    text = (out / "config.yaml").read_text()
+    assert "image_size: 24" in text and "encode_format: webp" in text
+    samples = read_with_webdataset(out / "shards")
+    assert len(samples) == 6 and samples[0][2]["width"] == 24
+
+
+def test_changed_settings_refused_on_resume(tmp_path, web):
+    from pipeline.localweb import populate_images
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(populate_images(web, 4, seed=5)), path)
+    out = tmp_path / "o"
+    base = ["--urls", str(path), "--out", str(out), "--allow-hosts", web.hostport, "--executor", "local"]
+    assert main(base) == 0
+    r = run_cli(*base, "--image-size", "128")
+    assert r.returncode == 2 and "image_size: 256 -> 128" in r.stderr and "use a new --out" in r.stderr
+
+
+def test_sigkill_midway_then_rerun_equals_uninterrupted(tmp_path, web):
+    from pipeline.localweb import populate_images
+
+    rows = populate_images(web, 60, seed=11)
+    # Each task gets a slow URL so that the run is still going when it is killed.
+    for i in range(6):
+        rows.insert(i * 11, {"url": web.add(f"/slowish{i}.jpg", Resource(b"x", "image/jpeg", delay=0.6)),
+                             "caption": "a slow one", "uid": f"s{i}", "label": ""})
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    args = build_args(path, tmp_path / "ref", web, "--rows-per-task", "11", "--samples-per-shard", "7",
+                      "--executor", "local")
+    assert main(args) == 0
+    ref = tmp_path / "ref"
+
+    out = tmp_path / "killed"
+    kill_args = [a if a != str(ref) else str(out) for a in args]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "build_corpus.py"), *kill_args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list((out / "parts").glob("*.done.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = len(list((out / "parts").glob("*.done.json")))
+    assert 2 <= done < 6, f"kill landed at {done} of 6 tasks"
+    assert not (out / "stats.json").exists()
+
+    r = run_cli(*kill_args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"({done} done before)" in r.stderr
+    assert written_keys(out) == written_keys(ref)
+    for p in (ref / "shards").iterdir():
+        assert (out / "shards" / p.name).read_bytes() == p.read_bytes(), p.name

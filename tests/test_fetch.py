@@ -1,0 +1,170 @@
+"""The guarded fetcher against the local web's failure modes."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from pipeline.download import sniff_image
+from pipeline.fetch import FetchConfig, Fetcher, FetchError, OptedOut, address_is_public
+from pipeline.filters import CaptionCleaner, CaptionFilter, clean_caption
+from pipeline.localweb import Resource, bomb_png, encode, make_image, populate_faults
+from pipeline.sample import Sample
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def fetcher(web, **kw) -> Fetcher:
+    base = dict(timeout=1.0, retries=2, retry_backoff=0.01, max_body_bytes=1_000_000, allow_hosts=(web.hostport,))
+    return Fetcher(FetchConfig(**{**base, **kw}))
+
+
+@pytest.fixture
+def faults(web, internal):
+    return populate_faults(web, internal)
+
+
+def reason(f: Fetcher, url: str) -> str:
+    with pytest.raises(FetchError) as info:
+        f.fetch(url)
+    return info.value.reason
+
+
+@pytest.mark.parametrize("ip, public", [
+    ("10.0.0.1", False), ("172.16.5.4", False), ("192.168.1.1", False), ("169.254.169.254", False),
+    ("127.0.0.1", False), ("::1", False), ("fe80::1", False), ("224.0.0.1", False), ("239.1.1.1", False),
+    ("100.64.0.1", False), ("0.0.0.0", False), ("::ffff:10.0.0.1", False), ("240.0.0.1", False),
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True),
+])
+def test_address_policy(ip, public):
+    assert address_is_public(ip) is public
+
+
+def test_good_image_and_user_agent(web):
+    body = encode(make_image("circle", "red", (64, 64), random.Random(0)), "jpg")
+    url = web.add("/ok.jpg", Resource(body, "image/jpeg"))
+    assert fetcher(web).fetch(url) == body
+    assert web.hits["/ok.jpg"] == 1
+
+
+def test_loopback_refused_by_default(web):
+    url = web.add("/ok.jpg", Resource(b"x", "image/jpeg"))
+    assert reason(Fetcher(FetchConfig()), url) == "blocked_address"
+    assert web.hits["/ok.jpg"] == 0  # refused before connecting
+
+
+def test_allow_hosts_is_per_port(web):
+    url = web.add("/ok.jpg", Resource(b"x", "image/jpeg"))
+    other_port = f"{web.host}:{web.port + 1 if web.port < 65535 else web.port - 1}"
+    assert reason(Fetcher(FetchConfig(allow_hosts=(other_port,))), url) == "blocked_address"
+
+
+def test_redirect_to_internal_host_never_contacts_it(web, internal, faults):
+    assert reason(fetcher(web), faults["redirect_internal"]["url"]) == "blocked_address"
+    assert sum(internal.hits.values()) == 0
+
+
+def test_internal_host_refused_directly(web, internal):
+    url = internal.add("/x.jpg", Resource(b"x", "image/jpeg"))
+    assert reason(fetcher(web), url) == "blocked_address"
+    assert sum(internal.hits.values()) == 0
+
+
+def test_404_is_not_retried(web, faults):
+    assert reason(fetcher(web), faults["not_found"]["url"]) == "http_404"
+    assert web.hits["/fault/not_found"] == 1
+
+
+def test_500_is_retried_then_fails(web, faults):
+    assert reason(fetcher(web, retries=2), faults["server_error"]["url"]) == "http_500"
+    assert web.hits["/fault/server_error"] == 3
+
+
+def test_transient_503_recovers(web, faults):
+    assert len(fetcher(web).fetch(faults["transient_503"]["url"])) > 100
+    assert web.hits["/fault/transient_503"] == 2
+
+
+def test_slow_server_hits_the_deadline(web, faults):
+    t = time.monotonic()
+    assert reason(fetcher(web, retries=0, timeout=0.5), faults["slow"]["url"]) == "timeout"
+    assert time.monotonic() - t < 2.0
+
+
+def test_endless_body_is_cut_at_the_total_deadline(web, faults):
+    # The server sends 16 bytes every 0.1 s forever: a per-socket timeout never fires.
+    t = time.monotonic()
+    assert reason(fetcher(web, retries=0, timeout=1.0), faults["trickle"]["url"]) == "timeout"
+    assert time.monotonic() - t < 2.5
+
+
+def test_truncated_body(web, faults):
+    assert reason(fetcher(web, retries=0), faults["truncated"]["url"]) == "truncated_body"
+
+
+def test_body_cap_by_header_and_by_bytes(web, faults):
+    assert reason(fetcher(web, max_body_bytes=100_000), faults["huge_body"]["url"]) == "body_too_large"
+    # No Content-Length: the cap is enforced while reading.
+    assert reason(fetcher(web, retries=0, timeout=5.0, max_body_bytes=50), faults["trickle"]["url"]) == "body_too_large"
+
+
+def test_redirect_loop(web, faults):
+    assert reason(fetcher(web), faults["loop"]["url"]) == "too_many_redirects"
+
+
+def test_redirect_within_allowed_host_is_followed(web):
+    body = b"\x89PNG-not-really"
+    web.add("/target.png", Resource(body, "image/png"))
+    url = web.add("/hop", Resource(b"", status=301, headers={"Location": "/target.png"}))
+    assert fetcher(web).fetch(url) == body
+
+
+def test_x_robots_tag_opt_out(web, faults):
+    with pytest.raises(OptedOut):
+        fetcher(web).fetch(faults["noai"]["url"])
+    url = web.add("/ua.jpg", Resource(b"x", "image/jpeg", headers={"X-Robots-Tag": "clipforge: noimageai"}))
+    with pytest.raises(OptedOut):
+        fetcher(web).fetch(url)
+    other = web.add("/other.jpg", Resource(b"x", "image/jpeg", headers={"X-Robots-Tag": "otherbot: noai"}))
+    assert fetcher(web).fetch(other) == b"x"
+
+
+def test_bad_scheme(web):
+    assert reason(fetcher(web), "ftp://example.com/x.jpg") == "bad_url"
+    assert reason(fetcher(web), "file:///etc/passwd") == "bad_url"
+
+
+def test_sniff_rejects_bombs_and_non_images():
+    with pytest.raises(FetchError) as info:
+        sniff_image(bomb_png(), max_pixels=89_478_485)
+    assert info.value.reason == "decompression_bomb"
+    with pytest.raises(FetchError) as info:
+        sniff_image(bomb_png(20_000, 20_000), max_pixels=10_000_000)  # below PIL's own limit, above ours
+    assert info.value.reason == "decompression_bomb"
+    for junk in (b"<html></html>", bytes(range(256)) * 4):
+        with pytest.raises(FetchError) as info:
+            sniff_image(junk, 10**8)
+        assert info.value.reason == "not_an_image"
+    with pytest.raises(FetchError) as info:
+        sniff_image(b"", 10**8)
+    assert info.value.reason == "empty_body"
+    good = encode(make_image("cross", "blue", (70, 50), random.Random(1)), "png")
+    assert sniff_image(good, 10**8) == ("PNG", 70, 50)
+
+
+def test_caption_cleaning_and_filter_counts():
+    assert clean_caption("a\x00 red\tcircle\u200b\n on\x1b grey ") == "a red circle on grey"
+    samples = [Sample(key=str(i), row=i, url="u", caption=c) for i, c in
+               enumerate(["a red circle", "   ", "red", "many words " * 5, "a\x07 green square"])]
+    cleaner = CaptionCleaner(max_chars=20, truncate=False)
+    filt = CaptionFilter(min_words=2, min_chars=5, max_chars=20, drop_long=True)
+    out = list(filt(cleaner(iter(samples))))
+    assert [s.reason for s in out] == [None, "empty_caption", "caption_too_short", "caption_too_long", None]
+    assert out[4].caption == "a green square"
+    assert filt.stats == {"seen": 5, "kept": 2, "dropped:empty_caption": 1, "dropped:caption_too_short": 1,
+                          "dropped:caption_too_long": 1}
+    trunc = list(CaptionCleaner(max_chars=20, truncate=True)(iter([Sample(key="k", row=0, url="u",
+                                                                             caption="word " * 10)])))
+    assert len(trunc[0].caption) <= 20 and trunc[0].caption.endswith("word")
