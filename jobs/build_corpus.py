@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         table = read_urls(cfg.urls, cfg.url_col, cfg.caption_col, cfg.extra_cols)
         matcher = None
         if cfg.eval:
-            from dedup.removal import eval_matcher
+            from dedup.removal import EvalRemoval
 
-            matcher = eval_matcher(cfg.eval)
+            matcher = EvalRemoval.from_args(cfg.eval)
         with make_executor(cfg.executor, cfg.ray_address, cfg.num_cpus) as executor:
             result = build_corpus(cfg, table, executor, matcher)
     except ConfigError as exc:

@@ -25,9 +25,9 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -148,8 +148,14 @@ class BuildResult:
                 + ("" if self.adds_up else "  <-- DOES NOT ADD UP"))
 
 
-Matcher = Callable[[str, str, bytes], str | None]
-"""(key, caption, image bytes) -> a drop reason (e.g. eval_overlap:coco:image) or None."""
+class Matcher(Protocol):
+    """Removal of evaluation-set overlap before final sharding (dedup.removal.EvalRemoval)."""
+
+    def __call__(self, key: str, caption: str, image: bytes, meta: dict[str, Any]) -> str | None:
+        """A drop reason (e.g. eval_overlap:coco:image) or None to keep."""
+
+    def finish(self, out: str) -> None:
+        """Write the audit (OUT/audit/...) for everything matched so far."""
 
 
 def _check_previous_run(fs: Any, root: str, settings: dict[str, Any]) -> None:
@@ -209,6 +215,8 @@ def build_corpus(cfg: BuildConfig, table: pa.Table, executor: Any, matcher: Matc
     download_seconds = time.monotonic() - t0
 
     result = finalize(cfg, n_tasks, matcher)
+    if matcher is not None:
+        matcher.finish(cfg.out)
     if result.rows_in != n:
         raise RuntimeError(f"{root}: manifests hold {result.rows_in} rows but the input has {n}")
     elapsed = time.monotonic() - t0
@@ -244,7 +252,7 @@ def finalize(cfg: BuildConfig, n_tasks: int, matcher: Matcher | None = None) -> 
                         reason = "duplicate_image"
                     elif matcher is not None:
                         image = next(v for k, v in members.items() if k in ("jpg", "webp", "png", "jpeg"))
-                        reason = matcher(rec["key"], members["txt"].decode(), image)
+                        reason = matcher(rec["key"], members["txt"].decode(), image, json.loads(members["json"]))
                     if reason:
                         rec["status"], rec["reason"] = DROPPED, reason
                     else:

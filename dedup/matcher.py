@@ -1,0 +1,263 @@
+"""The eval-set index and the matcher: built once, then asked about training samples.
+
+    matcher = OverlapMatcher.build([load_eval_set("coco", "evalsets/coco-5k")], MatchConfig())
+    matcher.match(key, caption, image_bytes)          # -> [Match(eval_set, eval_item, kind, score, ...)]
+
+`match_batch` does the same for many samples at once (what the audit job and
+the benchmark use: hash lookups and caption signatures are vectorised over the
+batch). The matcher holds only fingerprints (hashes, 3 KB thumbnails, shingle
+sets, LSH buckets), never eval images, and pickles for `ray.put`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from dedup import image as im
+from dedup.evalsets import EvalSet
+from dedup.index import BandedIndex, TextIndex
+from dedup.text import TextSigner, normalize_words
+
+log = logging.getLogger(__name__)
+KINDS = ("image", "text")
+
+
+@dataclass(kw_only=True)
+class MatchConfig:
+    """What counts as overlap."""
+
+    text_threshold: float = 0.8
+    """Minimum exact Jaccard of caption shingle sets for a text match."""
+    ngram: int = 3
+    """Words per caption shingle (captions shorter than this are one shingle)."""
+    num_perm: int = 128
+    """MinHash permutations (datasketch's default)."""
+    seed: int = 1
+    """MinHash seed (datasketch's default, so signatures compare with datasketch's)."""
+    min_caption_words: int = 0
+    """Captions with fewer words are never text-matched (generic captions like 'a photo' prove nothing)."""
+    image_max_distance: int = 10
+    """Loose search: Hamming distance (bits of 64) between perceptual-hash variants."""
+    image_min_similarity: float = 0.96
+    """Precise check: minimum thumbnail correlation for a candidate to count as the same image."""
+    crop: float = 0.03
+    """Fraction cut from each side for the crop variants of the perceptual hash."""
+    kinds: tuple[str, ...] = KINDS
+    """Which matches to look for: image, text or both."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.text_threshold <= 1.0:
+            raise ValueError(f"text_threshold must be in (0, 1], got {self.text_threshold}")
+        if not 0 <= self.image_max_distance < im.HASH_BITS:
+            raise ValueError(f"image_max_distance must be in [0, {im.HASH_BITS}), got {self.image_max_distance}")
+        if not -1.0 <= self.image_min_similarity <= 1.0:
+            raise ValueError(f"image_min_similarity must be in [-1, 1], got {self.image_min_similarity}")
+        if not 0.0 <= self.crop < 0.25:
+            raise ValueError(f"crop must be in [0, 0.25), got {self.crop}")
+        self.kinds = tuple(self.kinds)
+        bad = set(self.kinds) - set(KINDS)
+        if bad or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
+        if self.ngram < 1 or self.num_perm < 2:
+            raise ValueError(f"ngram must be >= 1 and num_perm >= 2, got {self.ngram}, {self.num_perm}")
+
+    def thresholds(self) -> dict:
+        return asdict(self) | {"kinds": list(self.kinds)}
+
+
+@dataclass(slots=True)
+class Match:
+    eval_set: str
+    eval_item: str
+    kind: str
+    """'image' or 'text'."""
+    score: float
+    """Hamming distance (image; 0 for a byte-identical file) or Jaccard (text)."""
+    similarity: float
+    """Thumbnail correlation (image) or Jaccard (text)."""
+
+
+@dataclass
+class EvalSetIndex:
+    name: str
+    kind: str
+    layout: str
+    item_ids: list[str]
+    image: BandedIndex | None
+    """All hash variants of every item (the whole-image hash of a training sample is looked up here)."""
+    image_whole: BandedIndex | None
+    """Whole-image hashes only (the crop variants of a training sample are looked up here)."""
+    thumbs: np.ndarray
+    has_image: np.ndarray
+    sha256: dict[str, int]
+    text: TextIndex | None
+    unreadable: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _set_features(es: EvalSet, crop: float, threads: int) -> list[im.ImageFeatures | None]:
+    feats: list[im.ImageFeatures | None] = [None] * len(es.items)
+    # cv2 decode/resize release the GIL, so threads use all cores here without pickling images.
+    with ThreadPoolExecutor(threads) as pool:
+        pending = {}
+        for i, data in es.iter_images():
+            pending[pool.submit(im.features, data, crop)] = i
+            if len(pending) >= 4 * threads:
+                for fut in list(pending)[: 2 * threads]:
+                    feats[pending.pop(fut)] = fut.result()
+        for fut, i in pending.items():
+            feats[i] = fut.result()
+    return feats
+
+
+def build_set_index(es: EvalSet, cfg: MatchConfig, signer: TextSigner, threads: int | None = None) -> EvalSetIndex:
+    t0 = time.perf_counter()
+    n = len(es.items)
+    feats = _set_features(es, cfg.crop, threads or os.cpu_count() or 1) if "image" in cfg.kinds else [None] * n
+    t1 = time.perf_counter()
+    has_image = np.array([f is not None for f in feats], dtype=bool)
+    thumbs = np.zeros((n, im.THUMB, im.THUMB, 3), dtype=np.uint8)
+    hashes, owners, sha = [], [], {}
+    for i, f in enumerate(feats):
+        if f is None:
+            continue
+        thumbs[i] = f.thumb
+        hashes.append(f.hashes)
+        owners.append(np.full(len(f.hashes), i))
+        sha.setdefault(f.sha256, i)
+    image = whole = None
+    if hashes:
+        image = BandedIndex(np.concatenate(hashes), np.concatenate(owners), cfg.image_max_distance)
+        whole = BandedIndex(np.array([h[0] for h in hashes]), np.array([o[0] for o in owners]),
+                            cfg.image_max_distance)
+    text = None
+    if "text" in cfg.kinds:
+        caps, cap_owner = [], []
+        for i, item in enumerate(es.items):
+            for c in item.captions:
+                if len(normalize_words(c)) >= cfg.min_caption_words:
+                    caps.append(c)
+                    cap_owner.append(i)
+        if caps:
+            text = TextIndex(signer, caps, cap_owner, cfg.text_threshold)
+    t2 = time.perf_counter()
+    unreadable = [es.items[i].id for i in np.flatnonzero(~has_image)] if "image" in cfg.kinds else []
+    if unreadable:
+        log.warning("eval set %s: %d images do not decode and can only match by text/sha256 (first: %s)",
+                    es.name, len(unreadable), unreadable[0])
+    idx = EvalSetIndex(es.name, es.kind, es.layout, [it.id for it in es.items], image, whole, thumbs, has_image, sha, text,
+                       unreadable, {"image_features_s": round(t1 - t0, 3), "index_build_s": round(t2 - t1, 3)})
+    log.info("eval set %s: %s, %d items, %d captions indexed, built in %.1fs", es.name, es.kind, n,
+             0 if text is None else len(text), t2 - t0)
+    return idx
+
+
+def image_candidates(s: EvalSetIndex, hashes: Sequence[np.ndarray]) -> dict[tuple[int, int], int]:
+    """{(query, item): distance} for queries within image_max_distance of an item.
+
+    The distance between two images is the minimum over variant pairs in which
+    at least one side is the whole image: the training image against the eval
+    image and its crops (the training copy is cropped), and the training
+    image's crops against the whole eval image (the eval image is a crop of
+    it). Crop-against-crop pairs add nothing but look-alike candidates.
+    """
+    hashes = np.stack(hashes)
+    best: dict[tuple[int, int], int] = dict(s.image.search(hashes[:, 0]))
+    n_var = hashes.shape[1] - 1
+    for (qi, item), dist in s.image_whole.search(hashes[:, 1:].ravel()).items():
+        key = (qi // n_var, item)
+        if dist < best.get(key, im.HASH_BITS + 1):
+            best[key] = dist
+    return best
+
+
+def brute_force_image_candidates(s: EvalSetIndex, hashes: Sequence[np.ndarray], max_distance: int
+                                 ) -> dict[tuple[int, int], int]:
+    """All pairs, same distance definition as `image_candidates` (tests and benchmark)."""
+    q = np.stack(hashes)
+    ev = s.image.hashes.reshape(-1, im.N_VARIANTS)
+    owners = s.image.owners.reshape(-1, im.N_VARIANTS)[:, 0]
+    d1 = im.hamming(q[:, None, 0:1], ev[None, :, :]).min(axis=2)  # whole training image vs all eval variants
+    d2 = im.hamming(q[:, None, 1:], ev[None, :, 0:1]).min(axis=2)  # training crops vs whole eval image
+    d = np.minimum(d1, d2)
+    return {(int(i), int(owners[j])): int(d[i, j]) for i, j in zip(*np.nonzero(d <= max_distance), strict=True)}
+
+
+class OverlapMatcher:
+    """All eval sets' indexes; answers 'which eval items does this training sample overlap?'."""
+
+    def __init__(self, sets: list[EvalSetIndex], cfg: MatchConfig):
+        self.sets, self.cfg = sets, cfg
+        self.signer = TextSigner(cfg.num_perm, cfg.seed, cfg.ngram)
+
+    @classmethod
+    def build(cls, eval_sets: Sequence[EvalSet], cfg: MatchConfig, threads: int | None = None) -> OverlapMatcher:
+        signer = TextSigner(cfg.num_perm, cfg.seed, cfg.ngram)
+        return cls([build_set_index(es, cfg, signer, threads) for es in eval_sets], cfg)
+
+    def match(self, key: str, caption: str | None, image_bytes: bytes | None,
+              sha256: str | None = None) -> list[Match]:
+        """Matches of one training sample (`key` is only for log messages).
+
+        `sha256` is an extra digest to look up (e.g. of the originally
+        downloaded bytes, before resizing); the digest of `image_bytes` is
+        always looked up.
+        """
+        feats = im.features(image_bytes, self.cfg.crop) if image_bytes and "image" in self.cfg.kinds else None
+        if image_bytes and feats is None and "image" in self.cfg.kinds:
+            log.debug("sample %s: image does not decode; only text and sha256 can match", key)
+        return self.match_features([caption], [feats], [[sha256] if sha256 else []])[0]
+
+    def match_features(self, captions: Sequence[str | None], feats: Sequence[im.ImageFeatures | None],
+                       extra_sha: Sequence[Sequence[str]] | None = None) -> list[list[Match]]:
+        """Matches for a batch of samples given their captions and image fingerprints."""
+        out: list[list[Match]] = [[] for _ in captions]
+        if "image" in self.cfg.kinds:
+            self._match_images(feats, extra_sha or [[] for _ in feats], out)
+        if "text" in self.cfg.kinds:
+            self._match_text(captions, out)
+        return out
+
+    def _match_images(self, feats: Sequence[im.ImageFeatures | None], extra_sha: Sequence[Sequence[str]],
+                      out: list[list[Match]]) -> None:
+        rows = [i for i, f in enumerate(feats) if f is not None]
+        for s in self.sets:
+            found: dict[tuple[int, int], tuple[float, float]] = {}
+            for i in range(len(feats)):
+                digests = list(extra_sha[i]) + ([feats[i].sha256] if feats[i] is not None else [])
+                for d in digests:
+                    item = s.sha256.get(d)
+                    if item is not None:
+                        found[(i, item)] = (0.0, 1.0)  # the very same file
+            if rows and s.image is not None:
+                best = image_candidates(s, [feats[i].hashes for i in rows])
+                best = {(rows[r], item): d for (r, item), d in best.items()}
+                for (i, item), dist in best.items():
+                    if (i, item) in found:
+                        continue
+                    sim = im.similarity(feats[i].thumb, s.thumbs[item])
+                    if sim >= self.cfg.image_min_similarity:
+                        found[(i, item)] = (float(dist), sim)
+            for (i, item), (dist, sim) in sorted(found.items()):
+                out[i].append(Match(s.name, s.item_ids[item], "image", dist, round(sim, 4)))
+
+    def _match_text(self, captions: Sequence[str | None], out: list[list[Match]]) -> None:
+        text_sets = [s for s in self.sets if s.text is not None]
+        if not text_sets:
+            return
+        sh = self.signer.shingle_sets([c or "" for c in captions])
+        min_words = self.cfg.min_caption_words
+        if min_words:
+            sh = [x if len(normalize_words(c or "")) >= min_words else frozenset() for x, c in zip(sh, captions,
+                                                                                                    strict=True)]
+        sigs = self.signer.signatures_from_shingles(sh)
+        for s in text_sets:
+            for (i, item), j in sorted(s.text.search(sh, sigs).items()):
+                out[i].append(Match(s.name, s.item_ids[item], "text", round(j, 6), round(j, 6)))

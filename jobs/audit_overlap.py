@@ -1,0 +1,136 @@
+"""Remove training samples that overlap evaluation sets, and report what overlapped.
+
+    python jobs/audit_overlap.py --corpus corpus/ --eval imagenet=evalsets/imagenet-val \\
+        --eval coco=evalsets/coco-5k --out audited/
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/audit_overlap.py ...
+
+Writes audited/shards/ (the corpus without overlapping samples), audited/manifest/,
+audited/audit/{overlap.parquet,summary.json,report.html}. The last line printed
+is `rows in N = written W + dropped D + failed F`. Exit code 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `python jobs/audit_overlap.py` from a Ray working dir: make the repo importable without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+from dedup.audit import (  # noqa: E402
+    AuditConfig,
+    AuditContext,
+    AuditError,
+    count_line,
+    finalize,
+    format_summary,
+    map_local,
+    prepare,
+    run_task,
+)
+from dedup.matcher import KINDS, MatchConfig  # noqa: E402
+
+log = logging.getLogger("audit_overlap")
+
+
+def map_ray(ctx: AuditContext, n_tasks: int, num_cpus: int | None = None) -> list[dict[str, float]]:
+    """One Ray task per shard group; the eval index goes to the object store once (ray.put)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address="auto", log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+    ctx_ref = ray.put(ctx)
+    remote = ray.remote(num_cpus=1)(_ray_task)
+    pending = [remote.remote(i, n_tasks, ctx_ref) for i in range(n_tasks)]
+    total = sum(ctx.sizes.values())
+    done_rows, results, t0, last = 0, [], time.perf_counter(), 0.0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=30)
+        for ref in ready:
+            r = ray.get(ref)
+            results.append(r)
+            done_rows += r["rows"]
+        el = time.perf_counter() - t0
+        if ready or el - last >= 30:
+            last = el
+            rate = done_rows / el if el else 0.0
+            log.info("%d/%d tasks, %d/%d rows, %.0f rows/s, ETA %s", len(results), n_tasks, done_rows, total, rate,
+                     f"{(total - done_rows) / rate:.0f}s" if rate else "?")
+    if started:
+        # Flushes the workers' forwarded logs now, so the count line really is the last line printed.
+        ray.shutdown()
+    return results
+
+
+def _ray_task(task_index: int, n_tasks: int, ctx: AuditContext) -> dict[str, float]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return run_task(task_index, n_tasks, ctx)
+
+
+def parse_args(argv: list[str] | None) -> tuple[AuditConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = MatchConfig()
+    p.add_argument("--corpus", required=True, help="build_corpus output (CORPUS/shards/ with sizes.json)")
+    p.add_argument("--eval", action="append", required=True, metavar="NAME=PATH", dest="evals",
+                   help="eval set (ImageFolder, KEY.jpg+KEY.txt pairs, or clip_benchmark WebDataset); repeatable")
+    p.add_argument("--out", required=True, help="output folder (shards/, manifest/, audit/)")
+    p.add_argument("--text-threshold", type=float, default=d.text_threshold, help="caption Jaccard (default 0.8)")
+    p.add_argument("--ngram", type=int, default=d.ngram, help="words per caption shingle")
+    p.add_argument("--num-perm", type=int, default=d.num_perm, help="MinHash permutations")
+    p.add_argument("--min-caption-words", type=int, default=d.min_caption_words,
+                   help="never text-match captions shorter than this")
+    p.add_argument("--image-max-distance", type=int, default=d.image_max_distance,
+                   help="perceptual-hash candidate distance in bits of 64")
+    p.add_argument("--image-min-similarity", type=float, default=d.image_min_similarity,
+                   help="thumbnail correlation a candidate needs to count")
+    p.add_argument("--kinds", default=",".join(KINDS), help="image,text | image | text")
+    p.add_argument("--samples-per-shard", type=int, default=None, help="clean shard size (default: the input's)")
+    p.add_argument("--executor", choices=("ray", "local"), default="ray")
+    p.add_argument("--tasks", type=int, default=None, help="parallel tasks (default: one per input shard)")
+    p.add_argument("--num-cpus", type=int, default=None, help="local Ray cluster size (no RAY_ADDRESS)")
+    args = p.parse_args(argv)
+    match = MatchConfig(text_threshold=args.text_threshold, ngram=args.ngram, num_perm=args.num_perm,
+                        min_caption_words=args.min_caption_words, image_max_distance=args.image_max_distance,
+                        image_min_similarity=args.image_min_similarity,
+                        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()))
+    cfg = AuditConfig(corpus=args.corpus, evals=args.evals, out=args.out, match=match,
+                      samples_per_shard=args.samples_per_shard)
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg, args = parse_args(argv)
+        ctx = prepare(cfg)
+    except (AuditError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    n_tasks = args.tasks or len(ctx.shards) or 1
+    t0 = time.perf_counter()
+    if args.executor == "ray":
+        map_ray(ctx, n_tasks, args.num_cpus)
+    else:
+        map_local(ctx, n_tasks)
+    ctx.timings["match_s"] = round(time.perf_counter() - t0, 3)
+    try:
+        summary = finalize(ctx)
+    except AuditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(count_line(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
