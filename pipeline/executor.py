@@ -71,8 +71,10 @@ class RayExecutor:
             if self.address:
                 ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=True)
             else:
-                ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                         log_to_driver=True)
+                # address="local": always a fresh local Ray, never a `ray start` cluster
+                # that happens to be running on this machine.
+                ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False,
+                         logging_level=logging.WARNING, log_to_driver=True)
             self._started = True
         log.info("ray: %s CPUs in the cluster", ray.cluster_resources().get("CPU"))
         return self
