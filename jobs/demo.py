@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=2400, help="good images in the local web")
     p.add_argument("--planted", type=int, default=25, help="eval images planted in the web")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--train-samples", type=int, default=40_000, help="samples seen in training (rounded to epochs)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -120,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_train:
         print("== 4. training a tiny CLIP on the clean corpus (training/train.py)", flush=True)
-        from training.demo import demo as train_demo
+        from training.demo import run_demo
 
-        train_demo(str(audited / "shards"), str(evals["shapes"]), str(out / "run"),
-                   overlap_audit=str(audited / "audit" / "summary.json"), retrieval=str(evals["pairs"]))
+        run_demo(audited / "shards", evals["shapes"], evals["pairs"], out / "run",
+                 overlap_audit=audited / "audit" / "summary.json", retrieval_name="pairs",
+                 target_samples=args.train_samples)
     print(f"== done: outputs under {out}")
     return 0
 

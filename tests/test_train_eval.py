@@ -1,0 +1,73 @@
+"""Zero-shot classification and retrieval metrics, with the overlap-audit split."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+
+import pytest
+import torch
+from train_helpers import TINY
+
+from pipeline.localweb import CLASSES, write_imagefolder, write_retrieval
+from training.config import ModelConfig
+from training.errors import TrainError
+from training.evaluate import Evaluator, _ret_metrics, load_classification
+from training.model import build_model
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_retrieval_metrics_on_known_similarities():
+    # 3 images; captions 0,1 belong to image 0, caption 2 to image 1, caption 3 to image 2.
+    owner = torch.tensor([0, 0, 1, 2])
+    sim = torch.tensor([[0.9, 0.1, 0.0, 0.0],    # image 0: its caption first
+                        [0.0, 0.0, 0.1, 0.9],    # image 1: caption 3 (wrong) first, its own second
+                        [0.0, 0.0, 0.0, 1.0]])   # image 2: correct
+    m = _ret_metrics(sim, owner, range(3))
+    assert m["i2t_R@1"] == pytest.approx(2 / 3) and m["i2t_R@5"] == 1.0
+    # texts: 0 -> image 0 (ok); 1 -> image 0 (0.1 beats 0.0s) ok; 2 -> image 1 (0.1) ok; 3 -> image 2 (1.0) ok
+    assert m["t2i_R@1"] == 1.0
+    sub = _ret_metrics(sim, owner, [1])
+    assert sub["i2t_R@1"] == 0.0 and sub["t2i_R@1"] == 1.0
+
+
+def test_zero_shot_with_overlap_audit(tmp_path):
+    write_imagefolder(tmp_path / "zs", per_class=2, seed=1, size=32)
+    write_retrieval(tmp_path / "ret", n=10, seed=2, size=32)
+    overlapping = ["red_circle/0000.jpg", "blue_square/0001.jpg", "green_cross/0000.jpg"]
+    audit = tmp_path / "summary.json"
+    audit.write_text(json.dumps({"eval_sets": {"zs": {"items": 48, "overlapping_items": overlapping},
+                                               "ret": {"items": 10, "overlapping_items": ["00003", "00007"]}}}))
+    bundle = build_model(ModelConfig(model=TINY), "fp32", torch.device("cpu"))
+    ev = Evaluator({"zs": str(tmp_path / "zs")}, {"ret": str(tmp_path / "ret")}, str(audit),
+                   bundle.val_transform, bundle.tokenizer, torch.device("cpu"), nullcontext, 0, 1, batch_size=7)
+    res = ev.run(bundle.model)
+    zs, ret = res["zs"], res["ret"]
+    assert zs["kind"] == "zeroshot" and zs["items"] == 2 * len(CLASSES) and set(zs["per_class"]) == set(CLASSES)
+    assert (zs["clean_items"], zs["overlap_items"]) == (45, 3)
+    assert zs["top1"] == pytest.approx((45 * zs["clean_top1"] + 3 * zs["overlap_top1"]) / 48)
+    assert 0 <= zs["top1"] <= zs["top5"] <= 1
+    assert (ret["clean_items"], ret["overlap_items"]) == (8, 2) and "overlap_i2t_R@1" in ret
+
+    # The classifier is CLIP's prompt ensemble: check top-1 against a direct computation.
+    ds = load_classification("zs", tmp_path / "zs")
+    with torch.no_grad():
+        w = torch.stack([torch.nn.functional.normalize(bundle.model.encode_text(
+            bundle.tokenizer([t.format(c=c) for t in ds.templates]), normalize=True).mean(0), dim=0)
+            for c in ds.classnames], dim=1)
+        from PIL import Image
+        feats = bundle.model.encode_image(torch.stack([bundle.val_transform(Image.open(ds.root / i).convert("RGB"))
+                                                       for i, _ in ds.items]), normalize=True)
+    direct = ((feats @ w).argmax(1) == torch.tensor([y for _, y in ds.items])).float().mean()
+    assert zs["top1"] == pytest.approx(float(direct))
+
+
+def test_eval_set_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainError, match="no class folders"):
+        load_classification("x", tmp_path / "empty")
+    write_imagefolder(tmp_path / "zs", per_class=1, seed=1, size=16)
+    (tmp_path / "zs/templates.txt").write_text("no placeholder here\n")
+    with pytest.raises(TrainError, match=r"templates.txt: every line needs \{c\}"):
+        load_classification("x", tmp_path / "zs")

@@ -1,0 +1,155 @@
+"""End to end: torchrun training, exact resume, checkpoints in open_clip, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from train_helpers import REPO, TINY, torchrun, train
+
+from pipeline.localweb import CLASSES, write_imagefolder, write_retrieval
+from training.checkpoint import find_latest, load_checkpoint
+from training.config import ModelConfig
+from training.model import build_model
+from training.synthetic import write_shape_shards
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("train-data")
+    write_shape_shards(d / "shards", 1024, 64, seed=0, size=48)
+    write_imagefolder(d / "zs", per_class=4, seed=100, size=48)
+    write_retrieval(d / "ret", n=48, seed=200, size=48)
+    return d
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_torchrun_two_ranks_trains_checkpoints_and_evaluates(data, tmp_path):
+    out = tmp_path / "run"
+    r = torchrun(2, REPO / "training/train.py",
+                 "--train-data", f"{data}/shards/{{00000..00015}}.tar", "--model", TINY,
+                 "--batch-size", "32", "--epochs", "4", "--workers", "1", "--lr", "2e-3", "--wd", "0.1",
+                 "--warmup", "8", "--zeroshot", f"shapes={data}/zs", "--retrieval", f"ret={data}/ret",
+                 "--eval-every", "24", "--save-every", "10", "--keep-last", "2", "--log-every", "8",
+                 "--output", str(out), timeout=280)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "global batch 64 = 32 per rank x 2 ranks x 1 accum; 16 steps/epoch, 64 steps" in r.stderr
+
+    results = jsonl(out / "results.jsonl")
+    zs = [x for x in results if x["set"] == "shapes"]
+    # Every 24 steps and at each of the 4 epoch ends (steps 16, 32, 48, 64), once where they coincide.
+    assert [x["step"] for x in zs] == [16, 24, 32, 48, 64]
+    final = zs[-1]
+    assert final["items"] == 4 * len(CLASSES) and set(final["per_class"]) == set(CLASSES)
+    chance = 1 / len(CLASSES)
+    assert final["top1"] > 4 * chance, final  # the easy task is learned, not guessed
+    ret = [x for x in results if x["set"] == "ret"][-1]
+    assert {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"} <= set(ret)
+    assert ret["i2t_R@10"] > 10 / 48
+
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*.pt"))
+    best = json.loads((out / "checkpoints/best.json").read_text())
+    assert ckpts[-2:] == ["step_00000060.pt", "step_00000064.pt"]
+    assert best["file"] in ckpts and len(ckpts) == len({*ckpts[-2:], best["file"]})
+    assert best["value"] == max(x["top1"] for x in zs if x["step"] % 16 == 0)  # scored checkpoints
+    assert not list((out / "checkpoints").glob("*.tmp*"))
+    ckpt = load_checkpoint(out / "checkpoints/step_00000064.pt")
+    assert ckpt["epoch"] == 4 and ckpt["step"] == 64 and ckpt["config"]["run"]["world_size"] == 2
+    assert ckpt["data"] == {"epoch": 4, "batch": 0, "consumed": [[0], [0]]}
+    assert set(ckpt["versions"]) == {"torch", "open_clip", "webdataset"}
+
+    log = jsonl(out / "train_log.jsonl")
+    assert log[-1]["step"] == 64 and log[-1]["loss"] < log[0]["loss"]
+    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "config.yaml").is_file() and list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def _trace(out: Path) -> dict[int, dict]:
+    return {rec["step"]: rec for rec in jsonl(out / "trace-rank0.jsonl")}  # last record of a step wins
+
+
+def test_exact_resume(data, tmp_path):
+    common = ["--train-data", f"{data}/shards/{{00000..00007}}.tar", "--model", TINY, "--batch-size", "16",
+              "--accum-freq", "2", "--epochs", "2", "--workers", "2", "--warmup", "3", "--trace",
+              "--train-num-samples", "320", "--log-every", "5"]
+    full = tmp_path / "full"
+    r = train(*common, "--output", str(full))
+    assert r.returncode == 0, r.stderr[-3000:]
+    part = tmp_path / "part"
+    for extra in (["--stop-after", "4"], ["--resume", "latest", "--stop-after", "13"], ["--resume", "latest"]):
+        r = train(*common, "--output", str(part), *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "step 13, epoch 1" in r.stderr
+    a, b = _trace(full), _trace(part)
+    assert sorted(a) == sorted(b) == list(range(1, 21))  # 320 // (16 * 2) = 10 steps per epoch
+    for step in a:
+        assert a[step]["keys"] == b[step]["keys"], step
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-6, abs=1e-6), step
+    fa = torch.load(full / "checkpoints/step_00000020.pt", weights_only=True)["state_dict"]
+    fb = torch.load(part / "checkpoints/step_00000020.pt", weights_only=True)["state_dict"]
+    assert all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
+
+    # Changing the batch size (or world size) would change the data stream: refused, saying what changed.
+    r = train(*[c if c != "16" else "8" for c in common], "--output", str(part), "--resume", "latest")
+    assert r.returncode == 2
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "--batch-size: 16 -> 8" in errors[0]
+
+
+def test_checkpoint_loads_in_open_clip(data, tmp_path):
+    out = tmp_path / "run"
+    r = train("--train-data", f"{data}/shards/{{00000..00003}}.tar", "--model", TINY, "--batch-size", "32",
+              "--epochs", "1", "--workers", "1", "--output", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = find_latest(out / "checkpoints")
+    open_clip.add_model_config(TINY)
+    theirs, _, preprocess = open_clip.create_model_and_transforms("tiny-vit", pretrained=str(path))
+    ours = build_model(ModelConfig(model=TINY), "fp32", torch.device("cpu"))
+    fresh = ours.model.encode_image(torch.zeros(1, 3, 32, 32))
+    ours.model.load_state_dict(load_checkpoint(path)["state_dict"])
+    images = torch.stack([preprocess(open_clip_image(p)) for p in sorted((data / "zs").rglob("*.jpg"))[:8]])
+    ours.model.eval()
+    theirs.eval()
+    with torch.no_grad():
+        a, b = ours.model.encode_image(images), theirs.encode_image(images)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(theirs.encode_image(torch.zeros(1, 3, 32, 32)), fresh, atol=1e-4)  # trained
+
+
+def open_clip_image(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", ["missing_shard", "bad_model", "all_invalid", "missing_resume", "bad_precision"])
+def test_bad_input_is_one_line_and_exit_2(data, tmp_path, case):
+    shards = f"{data}/shards/{{00000..00003}}.tar"
+    args = {"missing_shard": ["--train-data", f"{data}/shards/{{00000..00099}}.tar"],
+            "bad_model": ["--train-data", shards, "--model", "ViT-Nope-99"],
+            "missing_resume": ["--train-data", shards, "--resume", str(tmp_path / "nope.pt")],
+            "bad_precision": ["--train-data", shards, "--precision", "fp8"]}.get(case)
+    expected = {"missing_shard": "00016.tar: shard not found", "bad_model": "ViT-Nope-99",
+                "all_invalid": "no sample with an image and a txt", "missing_resume": "nope.pt: checkpoint not found",
+                "bad_precision": "--precision 'fp8'"}[case]
+    if case == "all_invalid":
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "00000.tar").write_bytes(b"")
+        (bad / "sizes.json").write_text('{"00000.tar": 100}')
+        args = ["--train-data", str(bad / "00000.tar")]
+    r = train(*args, "--model", TINY, "--batch-size", "8", "--workers", "1", "--output", str(tmp_path / "o"),
+              timeout=100) if case != "bad_model" else train(*args, "--output", str(tmp_path / "o"), timeout=100)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], r.stderr[-2000:]

@@ -1,0 +1,37 @@
+"""Helpers for the training tests: run a (torchrun) command that can never outlive its timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(REPO / "training/configs/tiny-vit.json")
+
+
+def run(cmd: list[str], timeout: float, cwd: str | Path = REPO, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess:
+    """Run in a new session and kill the whole group on timeout: torchrun's ranks must not linger."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 240, **kw) -> subprocess.CompletedProcess:
+    # --standalone: a private rendezvous on a free port, so parallel test runs cannot collide.
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                str(script), *args], timeout=timeout, **kw)
+
+
+def train(*args: str, timeout: float = 240, **kw) -> subprocess.CompletedProcess:
+    """`python training/train.py ARGS` in one process."""
+    return run([sys.executable, str(REPO / "training/train.py"), *args], timeout=timeout, **kw)

@@ -1,0 +1,73 @@
+"""Rank, world size, device and process group: settled once, here.
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process. The
+backend follows the device: NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto", timeout_min: int = 30) -> DistInfo:
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            from training.errors import TrainError
+
+            raise TrainError("--device cuda: no CUDA device visible; use --device cpu")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_min),
+            **({"device_id": dev} if use_cuda else {}),
+        )
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def close_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's `obj`, on every rank (a list of one without a process group)."""
+    if world_size == 1 or not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1 and dist.is_initialized():
+        dist.barrier()

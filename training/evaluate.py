@@ -1,0 +1,260 @@
+"""Zero-shot classification and retrieval, sharded over ranks.
+
+Every rank embeds its share of the class prompts and of the images
+(`items[rank::world]`), the shares are all-gathered, and rank 0 computes the
+metrics. No rank idles inside a collective while another does all the work, so
+large jobs do not trip NCCL timeouts (OpenCLIP #1121, #1024).
+
+Eval set layouts:
+* classification: ROOT/<class_dir>/<image>, optional ROOT/classnames.txt (one name
+  per class, in sorted class_dir order) and ROOT/templates.txt (one prompt per line
+  with {c}); item id = "<class_dir>/<image>".
+* retrieval: ROOT/KEY.<jpg|png|webp> + ROOT/KEY.txt (one caption per line); id = KEY.
+
+With an overlap audit (the dedup step's summary.json: {"eval_sets": {NAME:
+{"overlapping_items": [id, ...]}}}), metrics are also reported on the clean and the
+overlapping items, as in the CLIP paper's overlap analysis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from training.dist import gather_objects
+from training.errors import TrainError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+DEFAULT_TEMPLATES = ("a photo of a {c}.",)
+
+
+@dataclass
+class ClassificationSet:
+    name: str
+    root: Path
+    classnames: list[str]
+    templates: list[str]
+    items: list[tuple[str, int]]
+    """(item id, class index)"""
+
+
+@dataclass
+class RetrievalSet:
+    name: str
+    root: Path
+    items: list[tuple[str, str, list[str]]]
+    """(key, image file name, captions)"""
+
+
+def load_classification(name: str, root: str | Path) -> ClassificationSet:
+    root = Path(root)
+    dirs = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not dirs:
+        raise TrainError(f"{root}: zero-shot set {name!r} has no class folders (expected ROOT/<class>/<image>)")
+    names_file, templates_file = root / "classnames.txt", root / "templates.txt"
+    if names_file.is_file():
+        classnames = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
+        if len(classnames) != len(dirs):
+            raise TrainError(f"{names_file}: {len(classnames)} names for {len(dirs)} class folders")
+    else:
+        classnames = [d.replace("_", " ") for d in dirs]
+    templates = list(DEFAULT_TEMPLATES)
+    if templates_file.is_file():
+        templates = [ln.strip() for ln in templates_file.read_text().splitlines() if ln.strip()]
+        bad = [t for t in templates if "{c}" not in t]
+        if bad or not templates:
+            raise TrainError(f"{templates_file}: every line needs {{c}} (bad: {bad[:2]})")
+    items = [(f"{d}/{f.name}", i) for i, d in enumerate(dirs)
+             for f in sorted((root / d).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise TrainError(f"{root}: zero-shot set {name!r} has no images")
+    return ClassificationSet(name, root, classnames, templates, items)
+
+
+def load_retrieval(name: str, root: str | Path) -> RetrievalSet:
+    root = Path(root)
+    items = []
+    for img in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        txt = img.with_suffix(".txt")
+        if not txt.is_file():
+            continue
+        captions = [ln.strip() for ln in txt.read_text().splitlines() if ln.strip()]
+        if captions:
+            items.append((img.stem, img.name, captions))
+    if not items:
+        raise TrainError(f"{root}: retrieval set {name!r} has no KEY.jpg + KEY.txt pairs")
+    return RetrievalSet(name, root, items)
+
+
+def load_overlap(path: str | None) -> dict[str, set[str]]:
+    """{eval set name: overlapping item ids} from the dedup audit's summary.json."""
+    if not path:
+        return {}
+    try:
+        summary = json.loads(Path(path).read_text())
+        return {n: set(v.get("overlapping_items", [])) for n, v in summary["eval_sets"].items()}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise TrainError(f"{path}: not an overlap audit summary ({{'eval_sets': {{NAME: ...}}}}): {exc}") from exc
+
+
+class Evaluator:
+    """Loads the eval sets once; `run(model)` returns {set name: metrics} on rank 0."""
+
+    def __init__(self, zeroshot: dict[str, str], retrieval: dict[str, str], overlap_audit: str | None,
+                 transform: Callable, tokenizer: Callable, device: torch.device,
+                 autocast: Callable[[], AbstractContextManager], rank: int, world_size: int,
+                 batch_size: int = 128) -> None:
+        self.cls_sets = [load_classification(n, r) for n, r in zeroshot.items()]
+        self.ret_sets = [load_retrieval(n, r) for n, r in retrieval.items()]
+        self.overlap = load_overlap(overlap_audit)
+        self.transform, self.tokenizer, self.device = transform, tokenizer, device
+        self.autocast, self.rank, self.world = autocast, rank, world_size
+        self.batch_size = batch_size
+
+    @property
+    def empty(self) -> bool:
+        return not self.cls_sets and not self.ret_sets
+
+    # -- embedding helpers ---------------------------------------------------------
+
+    def _embed_images(self, model: torch.nn.Module, paths: list[Path]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(paths), self.batch_size):
+            imgs = []
+            for p in paths[i:i + self.batch_size]:
+                with Image.open(p) as im:
+                    imgs.append(self.transform(im.convert("RGB")))
+            with self.autocast():
+                f = model.encode_image(torch.stack(imgs).to(self.device), normalize=True)
+            out.append(f.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _embed_texts(self, model: torch.nn.Module, texts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            with self.autocast():
+                f = model.encode_text(self.tokenizer(texts[i:i + self.batch_size]).to(self.device), normalize=True)
+            out.append(f.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _gather_shards(self, local: list[Any]) -> list[Any]:
+        """Undo items[rank::world]: interleave every rank's list back into item order."""
+        parts = gather_objects(local, self.world)
+        n = sum(len(p) for p in parts)
+        merged: list[Any] = [None] * n
+        for r, part in enumerate(parts):
+            merged[r::self.world] = part
+        return merged
+
+    # -- metrics -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def classification(self, model: torch.nn.Module, ds: ClassificationSet) -> dict[str, Any] | None:
+        mine = list(range(self.rank, len(ds.classnames), self.world))
+        weights = []
+        for c in mine:
+            f = self._embed_texts(model, [t.format(c=ds.classnames[c]) for t in ds.templates])
+            w = f.mean(0)
+            weights.append(w / w.norm())  # CLIP's prompt ensemble: mean of normalised, renormalised
+        classifier = torch.stack(self._gather_shards(weights), dim=1)  # [D, C]
+        items = ds.items[self.rank::self.world]
+        feats = self._embed_images(model, [ds.root / i for i, _ in items])
+        k = min(5, len(ds.classnames))
+        top = (100.0 * feats @ classifier).topk(k, dim=1).indices.tolist() if len(items) else []
+        preds = self._gather_shards(top)
+        if self.rank != 0:
+            return None
+        ids = [i for i, _ in ds.items]
+        labels = [lbl for _, lbl in ds.items]
+        metrics = _cls_metrics(labels, preds, ds.classnames)
+        overlap = self.overlap.get(ds.name)
+        if overlap is not None:
+            for subset, keep in (("clean", False), ("overlap", True)):
+                idx = [j for j, item_id in enumerate(ids) if (item_id in overlap) == keep]
+                metrics[f"{subset}_items"] = len(idx)
+                if idx:
+                    sub = _cls_metrics([labels[j] for j in idx], [preds[j] for j in idx], ds.classnames)
+                    metrics[f"{subset}_top1"] = sub["top1"]
+        return metrics
+
+    @torch.no_grad()
+    def retrieval(self, model: torch.nn.Module, ds: RetrievalSet) -> dict[str, Any] | None:
+        items = ds.items[self.rank::self.world]
+        img = self._embed_images(model, [ds.root / f for _, f, _ in items])
+        # One batched pass over all captions, then split back per image (COCO: 5 captions each).
+        flat = self._embed_texts(model, [c for _, _, caps in items for c in caps])
+        txt = list(flat.split([len(caps) for _, _, caps in items])) if items else []
+        img_all = self._gather_shards(list(img))
+        txt_all = self._gather_shards(txt)
+        if self.rank != 0:
+            return None
+        keys = [k for k, _, _ in ds.items]
+        images = torch.stack(img_all)
+        texts = torch.cat(txt_all)
+        owner = torch.cat([torch.full((len(t),), i) for i, t in enumerate(txt_all)])
+        metrics = _ret_metrics(images @ texts.T, owner, range(len(keys)))
+        overlap = self.overlap.get(ds.name)
+        if overlap is not None:
+            for subset, keep in (("clean", False), ("overlap", True)):
+                idx = [j for j, key in enumerate(keys) if (key in overlap) == keep]
+                metrics[f"{subset}_items"] = len(idx)
+                if idx:
+                    sub = _ret_metrics(images @ texts.T, owner, idx)
+                    metrics.update({f"{subset}_{m}": v for m, v in sub.items()})
+        return metrics
+
+    def run(self, model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+        """All sets; every rank must call it. Returns the metrics on rank 0, {} elsewhere."""
+        was_training = model.training
+        model.eval()
+        results: dict[str, dict[str, Any]] = {}
+        try:
+            for ds in self.cls_sets:
+                m = self.classification(model, ds)
+                if m is not None:
+                    results[ds.name] = {"kind": "zeroshot", **m}
+            for ds in self.ret_sets:
+                m = self.retrieval(model, ds)
+                if m is not None:
+                    results[ds.name] = {"kind": "retrieval", **m}
+        finally:
+            model.train(was_training)
+        return results
+
+
+def _cls_metrics(labels: list[int], preds: list[list[int]], classnames: list[str]) -> dict[str, Any]:
+    n = len(labels)
+    top1 = sum(p[0] == y for y, p in zip(labels, preds, strict=True))
+    top5 = sum(y in p for y, p in zip(labels, preds, strict=True))
+    per_class: dict[str, float] = {}
+    for c, cname in enumerate(classnames):
+        idx = [i for i, y in enumerate(labels) if y == c]
+        if idx:
+            per_class[cname] = sum(preds[i][0] == c for i in idx) / len(idx)
+    return {"items": n, "top1": top1 / n, "top5": top5 / n,
+            "mean_per_class": sum(per_class.values()) / max(1, len(per_class)), "per_class": per_class}
+
+
+def _ret_metrics(sim: torch.Tensor, owner: torch.Tensor, image_idx: Any) -> dict[str, float]:
+    """R@1/5/10 image->text over the given images, text->image over their captions."""
+    image_idx = torch.as_tensor(list(image_idx))
+    out: dict[str, float] = {}
+    ranked_t = sim[image_idx].argsort(dim=1, descending=True)  # texts per image
+    text_idx = torch.nonzero(torch.isin(owner, image_idx)).flatten()
+    ranked_i = sim[:, text_idx].T.argsort(dim=1, descending=True)  # images per text
+    for k in (1, 5, 10):
+        hit_i2t = (owner[ranked_t[:, :k]] == image_idx[:, None]).any(dim=1).float().mean()
+        hit_t2i = (ranked_i[:, :k] == owner[text_idx][:, None]).any(dim=1).float().mean()
+        out[f"i2t_R@{k}"] = float(hit_i2t)
+        out[f"t2i_R@{k}"] = float(hit_t2i)
+    return out
