@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a Ray working dir
 
-from pipeline.build import build_corpus  # noqa: E402
+from pipeline.build import build_corpus, print_summary  # noqa: E402
 from pipeline.config import BuildConfig, ConfigError, parse_config  # noqa: E402
 from pipeline.executor import TaskFailed, make_executor  # noqa: E402
 from pipeline.readers import read_urls  # noqa: E402
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except TaskFailed as exc:
         print(f"build_corpus: {exc}", file=sys.stderr)
         return 1
+    # Printed after the executor closed, so no late worker log lands after the accounting line.
+    print_summary(result)
     return 0 if result.adds_up else 1
 
 

@@ -138,6 +138,8 @@ class BuildResult:
     failed: int
     reasons: Counter[str] = field(default_factory=Counter)
     shards: int = 0
+    elapsed: float = 0.0
+    root: str = ""
 
     @property
     def adds_up(self) -> bool:
@@ -228,7 +230,7 @@ def build_corpus(cfg: BuildConfig, table: pa.Table, executor: Any, matcher: Matc
         "rows_this_run": progress.done_this_run,
     }
     atomic_write_json(fs, join(root, "stats.json"), stats)  # written last: the run is complete
-    _print_summary(result, elapsed, root)
+    result.elapsed, result.root = elapsed, root
     return result
 
 
@@ -288,7 +290,9 @@ def finalize(cfg: BuildConfig, n_tasks: int, matcher: Matcher | None = None) -> 
     return result
 
 
-def _print_summary(result: BuildResult, elapsed: float, root: str) -> None:
+def print_summary(result: BuildResult) -> None:
+    """The end-of-run summary; its last line is the accounting line."""
+    elapsed, root = result.elapsed, result.root
     print(f"corpus written to {root}/shards: {result.shards} shards, {result.written} samples "
           f"in {fmt_duration(elapsed)} ({result.written / max(1e-9, elapsed):.1f} images/s)")
     top = result.reasons.most_common(10)

@@ -252,3 +252,23 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted(tmp_path, web):
     assert written_keys(out) == written_keys(ref)
     for p in (ref / "shards").iterdir():
         assert (out / "shards" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_output_through_fsspec(tmp_path, web):
+    """Everything goes through fsspec, so --out can be object storage (memory:// stands in)."""
+    import fsspec
+
+    from pipeline.localweb import populate_images
+    from pipeline.shards import verify_shards
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(populate_images(web, 10, seed=2)), path)
+    out = "memory://fsspec-corpus"
+    assert main(["--urls", str(path), "--out", out, "--allow-hosts", web.hostport, "--executor", "local",
+                 "--samples-per-shard", "4"]) == 0
+    fs = fsspec.filesystem("memory")
+    assert verify_shards(fs, "/fsspec-corpus/shards", 4) == 10
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/fsspec-corpus/shards", detail=False)) == [
+        "00000.tar", "00001.tar", "00002.tar", "sizes.json"]
+    assert fs.exists("/fsspec-corpus/stats.json") and fs.exists("/fsspec-corpus/manifest/00000.parquet")
+    fs.rm("/fsspec-corpus", recursive=True)
