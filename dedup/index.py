@@ -122,7 +122,7 @@ class TextIndex:
         self.shingles = signer.shingle_sets(captions)
         self.owners = np.asarray(owners, dtype=np.int64)
         self.lsh = MinHashLSH(num_perm=signer.num_perm, params=lsh_params(threshold, signer.num_perm))
-        sigs = signer.signatures_from_shingles(self.shingles)
+        sigs = signer.signatures(captions)
         with self.lsh.insertion_session() as session:
             for i, sig in enumerate(sigs):
                 if self.shingles[i]:  # an empty caption matches nothing; keep it out of the buckets

@@ -40,7 +40,7 @@ class MatchConfig:
     num_perm: int = 128
     """MinHash permutations (datasketch's default)."""
     seed: int = 1
-    """MinHash seed (datasketch's default, so signatures compare with datasketch's)."""
+    """MinHash seed (datasketch's default; signatures equal datasketch's MinHash with hashfunc=dedup.text.shingle_hash)."""
     min_caption_words: int = 0
     """Captions with fewer words are never text-matched (generic captions like 'a photo' prove nothing)."""
     image_max_distance: int = 10
