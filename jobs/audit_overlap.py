@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-import os  # noqa: E402
 import time  # noqa: E402
 
 from dedup.audit import (  # noqa: E402
@@ -34,40 +33,27 @@ from dedup.audit import (  # noqa: E402
     run_task,
 )
 from dedup.matcher import KINDS, MatchConfig  # noqa: E402
+from pipeline.executor import RayExecutor, TaskFailed  # noqa: E402
+from pipeline.progress import Progress  # noqa: E402
 
 log = logging.getLogger("audit_overlap")
 
 
 def map_ray(ctx: AuditContext, n_tasks: int, num_cpus: int | None = None) -> list[dict[str, float]]:
-    """One Ray task per shard group; the eval index goes to the object store once (ray.put)."""
-    import ray
+    """One Ray task per shard group through the pipeline's executor; the eval index goes
+    to the object store once (put) and every task receives the reference."""
+    results: list[dict[str, float]] = []
+    progress = Progress(sum(ctx.sizes.values()), every=5.0, what="samples")
 
-    started = not ray.is_initialized()
-    if started:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address="auto", log_to_driver=True)
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
-    ctx_ref = ray.put(ctx)
-    remote = ray.remote(num_cpus=1)(_ray_task)
-    pending = [remote.remote(i, n_tasks, ctx_ref) for i in range(n_tasks)]
-    total = sum(ctx.sizes.values())
-    done_rows, results, t0, last = 0, [], time.perf_counter(), 0.0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=30)
-        for ref in ready:
-            r = ray.get(ref)
-            results.append(r)
-            done_rows += r["rows"]
-        el = time.perf_counter() - t0
-        if ready or el - last >= 30:
-            last = el
-            rate = done_rows / el if el else 0.0
-            log.info("%d/%d tasks, %d/%d rows, %.0f rows/s, ETA %s", len(results), n_tasks, done_rows, total, rate,
-                     f"{(total - done_rows) / rate:.0f}s" if rate else "?")
-    if started:
-        # Flushes the workers' forwarded logs now, so the count line really is the last line printed.
-        ray.shutdown()
+    def on_result(_index: int, r: dict[str, float]) -> None:
+        results.append(r)
+        progress.update(int(r["rows"]), int(r["rows"]))
+
+    with RayExecutor(num_cpus=num_cpus) as executor:
+        ctx_ref = executor.put(ctx)
+        executor.map(_ray_task, [(i, (i, n_tasks, ctx_ref)) for i in range(n_tasks)], on_result,
+                     on_tick=progress.tick, tick_seconds=1.0)
+    progress.tick(force=True)
     return results
 
 
@@ -117,10 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n_tasks = args.tasks or len(ctx.shards) or 1
     t0 = time.perf_counter()
-    if args.executor == "ray":
-        map_ray(ctx, n_tasks, args.num_cpus)
-    else:
-        map_local(ctx, n_tasks)
+    try:
+        if args.executor == "ray":
+            map_ray(ctx, n_tasks, args.num_cpus)
+        else:
+            map_local(ctx, n_tasks)
+    except TaskFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     ctx.timings["match_s"] = round(time.perf_counter() - t0, 3)
     try:
         summary = finalize(ctx)
