@@ -5,23 +5,39 @@
 
 Both trainers get the same shards, model config (registered with
 open_clip.add_model_config, then `python -m open_clip_train.main` via runpy), batch
-size, precision, gradient clipping, worker count and number of samples. Runs
-alternate (ours, theirs, ours, theirs, ...) so that drift in the shared machine
-hits both. Reported per trainer: steady-state samples/s (mean of the per-window
-figures each trainer logs, first window dropped: it holds start-up), and
-end-to-end samples/s (samples / process wall time, start-up included). Then the
-data loader alone. Not a test: figures depend on the machine.
+size, precision, gradient clipping, worker count, number of samples and one epoch,
+no eval data, one checkpoint at the end, and TensorBoard scalars every
+--log-every steps (ours always writes them, so OpenCLIP gets `--report-to
+tensorboard`). Runs alternate (ours, theirs, ours, theirs, ...) so that drift in
+the shared machine hits both.
+
+Both are timed by this script's clock, never by the figures each trainer logs about
+itself (OpenCLIP's "N/s" is the rate of the last step alone, ours a window mean: not
+comparable). Each progress line is stamped as it arrives; per trainer:
+
+* steady: samples between its second progress line and its last one, divided by the
+  time between them. Everything in the loop counts (data waits, logging); worker
+  start-up and the first step do not.
+* end-to-end: samples / process wall time, start-up and the final checkpoint included.
+
+Then the data loader alone (ours and OpenCLIP's, same shards, transform, tokenizer
+and workers), which must outrun the training step. Not a test: figures depend on the
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,51 +52,87 @@ runpy.run_module("open_clip_train.main", run_name="__main__", alter_sys=True)
 """
 
 
-def run_ours(a: argparse.Namespace, out: Path) -> tuple[float, list[float]]:
+OURS_PROGRESS = re.compile(r"step (\d+)/\d+ ")  # global batch x step = samples so far
+OPENCLIP_PROGRESS = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ ")  # samples so far
+
+
+@dataclass
+class Run:
+    wall: float
+    progress: list[tuple[float, int]]
+    """(seconds since start, samples so far) of each progress line."""
+
+    @property
+    def steady(self) -> float:
+        (t0, n0), (t1, n1) = self.progress[1], self.progress[-1]
+        return (n1 - n0) / (t1 - t0)
+
+
+def run_ours(a: argparse.Namespace, out: Path) -> Run:
     cmd = [sys.executable, str(REPO / "training/train.py"), "--train-data", a.shards, "--train-num-samples",
            str(a.samples), "--model", a.model_config, "--batch-size", str(a.batch_size), "--epochs", "1",
            "--precision", a.precision, "--workers", str(a.workers), "--warmup", "10", "--grad-clip-norm", "1.0",
            "--log-every", str(a.log_every), "--output", str(out), "--seed", "0"]
-    wall, text = _timed(cmd)
-    rates = [float(x) for x in re.findall(r"\| ([0-9.]+) samples/s", text)]
-    return wall, rates
+    return _timed(cmd, lambda line: (m := OURS_PROGRESS.search(line)) and int(m[1]) * a.batch_size)
 
 
-def run_openclip(a: argparse.Namespace, out: Path) -> tuple[float, list[float]]:
+def run_openclip(a: argparse.Namespace, out: Path) -> Run:
     cmd = [sys.executable, "-c", OPENCLIP_RUNNER, a.model_config, "--train-data", a.shards,
            "--train-num-samples", str(a.samples), "--dataset-type", "webdataset", "--model",
            Path(a.model_config).stem, "--batch-size", str(a.batch_size), "--epochs", "1", "--precision",
            a.precision, "--workers", str(a.workers), "--warmup", "10", "--grad-clip-norm", "1.0",
            "--log-every-n-steps", str(a.log_every), "--logs", str(out), "--name", "bench",
-           "--save-frequency", "1", "--seed", "0", "--report-to", ""]
-    wall, text = _timed(cmd)
-    rates = [float(x) for x in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,", text)]
-    return wall, rates
+           "--save-frequency", "1", "--seed", "0", "--report-to", "tensorboard"]
+    # OpenCLIP keeps torch's default of one thread per core unless OMP_NUM_THREADS says otherwise;
+    # --openclip-omp-threads gives it the thread count ours picks, to compare like with like.
+    env = {"OMP_NUM_THREADS": str(a.openclip_omp_threads)} if a.openclip_omp_threads else {}
+    return _timed(cmd, lambda line: (m := OPENCLIP_PROGRESS.search(line)) and int(m[1]), env)
 
 
-def _timed(cmd: list[str]) -> tuple[float, str]:
+def _timed(cmd: list[str], samples_in: Callable[[str], int | None], extra_env: dict[str, str] | None = None) -> Run:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    progress: list[tuple[float, int]] = []
+    tail: deque[str] = deque(maxlen=40)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1800)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                          env=env) as proc:
+        for line in proc.stdout:
+            now = time.perf_counter() - t0
+            tail.append(line)
+            n = samples_in(line)
+            if n:
+                progress.append((now, n))
     wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    return wall, r.stdout + r.stderr
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{''.join(tail)}")
+    if len(progress) < 3:
+        raise SystemExit(f"{len(progress)} progress lines (need 3; lower --log-every): {' '.join(cmd)}")
+    return Run(wall, progress)
 
 
-def loader_alone(a: argparse.Namespace) -> float:
+def loader_alone(a: argparse.Namespace) -> tuple[float, float]:
+    """Samples/s of our loader and of OpenCLIP's webdataset loader, worker start-up included."""
     import open_clip
+    from open_clip_train.data import get_wds_dataset
 
     from training.data import EpochPlan, expand_shards, make_loader
     from training.model import resolve_model_name
 
     name = resolve_model_name(a.model_config)
     _, train_tf, _ = open_clip.create_model_and_transforms(name)
+    tokenizer = open_clip.get_tokenizer(name)
     batches = a.samples // a.batch_size
     plan = EpochPlan(urls=expand_shards(a.shards), seed=0, epoch=0, rank=0, world_size=1, workers=a.workers,
                      batch_size=a.batch_size, batches=batches)
     t0 = time.perf_counter()
-    n = sum(len(m["keys"]) for _, _, m in make_loader(plan, train_tf, open_clip.get_tokenizer(name)))
-    return n / (time.perf_counter() - t0)
+    n = sum(len(m["keys"]) for _, _, m in make_loader(plan, train_tf, tokenizer))
+    ours = n / (time.perf_counter() - t0)
+    args = argparse.Namespace(train_data=a.shards, val_data=None, dataset_resampled=False, seed=0,
+                              train_num_samples=a.samples, train_data_upsampling_factors=None,
+                              batch_size=a.batch_size, world_size=1, workers=a.workers)
+    t0 = time.perf_counter()
+    n = sum(len(images) for images, _ in get_wds_dataset(args, train_tf, True, tokenizer=tokenizer).dataloader)
+    return ours, n / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--log-every", type=int, default=16)
+    p.add_argument("--openclip-omp-threads", type=int, help="OMP_NUM_THREADS for OpenCLIP (default: unset)")
     a = p.parse_args(argv)
     out = Path(a.out)
     if a.shards is None:
@@ -103,28 +156,32 @@ def main(argv: list[str] | None = None) -> int:
             write_shape_shards(out / "shards", 32 * 256, 256, seed=0, size=128)
         a.shards = f"{out}/shards/{{00000..00031}}.tar"
     print(f"shards {a.shards}; model {a.model_config}; {a.samples} samples, batch {a.batch_size}, "
-          f"{a.precision}, {a.workers} worker(s), grad clip 1.0, {a.rounds} alternating rounds", flush=True)
-    results: dict[str, list[tuple[float, list[float]]]] = {"clipforge": [], "openclip": []}
+          f"{a.precision}, {a.workers} worker(s), grad clip 1.0, {a.rounds} alternating rounds, OpenCLIP "
+          f"OMP_NUM_THREADS={a.openclip_omp_threads or os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
+    results: dict[str, list[Run]] = {"clipforge": [], "openclip": []}
     for i in range(a.rounds):
         for label, fn in (("clipforge", run_ours), ("openclip", run_openclip)):
             run_dir = out / f"run-{label}-{i}"
             shutil.rmtree(run_dir, ignore_errors=True)  # OpenCLIP silently skips a run whose folder exists
-            wall, rates = fn(a, run_dir)
-            if not rates:
-                raise SystemExit(f"{label} logged no throughput; see {run_dir}")
-            results[label].append((wall, rates))
-            steady = statistics.mean(rates[1:]) if len(rates) > 1 else float("nan")
-            print(f"round {i} {label:9s}: steady {steady:7.1f} samples/s, end-to-end {a.samples / wall:7.1f} "
-                  f"samples/s ({wall:.1f}s wall)", flush=True)
+            run = fn(a, run_dir)
+            results[label].append(run)
+            print(f"round {i} {label:9s}: steady {run.steady:7.1f} samples/s, end-to-end "
+                  f"{a.samples / run.wall:7.1f} samples/s ({run.wall:.1f}s wall: {run.progress[0][0]:.1f}s to "
+                  f"the first step, {run.wall - run.progress[-1][0]:.1f}s after the last)", flush=True)
     summary = {}
     for label, runs in results.items():
-        steady = statistics.mean(r for _, rates in runs for r in rates[1:])
-        e2e = statistics.mean(a.samples / w for w, _ in runs)
+        # Medians: on a shared machine one round can run 10x slow (OpenMP threads that wait for a
+        # descheduled sibling), and a mean would let that round decide the ratio.
+        steady = statistics.median(r.steady for r in runs)
+        e2e = statistics.median(a.samples / r.wall for r in runs)
         summary[label] = (steady, e2e)
-        print(f"{label:9s}: steady {steady:7.1f} samples/s, end-to-end {e2e:7.1f} samples/s")
+        print(f"{label:9s}: steady {steady:7.1f} samples/s, end-to-end {e2e:7.1f} samples/s (medians)")
     print(f"ratio clipforge/openclip: steady {summary['clipforge'][0] / summary['openclip'][0]:.3f}, "
           f"end-to-end {summary['clipforge'][1] / summary['openclip'][1]:.3f}")
-    print(f"data loader alone: {loader_alone(a):.1f} samples/s ({a.workers} worker(s), decode + augment + tokenize)")
+    ours, theirs = loader_alone(a)
+    print(f"data loader alone ({a.workers} worker(s), decode + augment + tokenize): clipforge {ours:.1f} "
+          f"samples/s, openclip {theirs:.1f} samples/s; clipforge training steady {summary['clipforge'][0]:.1f} "
+          f"samples/s ({'loader is faster' if ours > summary['clipforge'][0] else 'LOADER IS THE BOTTLENECK'})")
     return 0
 
 

@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except TaskFailed as exc:
         print(f"build_corpus: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("build_corpus: interrupted; finished tasks are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     # Printed after the executor closed, so no late worker log lands after the accounting line.
     print_summary(result)
     return 0 if result.adds_up else 1

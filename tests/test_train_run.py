@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import open_clip
@@ -13,6 +14,7 @@ from train_helpers import REPO, TINY, torchrun, train
 from pipeline.localweb import CLASSES, write_imagefolder, write_retrieval
 from training.checkpoint import find_latest, load_checkpoint
 from training.config import ModelConfig
+from training.dist import DistInfo, set_cpu_threads
 from training.model import build_model
 from training.synthetic import write_shape_shards
 
@@ -153,3 +155,20 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, case):
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], r.stderr[-2000:]
+
+
+@pytest.mark.timeout(30)
+def test_cpu_threads_leave_cores_for_loader_workers(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    two_ranks = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), local_world_size=2)
+    try:
+        assert set_cpu_threads(None, 1, two_ranks) == 3  # 8 cores / 2 ranks - 1 worker
+        assert set_cpu_threads(None, 6, two_ranks) == 1  # never below one
+        assert set_cpu_threads(2, 6, two_ranks) == 2  # --threads wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "5")
+        torch.set_num_threads(5)
+        assert set_cpu_threads(None, 1, two_ranks) == 5  # the user's (or torchrun's) setting stands
+    finally:
+        torch.set_num_threads(before)

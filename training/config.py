@@ -125,6 +125,8 @@ class RunConfig:
     seed: int = _f(0, "seed for model init, shard order, shuffling and augmentation")
     precision: str = _f("amp_bf16", "one of " + ", ".join(PRECISIONS))
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu or cuda")
+    threads: int | None = _f(None, "torch intra-op threads per process; default on CPU: usable cores / local "
+                             "ranks - loader workers (at least 1), unless OMP_NUM_THREADS is set")
     log_every: int = _f(10, "log a line (and TensorBoard scalars) every N steps")
     stop_after: int | None = _f(None, "stop after this global step, as if preempted (a checkpoint is written)")
     trace: bool = _f(False, "record each step's sample keys and loss per rank in OUT/trace-rankR.jsonl")
@@ -136,6 +138,8 @@ class RunConfig:
             raise TrainError(f"--epochs must be >= 1, got {self.epochs}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise TrainError(f"--device {self.device!r}: choose auto, cpu or cuda")
+        if self.threads is not None and self.threads < 1:
+            raise TrainError(f"--threads must be >= 1 (or none for the default), got {self.threads}")
 
 
 @dataclass(kw_only=True)

@@ -20,7 +20,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
         {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": cfg.wd},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # The fused kernel updates each tensor in one pass. torch's default on CPU is a Python loop of ~10
+    # elementwise ops per tensor: for a small CLIP on CPU it took a quarter of every step (20 ms of 66
+    # single-threaded, against 1.7 ms fused). Same update rule; results agree to float rounding.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for _, p in named)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:

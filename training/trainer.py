@@ -31,7 +31,7 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig
 from training.data import EpochPlan, count_samples, expand_shards, make_loader
-from training.dist import DistInfo, barrier, gather_objects
+from training.dist import DistInfo, barrier, gather_objects, set_cpu_threads
 from training.errors import TrainError
 from training.evaluate import Evaluator
 from training.loss import build_loss, compute_loss
@@ -81,6 +81,7 @@ class Trainer:
         EpochPlan(urls=self.urls, seed=cfg.run.seed, epoch=0, rank=dist.rank, world_size=dist.world_size,
                   workers=cfg.data.workers, batch_size=cfg.data.batch_size, batches=1)
 
+        self.threads = set_cpu_threads(cfg.run.threads, cfg.data.workers, dist)
         torch.manual_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         random.seed(cfg.run.seed)
         bundle = build_model(cfg.model, cfg.run.precision, self.device)
@@ -117,8 +118,9 @@ class Trainer:
 
             self.tb = SummaryWriter(str(self.out / "tb"))
         n_params = sum(p.numel() for p in self.raw_model.parameters())
-        log.info("model %s: %.2fM parameters, precision %s, device %s, world size %d",
-                 self.model_name, n_params / 1e6, cfg.run.precision, self.device, dist.world_size)
+        log.info("model %s: %.2fM parameters, precision %s, device %s, world size %d, %d torch thread(s) "
+                 "+ %d loader worker(s) per rank", self.model_name, n_params / 1e6, cfg.run.precision, self.device,
+                 dist.world_size, self.threads, cfg.data.workers)
         log.info("%d shards, %d samples/epoch; global batch %d = %d per rank x %d ranks x %d accum; "
                  "%d steps/epoch, %d steps in %d epochs (%d samples/epoch used)",
                  len(self.urls), self.samples_per_epoch, self.global_batch, cfg.data.batch_size,
