@@ -20,6 +20,10 @@ comparable). Each progress line is stamped as it arrives; per trainer:
   start-up and the first step do not.
 * end-to-end: samples / process wall time, start-up and the final checkpoint included.
 
+Summaries are medians over the rounds. OpenCLIP runs with torch's default thread count
+(one per core); ours picks its own (training/dist.py:set_cpu_threads), and
+--openclip-omp-threads N gives OpenCLIP a fixed count to compare like with like.
+
 Then the data loader alone (ours and OpenCLIP's, same shards, transform, tokenizer
 and workers), which must outrun the training step. Not a test: figures depend on the
 machine.
