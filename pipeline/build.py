@@ -33,8 +33,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import BuildConfig, ConfigError, to_yaml
-from pipeline.download import DownloadStage, ErrorLog, ResizeStage
-from pipeline.fetch import Fetcher
 from pipeline.filters import CaptionCleaner, CaptionFilter, DuplicateUrlFilter, ImageSizeFilter
 from pipeline.progress import Progress, fmt_duration
 from pipeline.readers import fingerprint
@@ -89,6 +87,10 @@ def run_task(index: int, rows: pa.Table, cfg: BuildConfig, width: int) -> dict[s
     if fs.exists(done_path):
         with fs.open(done_path, "rb") as f:
             return json.load(f)
+    # Worker-side imports: img2dataset (for its resizer) costs the driver 2 s it need not pay.
+    from pipeline.download import DownloadStage, ErrorLog, ResizeStage
+    from pipeline.fetch import Fetcher
+
     t0 = time.monotonic()
     errors = ErrorLog()
     cleaner = CaptionCleaner(cfg.max_caption_chars, truncate=cfg.long_captions == "truncate")

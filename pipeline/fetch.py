@@ -27,8 +27,6 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
-from img2dataset.downloader import is_disallowed
-
 DEFAULT_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
 REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -119,6 +117,11 @@ class Fetcher:
     _ssl: ssl.SSLContext = field(default_factory=ssl.create_default_context, repr=False)
 
     def __post_init__(self) -> None:
+        # Imported here, in the worker: importing img2dataset pulls in torch, webdataset and
+        # wandb (2 s), which the driver (it only builds the config) need not pay.
+        from img2dataset.downloader import is_disallowed
+
+        self._is_disallowed = is_disallowed
         self._allowed: set[tuple[str, int | None]] = set()
         for entry in self.cfg.allow_hosts:
             if entry.count(":") == 1:
@@ -199,7 +202,7 @@ class Fetcher:
                     raise FetchError(f"http_{resp.status}", transient=True)
                 if resp.status != 200:
                     raise FetchError(f"http_{resp.status}")
-                if self.cfg.disallowed_header_directives and is_disallowed(
+                if self.cfg.disallowed_header_directives and self._is_disallowed(
                     resp.headers, self.cfg.user_agent_token, set(self.cfg.disallowed_header_directives)
                 ):
                     raise OptedOut("opted_out", ", ".join(resp.headers.get_all("X-Robots-Tag", [])))
