@@ -18,6 +18,7 @@ import argparse
 import io
 import logging
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,6 +38,21 @@ from pipeline.localweb import (  # noqa: E402
 )
 
 log = logging.getLogger("clipforge.demo")
+
+# Outputs of the demo's stages. Each stage refuses to resume into output made from
+# other input, and every demo run serves its web on a new random port (new URLs, new
+# allow_hosts), so a second `make demo` would be refused: the demo starts clean instead.
+STAGE_OUTPUTS = ("corpus", "audited", "run")
+
+
+def fresh_start(out: Path) -> list[Path]:
+    """Remove the previous run's stage outputs under `out`; return what was removed."""
+    removed = [out / name for name in STAGE_OUTPUTS if (out / name).exists()]
+    for path in removed:
+        shutil.rmtree(path)
+    if removed:
+        log.info("demo starts clean: removed the previous run's %s", ", ".join(str(p) for p in removed))
+    return removed
 
 
 def _edit(data: bytes, kind: str) -> bytes:
@@ -79,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     out = Path(args.out).resolve()
     rng = random.Random(0)
+    fresh_start(out)
 
     print("== 1. generating evaluation sets and the local web", flush=True)
     evals = {"shapes": out / "evalsets" / "shapes", "pairs": out / "evalsets" / "pairs"}

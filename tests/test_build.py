@@ -272,3 +272,22 @@ def test_output_through_fsspec(tmp_path, web):
         "00000.tar", "00001.tar", "00002.tar", "sizes.json"]
     assert fs.exists("/fsspec-corpus/stats.json") and fs.exists("/fsspec-corpus/manifest/00000.parquet")
     fs.rm("/fsspec-corpus", recursive=True)
+
+
+def test_demo_starts_from_a_clean_corpus(tmp_path, caplog):
+    """Each demo run serves a new port, so a kept corpus would be refused on the second `make demo`."""
+    import logging
+
+    from jobs.demo import fresh_start
+
+    out = tmp_path / "demo-out"
+    (out / "corpus" / "parts").mkdir(parents=True)
+    (out / "corpus" / "run.json").write_text('{"allow_hosts": ["127.0.0.1:1"]}')
+    (out / "audited").mkdir()
+    (out / "evalsets").mkdir()
+    with caplog.at_level(logging.INFO, logger="clipforge.demo"):
+        removed = fresh_start(out)
+    assert sorted(p.name for p in removed) == ["audited", "corpus"]
+    assert not (out / "corpus").exists() and (out / "evalsets").exists()
+    assert len([r for r in caplog.records if "starts clean" in r.message]) == 1
+    assert fresh_start(out) == []
