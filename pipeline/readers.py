@@ -40,7 +40,8 @@ def list_inputs(spec: str) -> list[Path]:
     return [p]
 
 
-def read_file(path: Path) -> pa.Table:
+def read_file(path: Path, columns: tuple[str, ...] = ()) -> pa.Table:
+    """The table in `path`; in csv/tsv, `columns` are read as text exactly as written."""
     kind = FORMATS[path.suffix.lower()]
     try:
         if kind == "parquet":
@@ -50,10 +51,16 @@ def read_file(path: Path) -> pa.Table:
         if kind in ("csv", "tsv"):
             import pyarrow.csv as pcsv
 
+            # Typed as strings up front: inferring types and casting back turns uid 000123
+            # into 123 and caption 1.50 into 1.5. TSV has no quoting (the IANA text/tab-separated-values
+            # format), so a quote in a caption is text, not a delimiter.
+            tsv = kind == "tsv"
             return pcsv.read_csv(
                 path,
-                parse_options=pcsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True),
-                convert_options=pcsv.ConvertOptions(strings_can_be_null=False),
+                parse_options=pcsv.ParseOptions(delimiter="\t" if tsv else ",", quote_char=False if tsv else '"',
+                                                newlines_in_values=not tsv),
+                convert_options=pcsv.ConvertOptions(strings_can_be_null=False,
+                                                    column_types={c: pa.string() for c in columns}),
             )
         import pyarrow.json as pjson
 
@@ -70,7 +77,7 @@ def read_urls(spec: str, url_col: str, caption_col: str, extra_cols: tuple[str, 
     wanted = {"url": url_col, "caption": caption_col, **{c: c for c in extra_cols}}
     tables = []
     for path in list_inputs(spec):
-        t = read_file(path)
+        t = read_file(path, tuple(wanted.values()))
         missing = [c for c in wanted.values() if c not in t.column_names]
         if missing:
             raise InputError(

@@ -291,3 +291,18 @@ def test_demo_starts_from_a_clean_corpus(tmp_path, caplog):
     assert not (out / "corpus").exists() and (out / "evalsets").exists()
     assert len([r for r in caplog.records if "starts clean" in r.message]) == 1
     assert fresh_start(out) == []
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv"])
+def test_csv_and_tsv_values_are_read_as_written(tmp_path, kind):
+    from pipeline.readers import read_urls
+
+    f = tmp_path / f"in.{kind}"
+    if kind == "csv":
+        f.write_text('url,caption,uid\nhttp://h/a.jpg,1.50,000123\nhttp://h/b.jpg,"a, b",7\n')
+        expect = [("1.50", "000123"), ("a, b", "7")]
+    else:
+        f.write_text('url\tcaption\tuid\nhttp://h/a.jpg\t1.50\t000123\nhttp://h/b.jpg\t"Best" photo ever\t7\n')
+        expect = [("1.50", "000123"), ('"Best" photo ever', "7")]
+    t = read_urls(str(f), "url", "caption", ("uid",))
+    assert list(zip(t.column("caption").to_pylist(), t.column("uid").to_pylist(), strict=True)) == expect
