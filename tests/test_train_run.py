@@ -172,3 +172,16 @@ def test_cpu_threads_leave_cores_for_loader_workers(monkeypatch):
         assert set_cpu_threads(None, 1, two_ranks) == 5  # the user's (or torchrun's) setting stands
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("precision", ["pure_bf16", "fp32"])
+def test_short_cpu_run_in_each_precision(data, tmp_path, precision):
+    # pure_bf16 casts the model itself: images must reach it in bf16, in training and in evaluation.
+    out = tmp_path / "run"
+    r = train("--train-data", f"{data}/shards/{{00000..00001}}.tar", "--model", TINY, "--batch-size", "8",
+              "--train-num-samples", "16", "--workers", "0", "--precision", precision,
+              "--zeroshot", f"shapes={data}/zs", "--output", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["step"] for x in jsonl(out / "results.jsonl")] == [2]
+    assert find_latest(out / "checkpoints").name == "step_00000002.pt"

@@ -113,13 +113,14 @@ class Evaluator:
     def __init__(self, zeroshot: dict[str, str], retrieval: dict[str, str], overlap_audit: str | None,
                  transform: Callable, tokenizer: Callable, device: torch.device,
                  autocast: Callable[[], AbstractContextManager], rank: int, world_size: int,
-                 batch_size: int = 128) -> None:
+                 batch_size: int = 128, input_dtype: torch.dtype | None = None) -> None:
         self.cls_sets = [load_classification(n, r) for n, r in zeroshot.items()]
         self.ret_sets = [load_retrieval(n, r) for n, r in retrieval.items()]
         self.overlap = load_overlap(overlap_audit)
         self.transform, self.tokenizer, self.device = transform, tokenizer, device
         self.autocast, self.rank, self.world = autocast, rank, world_size
         self.batch_size = batch_size
+        self.input_dtype = input_dtype  # bf16 for a pure_bf16 model, whose weights autocast does not cover
 
     @property
     def empty(self) -> bool:
@@ -135,7 +136,8 @@ class Evaluator:
                 with Image.open(p) as im:
                     imgs.append(self.transform(im.convert("RGB")))
             with self.autocast():
-                f = model.encode_image(torch.stack(imgs).to(self.device), normalize=True)
+                f = model.encode_image(torch.stack(imgs).to(self.device, dtype=self.input_dtype, non_blocking=True),
+                                       normalize=True)
             out.append(f.float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
 import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -102,7 +103,8 @@ class Trainer:
         self.loss_fn = build_loss(cfg.model.siglip, dist.rank, dist.world_size)
         self.evaluator = Evaluator(cfg.eval.zeroshot, cfg.eval.retrieval, cfg.eval.overlap_audit,
                                    bundle.val_transform, self.tokenizer, self.device, self.autocast,
-                                   dist.rank, dist.world_size, cfg.eval.eval_batch_size)
+                                   dist.rank, dist.world_size, cfg.eval.eval_batch_size,
+                                   input_dtype=open_clip.get_input_dtype(cfg.run.precision))
 
         # Position: global step, completed epochs, micro-batches into the current epoch.
         self.step = 0
@@ -241,7 +243,10 @@ class Trainer:
         lr = cosine_lr(self.step, self.cfg.optim.lr, self.cfg.optim.warmup, self.total_steps)
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
-        micro = [(i.to(self.device, non_blocking=True), t.to(self.device, non_blocking=True)) for i, t in micro]
+        # pure_bf16 casts the weights, so the images must match them (autocast does it for AMP).
+        dtype = open_clip.get_input_dtype(self.cfg.run.precision)
+        micro = [(i.to(self.device, dtype=dtype, non_blocking=True), t.to(self.device, non_blocking=True))
+                 for i, t in micro]
         if len(micro) == 1:
             with self.autocast():
                 loss = compute_loss(self.loss_fn, self.model(*micro[0]))
