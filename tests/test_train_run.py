@@ -134,7 +134,8 @@ def open_clip_image(path: Path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("case", ["missing_shard", "bad_model", "all_invalid", "missing_resume", "bad_precision"])
+@pytest.mark.parametrize("case", ["missing_shard", "bad_model", "all_invalid", "missing_resume", "bad_precision",
+                                  "fresh_over_old_run"])
 def test_bad_input_is_one_line_and_exit_2(data, tmp_path, case):
     shards = f"{data}/shards/{{00000..00003}}.tar"
     args = {"missing_shard": ["--train-data", f"{data}/shards/{{00000..00099}}.tar"],
@@ -143,18 +144,27 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, case):
             "bad_precision": ["--train-data", shards, "--precision", "fp8"]}.get(case)
     expected = {"missing_shard": "00016.tar: shard not found", "bad_model": "ViT-Nope-99",
                 "all_invalid": "no sample with an image and a txt", "missing_resume": "nope.pt: checkpoint not found",
-                "bad_precision": "--precision 'fp8'"}[case]
+                "bad_precision": "--precision 'fp8'",
+                "fresh_over_old_run": "already holds checkpoints of a run; continue it with --resume latest"}[case]
     if case == "all_invalid":
         bad = tmp_path / "bad"
         bad.mkdir()
         (bad / "00000.tar").write_bytes(b"")
         (bad / "sizes.json").write_text('{"00000.tar": 100}')
         args = ["--train-data", str(bad / "00000.tar")]
+    if case == "fresh_over_old_run":
+        # Without --resume, pruning by step number would delete the new run's checkpoints, not the old run's.
+        old = tmp_path / "o/checkpoints/step_00000099.pt"
+        old.parent.mkdir(parents=True)
+        old.write_bytes(b"an earlier run's checkpoint")
+        args = ["--train-data", shards]
     r = train(*args, "--model", TINY, "--batch-size", "8", "--workers", "1", "--output", str(tmp_path / "o"),
               timeout=100) if case != "bad_model" else train(*args, "--output", str(tmp_path / "o"), timeout=100)
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], r.stderr[-2000:]
+    if case == "fresh_over_old_run":
+        assert (tmp_path / "o/checkpoints/step_00000099.pt").read_bytes() == b"an earlier run's checkpoint"
 
 
 @pytest.mark.timeout(30)

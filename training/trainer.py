@@ -71,6 +71,13 @@ class Trainer:
         if cfg.run.precision == "amp_fp16" and self.device.type == "cpu":
             raise TrainError("--precision amp_fp16 needs a CUDA GPU; on CPU use amp_bf16 or fp32")
 
+        # Checkpoints are pruned by step number, so a new run's early steps would be deleted in
+        # favour of an old run's later ones: a fresh start never shares a checkpoint folder.
+        existing = find_latest(self.ckpt_dir)
+        if existing is not None and not cfg.ckpt.resume:
+            raise TrainError(f"{existing}: --output {cfg.run.output} already holds checkpoints of a run; "
+                             "continue it with --resume latest, or start a new run with another --output")
+
         # Data first: a bad --train-data should fail before minutes of model building.
         self.urls = expand_shards(cfg.data.train_data)
         self.samples_per_epoch = cfg.data.train_num_samples or count_samples(self.urls)
