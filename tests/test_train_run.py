@@ -105,6 +105,18 @@ def test_exact_resume(data, tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "--batch-size: 16 -> 8" in errors[0]
 
+    # A shorter epoch would leave the saved position past its end, where the epoch loop never ends.
+    shorter = [c if c != "320" else "160" for c in common]
+    r = train(*shorter, "--output", str(part), "--resume", "latest", timeout=90)
+    assert r.returncode == 2
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "samples per epoch (--train-num-samples, else sizes.json): 320 -> 160" in errors[0]
+    ckpt = torch.load(part / "checkpoints/step_00000013.pt", weights_only=True)
+    ckpt["data"]["batch"] = 40  # a position no epoch of 10 steps x 2 micro-batches has
+    torch.save(ckpt, tmp_path / "past_end.pt")
+    r = train(*common, "--output", str(part), "--resume", str(tmp_path / "past_end.pt"), timeout=90)
+    assert r.returncode == 2 and "micro-batch 40 lies outside an epoch of 20 micro-batches" in r.stderr, r.stderr[-2000:]
+
 
 def test_checkpoint_loads_in_open_clip(data, tmp_path):
     out = tmp_path / "run"

@@ -38,6 +38,10 @@ RESUME_INVARIANTS = {
     ("data", "train_data"): "--train-data",
     ("run", "seed"): "--seed",
     ("model", "model"): "--model",
+    # Steps per epoch follow from it: a position inside an epoch means nothing under another length.
+    ("data", "samples_per_epoch"): "samples per epoch (--train-num-samples, else sizes.json)",
+    ("data", "shuffle_buffer"): "--shuffle-buffer (data order depends on it)",
+    ("data", "shuffle_initial"): "--shuffle-initial (data order depends on it)",
 }
 
 
@@ -106,7 +110,9 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) 
     """Refuse to resume when a setting changed that the data position depends on."""
     changes = []
     for (section, key), label in RESUME_INVARIANTS.items():
-        old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+        if key not in saved.get(section, {}):
+            continue  # recorded only by later versions (samples_per_epoch): nothing to compare against
+        old, new = saved[section][key], current.get(section, {}).get(key)
         if old != new:
             changes.append(f"{label}: {old} -> {new}")
     if changes:

@@ -163,6 +163,7 @@ class Trainer:
         """The resolved config plus the derived facts a resume must agree with."""
         rec = self.cfg.to_dict()
         rec["run"]["world_size"] = self.dist.world_size
+        rec["data"]["samples_per_epoch"] = self.samples_per_epoch
         return rec
 
     @property
@@ -185,6 +186,11 @@ class Trainer:
         self.step = ckpt["step"]
         data = ckpt["data"]
         self.epoch, self.batch_in_epoch, self.consumed = data["epoch"], data["batch"], data["consumed"]
+        if not 0 <= self.batch_in_epoch <= self.micro_batches_per_epoch:
+            # The epoch loop runs until batch_in_epoch == micro_batches_per_epoch: past it, never ends.
+            raise TrainError(f"{path}: data position micro-batch {self.batch_in_epoch} lies outside an epoch of "
+                             f"{self.micro_batches_per_epoch} micro-batches; restore the run's settings, or start "
+                             "a new run with --pretrained pointing at the checkpoint")
         rng = ckpt["rng"]
         random.setstate(_as_tuple(rng["python"]))
         torch.set_rng_state(rng["torch"])
