@@ -30,13 +30,14 @@ import numpy as np  # noqa: E402
 from datasketch import MinHash  # noqa: E402
 
 from dedup import image as im  # noqa: E402
-from dedup.index import BandedIndex, TextIndex  # noqa: E402
+from dedup.index import TextIndex  # noqa: E402
 from dedup.matcher import (  # noqa: E402
     EvalSetIndex,
     MatchConfig,
     OverlapMatcher,
     brute_force_image_candidates,
     image_candidates,
+    image_index,
 )
 from dedup.synth import TRANSFORMS, random_image  # noqa: E402
 from dedup.text import TextSigner, jaccard, shingle_hash  # noqa: E402
@@ -150,18 +151,15 @@ def bench_images(n_images: int, seed: int, cfg: MatchConfig) -> dict:
         else:  # unrelated, often the same shape and colour as some eval image
             train_bytes.append(encode(random_image(rng, rng.choice([(128, 128), (200, 150), (96, 96)]))[0], "jpg"))
     t = time.perf_counter()
-    feats = [im.features(b, cfg.crop) for b in eval_bytes + train_bytes]
+    ef = [im.view_features(b, cfg.crop) for b in eval_bytes]
+    tf = [im.features(b, cfg.crop) for b in train_bytes]
+    feats = ef + tf
     hash_s = time.perf_counter() - t
-    ef, tf = feats[:n_eval], feats[n_eval:]
-    hashes = np.concatenate([f.hashes for f in ef])
-    owners = np.repeat(np.arange(n_eval), im.N_VARIANTS)
     t = time.perf_counter()
-    banded = BandedIndex(hashes, owners, cfg.image_max_distance)
-    whole = BandedIndex(hashes[:: im.N_VARIANTS], np.arange(n_eval), cfg.image_max_distance)
+    banded, whole, thumbs, view_item, has_image, sha = image_index(ef, cfg.image_max_distance)
     build_s = time.perf_counter() - t
     set_index = EvalSetIndex("bench", "retrieval", "pairs", [str(i) for i in range(n_eval)], banded, whole,
-                             np.stack([f.thumb for f in ef]), np.ones(n_eval, bool),
-                             {f.sha256: i for i, f in enumerate(ef)}, None)
+                             thumbs, has_image, sha, None, view_item)
     matcher = OverlapMatcher([set_index], MatchConfig(**{**cfg.__dict__, "kinds": ("image",)}))
     t = time.perf_counter()
     found = []

@@ -47,6 +47,8 @@ class MatchConfig:
     """Loose search: Hamming distance (bits of 64) between perceptual-hash variants."""
     image_min_similarity: float = 0.96
     """Precise check: minimum thumbnail correlation for a candidate to count as the same image."""
+    image_max_colour_diff: float = 10.0
+    """Precise check: maximum mean colour difference (grey levels, after matching brightness) of the thumbnails."""
     crop: float = 0.03
     """Fraction cut from each side for the crop variants of the perceptual hash."""
     kinds: tuple[str, ...] = KINDS
@@ -57,6 +59,8 @@ class MatchConfig:
             raise ValueError(f"text_threshold must be in (0, 1], got {self.text_threshold}")
         if not 0 <= self.image_max_distance < im.HASH_BITS:
             raise ValueError(f"image_max_distance must be in [0, {im.HASH_BITS}), got {self.image_max_distance}")
+        if self.image_max_colour_diff < 0:
+            raise ValueError(f"image_max_colour_diff must be >= 0, got {self.image_max_colour_diff}")
         if not -1.0 <= self.image_min_similarity <= 1.0:
             raise ValueError(f"image_min_similarity must be in [-1, 1], got {self.image_min_similarity}")
         if not 0.0 <= self.crop < 0.25:
@@ -91,24 +95,28 @@ class EvalSetIndex:
     layout: str
     item_ids: list[str]
     image: BandedIndex | None
-    """All hash variants of every item (the whole-image hash of a training sample is looked up here)."""
+    """All hash variants of every view (the whole-image hash of a training sample is looked up here);
+    owners are view numbers."""
     image_whole: BandedIndex | None
-    """Whole-image hashes only (the crop variants of a training sample are looked up here)."""
+    """Whole-view hashes only (the crop variants of a training sample are looked up here)."""
     thumbs: np.ndarray
+    """uint8 (views, THUMB, THUMB, 3): one thumbnail per view, for the precise check."""
     has_image: np.ndarray
     sha256: dict[str, int]
     text: TextIndex | None
+    view_item: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Item of each view (an item has one view, or three when it is not square: see `dedup.image.views`)."""
     unreadable: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _set_features(es: EvalSet, crop: float, threads: int) -> list[im.ImageFeatures | None]:
-    feats: list[im.ImageFeatures | None] = [None] * len(es.items)
+def _set_features(es: EvalSet, crop: float, threads: int) -> list[tuple[str, list[im.ImageFeatures]] | None]:
+    feats: list[tuple[str, list[im.ImageFeatures]] | None] = [None] * len(es.items)
     # cv2 decode/resize release the GIL, so threads use all cores here without pickling images.
     with ThreadPoolExecutor(threads) as pool:
         pending = {}
         for i, data in es.iter_images():
-            pending[pool.submit(im.features, data, crop)] = i
+            pending[pool.submit(im.view_features, data, crop)] = i
             if len(pending) >= 4 * threads:
                 for fut in list(pending)[: 2 * threads]:
                     feats[pending.pop(fut)] = fut.result()
@@ -117,26 +125,36 @@ def _set_features(es: EvalSet, crop: float, threads: int) -> list[im.ImageFeatur
     return feats
 
 
+def image_index(feats: Sequence[tuple[str, list[im.ImageFeatures]] | None], max_distance: int
+                ) -> tuple[BandedIndex | None, BandedIndex | None, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """(all-variants index, whole-view index, thumbs, view_item, has_image, sha256 table) of per-item
+    `view_features` results (None: not read)."""
+    hashes, thumbs, view_item, sha = [], [], [], {}
+    for i, f in enumerate(feats):
+        if f is None:
+            continue
+        sha.setdefault(f[0], i)
+        for v in f[1]:
+            hashes.append(v.hashes)
+            thumbs.append(v.thumb)
+            view_item.append(i)
+    has_image = np.array([bool(f and f[1]) for f in feats], dtype=bool)
+    view_item_a = np.array(view_item, dtype=np.int64)
+    thumbs_a = np.stack(thumbs) if thumbs else np.zeros((0, im.THUMB, im.THUMB, 3), np.uint8)
+    if not hashes:
+        return None, None, thumbs_a, view_item_a, has_image, sha
+    views = np.arange(len(hashes))
+    image = BandedIndex(np.concatenate(hashes), np.repeat(views, im.N_VARIANTS), max_distance)
+    whole = BandedIndex(np.array([h[0] for h in hashes]), views, max_distance)
+    return image, whole, thumbs_a, view_item_a, has_image, sha
+
+
 def build_set_index(es: EvalSet, cfg: MatchConfig, signer: TextSigner, threads: int | None = None) -> EvalSetIndex:
     t0 = time.perf_counter()
     n = len(es.items)
     feats = _set_features(es, cfg.crop, threads or os.cpu_count() or 1) if "image" in cfg.kinds else [None] * n
     t1 = time.perf_counter()
-    has_image = np.array([f is not None for f in feats], dtype=bool)
-    thumbs = np.zeros((n, im.THUMB, im.THUMB, 3), dtype=np.uint8)
-    hashes, owners, sha = [], [], {}
-    for i, f in enumerate(feats):
-        if f is None:
-            continue
-        thumbs[i] = f.thumb
-        hashes.append(f.hashes)
-        owners.append(np.full(len(f.hashes), i))
-        sha.setdefault(f.sha256, i)
-    image = whole = None
-    if hashes:
-        image = BandedIndex(np.concatenate(hashes), np.concatenate(owners), cfg.image_max_distance)
-        whole = BandedIndex(np.array([h[0] for h in hashes]), np.array([o[0] for o in owners]),
-                            cfg.image_max_distance)
+    image, whole, thumbs, view_item, has_image, sha = image_index(feats, cfg.image_max_distance)
     text = None
     if "text" in cfg.kinds:
         caps, cap_owner = [], []
@@ -153,14 +171,14 @@ def build_set_index(es: EvalSet, cfg: MatchConfig, signer: TextSigner, threads: 
         log.warning("eval set %s: %d images do not decode and can only match by text/sha256 (first: %s)",
                     es.name, len(unreadable), unreadable[0])
     idx = EvalSetIndex(es.name, es.kind, es.layout, [it.id for it in es.items], image, whole, thumbs, has_image, sha, text,
-                       unreadable, {"image_features_s": round(t1 - t0, 3), "index_build_s": round(t2 - t1, 3)})
+                       view_item, unreadable, {"image_features_s": round(t1 - t0, 3), "index_build_s": round(t2 - t1, 3)})
     log.info("eval set %s: %s, %d items, %d captions indexed, built in %.1fs", es.name, es.kind, n,
              0 if text is None else len(text), t2 - t0)
     return idx
 
 
 def image_candidates(s: EvalSetIndex, hashes: Sequence[np.ndarray]) -> dict[tuple[int, int], int]:
-    """{(query, item): distance} for queries within image_max_distance of an item.
+    """{(query, view): distance} for queries within image_max_distance of an eval image view.
 
     The distance between two images is the minimum over variant pairs in which
     at least one side is the whole image: the training image against the eval
@@ -171,8 +189,8 @@ def image_candidates(s: EvalSetIndex, hashes: Sequence[np.ndarray]) -> dict[tupl
     hashes = np.stack(hashes)
     best: dict[tuple[int, int], int] = dict(s.image.search(hashes[:, 0]))
     n_var = hashes.shape[1] - 1
-    for (qi, item), dist in s.image_whole.search(hashes[:, 1:].ravel()).items():
-        key = (qi // n_var, item)
+    for (qi, view), dist in s.image_whole.search(hashes[:, 1:].ravel()).items():
+        key = (qi // n_var, view)
         if dist < best.get(key, im.HASH_BITS + 1):
             best[key] = dist
     return best
@@ -183,11 +201,11 @@ def brute_force_image_candidates(s: EvalSetIndex, hashes: Sequence[np.ndarray], 
     """All pairs, same distance definition as `image_candidates` (tests and benchmark)."""
     q = np.stack(hashes)
     ev = s.image.hashes.reshape(-1, im.N_VARIANTS)
-    owners = s.image.owners.reshape(-1, im.N_VARIANTS)[:, 0]
+    views = s.image.owners.reshape(-1, im.N_VARIANTS)[:, 0]
     d1 = im.hamming(q[:, None, 0:1], ev[None, :, :]).min(axis=2)  # whole training image vs all eval variants
     d2 = im.hamming(q[:, None, 1:], ev[None, :, 0:1]).min(axis=2)  # training crops vs whole eval image
     d = np.minimum(d1, d2)
-    return {(int(i), int(owners[j])): int(d[i, j]) for i, j in zip(*np.nonzero(d <= max_distance), strict=True)}
+    return {(int(i), int(views[j])): int(d[i, j]) for i, j in zip(*np.nonzero(d <= max_distance), strict=True)}
 
 
 class OverlapMatcher:
@@ -238,12 +256,12 @@ class OverlapMatcher:
                         found[(i, item)] = (0.0, 1.0)  # the very same file
             if rows and s.image is not None:
                 best = image_candidates(s, [feats[i].hashes for i in rows])
-                best = {(rows[r], item): d for (r, item), d in best.items()}
-                for (i, item), dist in best.items():
+                for (r, view), dist in sorted(best.items(), key=lambda kv: kv[1]):
+                    i, item = rows[r], int(s.view_item[view])
                     if (i, item) in found:
-                        continue
-                    sim = im.similarity(feats[i].thumb, s.thumbs[item])
-                    if sim >= self.cfg.image_min_similarity:
+                        continue  # sha256 match, or a closer view of the same item already passed
+                    sim, colour = im.compare(feats[i].thumb, s.thumbs[view])
+                    if sim >= self.cfg.image_min_similarity and colour <= self.cfg.image_max_colour_diff:
                         found[(i, item)] = (float(dist), sim)
             for (i, item), (dist, sim) in sorted(found.items()):
                 out[i].append(Match(s.name, s.item_ids[item], "image", dist, round(sim, 4)))
