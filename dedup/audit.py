@@ -8,7 +8,13 @@ build_corpus's layout (contiguous shard numbering, full shards):
    sample and look it up; write `OUT/_work/<shard>.parquet` (one row per
    sample) and `<shard>.matches.parquet`, then a completion marker
    `<shard>.done.json` last. A rerun skips shards whose marker carries the
-   same fingerprint (config + eval sets); a half-finished shard is redone.
+   same fingerprint; a half-finished shard is redone. The fingerprint covers
+   what the results depend on (thresholds; the corpus's path, sizes.json and
+   its shards' sizes and mtimes; each eval set's items with their files' sizes
+   and mtimes), and
+   `OUT/run.json` keeps it in readable form: a rerun into the same --out with
+   another corpus, eval set or thresholds is refused with what changed, as
+   build_corpus does, instead of reusing results of the other input.
 2. `finalize()` (one process, I/O only): copies the kept samples' bytes in
    input order through `ShardSetWriter` into `OUT/shards/`, writes
    `OUT/manifest/*.parquet` (one row per input sample), `OUT/audit/overlap.parquet`,
@@ -33,6 +39,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from dedup import image as im
 from dedup.evalsets import EvalSet, EvalSetError, load_eval_set, parse_eval_arg
@@ -124,6 +131,61 @@ def resolve_shards_dir(corpus: str) -> str:
                      "(CORPUS/shards/*.tar with sizes.json)")
 
 
+def _abs(fs: Any, path: str) -> str:
+    # Local paths resolved, so that "corpus" and "./corpus" are the same input and a moved symlink is not.
+    return str(Path(path).resolve()) if isinstance(fs, LocalFileSystem) else path
+
+
+def _corpus_digest(fs: Any, shards_dir: str, sizes_raw: bytes, shards: list[str]) -> str:
+    h = hashlib.sha256(sizes_raw)
+    # One listing, not a stat per shard. Sizes alone miss a rewritten corpus whose
+    # tars pad to the same length, so the modification time counts too.
+    listed = {Path(e["name"]).name: (e.get("size"), e.get("mtime") or e.get("LastModified") or e.get("updated"))
+              for e in fs.ls(shards_dir, detail=True)}
+    for name in shards:
+        h.update(f"{name}:{listed.get(name)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _eval_digest(es: EvalSet) -> str:
+    h = hashlib.sha256()
+    stats: dict[str, str] = {}
+    for it in es.items:
+        if it.path not in stats:
+            try:
+                st = Path(it.path).stat()
+                stats[it.path] = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError:
+                stats[it.path] = "missing"
+        h.update(f"{it.id}\t{it.path}\t{it.member}\t{stats[it.path]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_previous_run(fs: Any, root: str, settings: dict[str, Any]) -> None:
+    """Refuse an --out that holds an audit of other input or thresholds (its _work/ results would be reused)."""
+    path = join(root, "run.json")
+    if not fs.exists(path):
+        return
+    with fs.open(path, "rb") as f:
+        previous = _flatten(json.load(f))
+    now = _flatten(json.loads(json.dumps(settings)))  # same types as read back (tuples become lists)
+    changed = [f"{k}: {previous.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(previous) | set(now))
+               if previous.get(k) != now.get(k)]
+    if changed:
+        raise AuditError(f"{path}: the output folder holds an audit of other input or settings "
+                         f"({'; '.join(changed[:4])}); use a new --out, or delete the folder to start over")
+
+
 def prepare(cfg: AuditConfig) -> AuditContext:
     """Check inputs, build the eval index once. Raises AuditError on bad input."""
     shards_dir = resolve_shards_dir(cfg.corpus)
@@ -133,7 +195,8 @@ def prepare(cfg: AuditConfig) -> AuditContext:
         raise AuditError(f"{cfg.out}: --out must not be the corpus folder (the input is never modified)")
     try:
         with fs.open(join(shards_dir, SIZES_FILE), "rb") as f:
-            sizes: dict[str, int] = json.load(f)
+            sizes_raw = f.read()
+        sizes: dict[str, int] = json.loads(sizes_raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AuditError(f"{join(shards_dir, SIZES_FILE)}: not valid JSON ({exc})") from exc
     shards = sorted(sizes)
@@ -147,11 +210,20 @@ def prepare(cfg: AuditConfig) -> AuditContext:
     names = [es.name for es in eval_sets]
     if len(set(names)) != len(names):
         raise AuditError(f"--eval: eval set names must be unique, got {names}")
+    settings = {
+        "corpus": _abs(fs, shards_dir),
+        "corpus_digest": _corpus_digest(fs, shards_dir, sizes_raw, shards),
+        "match": cfg.match.thresholds(),
+        "evals": {es.name: {"root": str(Path(es.root).resolve()), "items": len(es.items), "digest": _eval_digest(es)}
+                  for es in eval_sets},
+    }
+    # Checked before the (slow) eval index is built, and recorded before any task writes results.
+    check_previous_run(out_fs, out_root, settings)
+    atomic_write_json(out_fs, join(out_root, "run.json"), settings)
     t0 = time.perf_counter()
     matcher = OverlapMatcher.build(eval_sets, cfg.match)
     build_s = time.perf_counter() - t0
-    fp_src = json.dumps({"match": cfg.match.thresholds(), "evals": [(es.name, es.root, len(es.items))
-                                                                    for es in eval_sets]}, sort_keys=True)
+    fp_src = json.dumps(settings, sort_keys=True)
     return AuditContext(cfg, shards_dir, shards, sizes, matcher, hashlib.sha256(fp_src.encode()).hexdigest()[:16],
                         {es.name: es.kind for es in eval_sets}, eval_sets, {"eval_index_s": round(build_s, 3)})
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -214,6 +215,49 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
                "local"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and needle in err[0], err
+
+
+def _small_corpus(path: Path, eval_image: Path, plant_at: int, seed: int) -> None:
+    rng = random.Random(seed)
+    samples = [(encode(random_image(rng)[0], "jpg"), f"unrelated caption number {i} here", {}) for i in range(10)]
+    samples[plant_at] = (TRANSFORMS["jpeg_q50"](Image.open(eval_image).convert("RGB")), "copy", {})
+    write_corpus(str(path), samples, 5)
+
+
+def test_rerun_with_other_input_is_refused(tmp_path, capsys):
+    # Reusing _work/ results of another corpus would drop the wrong samples and keep the copy.
+    ev = tmp_path / "ev"
+    write_imagefolder(ev, per_class=1, seed=3)
+    first = sorted(ev.glob("*/*.jpg"))[0]
+    _small_corpus(tmp_path / "A", first, 2, 1)
+    _small_corpus(tmp_path / "B", first, 7, 1)
+    out = tmp_path / "out"
+
+    def run(corpus: Path) -> tuple[int, list[str]]:
+        rc = main(["--corpus", str(corpus), "--eval", f"e={ev}", "--out", str(out), "--executor", "local"])
+        return rc, capsys.readouterr().err.strip().splitlines()
+
+    assert run(tmp_path / "A")[0] == 0
+    dropped = [r["key"] for r in pq.read_table(out / "manifest").to_pylist() if r["fate"] == "dropped"]
+    assert dropped == ["000000002"]
+    assert run(tmp_path / "A")[0] == 0  # the same input: fine, finished shards reused
+
+    rc, err = run(tmp_path / "B")  # another corpus folder
+    assert rc == 2 and len(err) == 1 and "run.json" in err[0] and "corpus:" in err[0], err
+    _small_corpus(tmp_path / "A", first, 7, 1)  # the same folder, rewritten
+    rc, err = run(tmp_path / "A")
+    assert rc == 2 and len(err) == 1 and "corpus_digest" in err[0], err
+    shutil.rmtree(out)  # what the message advises
+    assert run(tmp_path / "A")[0] == 0
+    extra = ev / first.parent.name / "extra.jpg"  # the eval set gains an item
+    extra.write_bytes(first.read_bytes())
+    rc, err = run(tmp_path / "A")
+    assert rc == 2 and len(err) == 1 and "evals.e.digest" in err[0], err
+    # A new --out starts clean and sees the new input.
+    out = tmp_path / "out2"
+    assert run(tmp_path / "B")[0] == 0
+    dropped = [r["key"] for r in pq.read_table(out / "manifest").to_pylist() if r["fate"] == "dropped"]
+    assert dropped == ["000000007"]
 
 
 @pytest.mark.slow
