@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
-from train_helpers import REPO, TINY, torchrun, train
+from train_helpers import REPO, TINY, run, torchrun, train
 
 from pipeline.localweb import CLASSES, write_imagefolder, write_retrieval
 from training.checkpoint import find_latest, load_checkpoint
@@ -118,17 +119,30 @@ def test_exact_resume(data, tmp_path):
     assert r.returncode == 2 and "micro-batch 40 lies outside an epoch of 20 micro-batches" in r.stderr, r.stderr[-2000:]
 
 
-def test_checkpoint_loads_in_open_clip(data, tmp_path):
+@pytest.mark.parametrize("siglip", [False, True])
+def test_checkpoint_loads_in_open_clip(data, tmp_path, siglip):
     out = tmp_path / "run"
     r = train("--train-data", f"{data}/shards/{{00000..00003}}.tar", "--model", TINY, "--batch-size", "32",
-              "--epochs", "1", "--workers", "1", "--output", str(out))
+              "--epochs", "1", "--workers", "1", "--output", str(out), *(["--siglip"] if siglip else []))
     assert r.returncode == 0, r.stderr[-3000:]
     path = find_latest(out / "checkpoints")
-    open_clip.add_model_config(TINY)
-    theirs, _, preprocess = open_clip.create_model_and_transforms("tiny-vit", pretrained=str(path))
-    ours = build_model(ModelConfig(model=TINY), "fp32", torch.device("cpu"))
+    name = torch.load(path, weights_only=True)["name"]
+    # As the README says: register OUT/model, then load the checkpoint by the name it records.
+    # SigLIP's logit bias must be in that config, or open_clip builds a model without one.
+    assert name == ("tiny-vit-sigmoid" if siglip else "tiny-vit") and (out / f"model/{name}.json").is_file()
+    fresh_process = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+                     "m = open_clip.create_model_and_transforms(sys.argv[2], pretrained=sys.argv[3])[0]; "
+                     "print('logit_bias', m.logit_bias is not None)")
+    r = run([sys.executable, "-c", fresh_process, str(out / "model"), name, str(path)], timeout=60)
+    assert r.returncode == 0 and f"logit_bias {siglip}" in r.stdout, r.stderr[-2000:]
+    open_clip.add_model_config(out / "model")
+    theirs, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
+    ours = build_model(ModelConfig(model=TINY, siglip=siglip), "fp32", torch.device("cpu"))
     fresh = ours.model.encode_image(torch.zeros(1, 3, 32, 32))
-    ours.model.load_state_dict(load_checkpoint(path)["state_dict"])
+    state = load_checkpoint(path)["state_dict"]
+    ours.model.load_state_dict(state)
+    if siglip:
+        assert theirs.logit_bias is not None and torch.equal(theirs.logit_bias.detach(), state["logit_bias"])
     images = torch.stack([preprocess(open_clip_image(p)) for p in sorted((data / "zs").rglob("*.jpg"))[:8]])
     ours.model.eval()
     theirs.eval()

@@ -38,6 +38,7 @@ RESUME_INVARIANTS = {
     ("data", "train_data"): "--train-data",
     ("run", "seed"): "--seed",
     ("model", "model"): "--model",
+    ("model", "siglip"): "--siglip (the model gains a logit bias)",
     # Steps per epoch follow from it: a position inside an epoch means nothing under another length.
     ("data", "samples_per_epoch"): "samples per epoch (--train-num-samples, else sizes.json)",
     ("data", "shuffle_buffer"): "--shuffle-buffer (data order depends on it)",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +44,41 @@ class ModelBundle:
     tokenizer: Any
 
 
-def build_model(cfg: ModelConfig, precision: str, device: torch.device) -> ModelBundle:
+def write_model_config(name: str, model_cfg: dict[str, Any], config_dir: Path | None) -> Path | None:
+    """Write config_dir/NAME.json atomically (every rank writes the same bytes); None without a dir."""
+    if config_dir is None:
+        return None
+    config_dir.mkdir(parents=True, exist_ok=True)
+    path = config_dir / f"{name}.json"
+    tmp = config_dir / f".{name}.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(model_cfg, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def build_model(cfg: ModelConfig, precision: str, device: torch.device,
+                config_dir: Path | None = None) -> ModelBundle:
+    """The model, its transforms and tokenizer; with config_dir, also config_dir/NAME.json for open_clip.
+
+    NAME is what checkpoints record: `open_clip.add_model_config(config_dir)` and then
+    `open_clip.create_model_and_transforms(NAME, pretrained=checkpoint)` rebuild the model.
+    """
     name = resolve_model_name(cfg.model)
-    kwargs: dict[str, Any] = {}
-    if cfg.siglip:
-        # SigLIP's published init (OpenCLIP main.py does the same for --siglip).
-        kwargs.update(init_logit_scale=math.log(10), init_logit_bias=-10)
+    model_cfg = open_clip.get_model_config(name)
+    if cfg.siglip and "init_logit_bias" not in model_cfg:
+        # SigLIP's published init (OpenCLIP main.py does the same for --siglip). Not as keyword
+        # overrides: the registered config would then lack the logit bias, and open_clip, loading a
+        # checkpoint by name, would build a model without one and refuse its state dict. The SigLIP
+        # variant gets its own registered config and name instead, and checkpoints record that name.
+        model_cfg.update(init_logit_scale=math.log(10), init_logit_bias=-10)
+        # Not "-siglip": open_clip.get_tokenizer picks its SentencePiece SigLIP tokenizer for such names.
+        name = f"{name}-sigmoid"
+        with tempfile.TemporaryDirectory() as tmp:
+            # Registered from a file (open_clip's one way in); the entry outlives the file.
+            path = write_model_config(name, model_cfg, config_dir) or write_model_config(name, model_cfg, Path(tmp))
+            open_clip.add_model_config(path)
+    else:
+        write_model_config(name, model_cfg, config_dir)
     model, train_tf, val_tf = open_clip.create_model_and_transforms(
         name,
         pretrained=cfg.pretrained,
@@ -55,6 +86,5 @@ def build_model(cfg: ModelConfig, precision: str, device: torch.device) -> Model
         precision="pure_bf16" if precision == "pure_bf16" else "fp32",
         device=device,
         output_dict=True,
-        **kwargs,
     )
     return ModelBundle(name, model, train_tf, val_tf, open_clip.get_tokenizer(name))

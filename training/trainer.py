@@ -94,7 +94,8 @@ class Trainer:
         self.threads = set_cpu_threads(cfg.run.threads, cfg.data.workers, dist)
         torch.manual_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         random.seed(cfg.run.seed)
-        bundle = build_model(cfg.model, cfg.run.precision, self.device)
+        # OUT/model/NAME.json: what open_clip needs to rebuild the model a checkpoint names.
+        bundle = build_model(cfg.model, cfg.run.precision, self.device, config_dir=self.out / "model")
         self.model_name = bundle.name
         self.raw_model = bundle.model
         self.train_transform, self.tokenizer = bundle.train_transform, bundle.tokenizer
