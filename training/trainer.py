@@ -196,7 +196,8 @@ class Trainer:
         random.setstate(_as_tuple(rng["python"]))
         torch.set_rng_state(rng["torch"])
         if self.device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"][min(self.dist.local_rank, len(rng["cuda"]) - 1)])
+            # Gathered in global rank order (save()); local_rank would hand node 1's ranks node 0's states.
+            torch.cuda.set_rng_state(rng["cuda"][self.dist.rank])
         log.info("resumed from %s: step %d, epoch %d, micro-batch %d of the epoch",
                  path, self.step, self.epoch, self.batch_in_epoch)
 
