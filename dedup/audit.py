@@ -352,11 +352,18 @@ def finalize(ctx: AuditContext) -> dict[str, Any]:
         raise AuditError(f"{join(ctx.work_dir, missing[0])}: task results missing for {len(missing)} shards; rerun")
     order = {name: i for i, name in enumerate(ctx.eval_kinds)}
     all_matches: list[dict] = []
-    samples_per_shard = cfg.samples_per_shard or max(ctx.sizes[ctx.shards[0]], 1)
+    # An empty corpus (every download failed) is audited to an empty one, not a crash.
+    samples_per_shard = cfg.samples_per_shard or max(ctx.sizes[ctx.shards[0]] if ctx.shards else 1, 1)
     shards_out = join(out_root, "shards")
+    audit_dir = join(out_root, "audit")
+    # summary.json says "this corpus is clean" (the trainer reads it): it must not outlive the shards
+    # it described while new ones are written. It is written again last, once everything checks out.
+    if out_fs.exists(join(audit_dir, "summary.json")):
+        out_fs.rm(join(audit_dir, "summary.json"))
     if out_fs.exists(shards_out):
         out_fs.rm(shards_out, recursive=True)  # our own earlier output; stale tars would break numbering
     counts = {WRITTEN: 0, DROPPED: 0, FAILED: 0}
+    removed: set[str] = set()
     # Which training images to keep for the report: the first pairs of each eval set.
     report_keys: dict[str, set[str]] = defaultdict(set)
     train_images: dict[str, bytes] = {}
@@ -389,6 +396,7 @@ def finalize(ctx: AuditContext) -> dict[str, Any]:
                     fate, reason, out_shard = FAILED, row["reason"], None
                 elif key in by_key:
                     fate, reason, out_shard = DROPPED, drop_reason(by_key[key], order), None
+                    removed.add(key)
                 else:
                     fate, reason, out_shard = WRITTEN, None, writer.add(key, members)
                 counts[fate] += 1
@@ -405,27 +413,31 @@ def finalize(ctx: AuditContext) -> dict[str, Any]:
     if n_written != counts[WRITTEN] or n_rows != sum(ctx.sizes.values()):
         raise AuditError(f"{shards_out}: wrote {n_written} samples, manifest says {counts[WRITTEN]} written; "
                          f"input sizes.json {sum(ctx.sizes.values())} vs {n_rows} rows read")
-    audit_dir = join(out_root, "audit")
     write_parquet(out_fs, join(audit_dir, "overlap.parquet"), all_matches, MATCH_SCHEMA)
     ctx.timings["finalize_s"] = round(time.perf_counter() - t0, 3)
-    summary = build_summary(ctx, all_matches, counts)
-    atomic_write_json(out_fs, join(audit_dir, "summary.json"), summary)
+    summary = build_summary(ctx, all_matches, counts, removed)
     atomic_write_json(out_fs, join(audit_dir, "config.json"), asdict(cfg))
     write_report(ctx.eval_sets, summary, all_matches, train_images, report_keys, join(audit_dir, "report.html"))
+    atomic_write_json(out_fs, join(audit_dir, "summary.json"), summary)
     return summary
 
 
-def build_summary(ctx: AuditContext, matches: list[dict], counts: dict[str, int]) -> dict[str, Any]:
+def build_summary(ctx: AuditContext, matches: list[dict], counts: dict[str, int],
+                  removed: set[str] | None = None) -> dict[str, Any]:
     rows = sum(counts.values())
     return summarize(ctx.matcher, matches,
-                     {"input": ctx.cfg.corpus, "rows": rows, **counts, "input_shards": len(ctx.shards)}, ctx.timings)
+                     {"input": ctx.cfg.corpus, "rows": rows, **counts, "input_shards": len(ctx.shards)}, ctx.timings,
+                     removed)
 
 
 def summarize(matcher: OverlapMatcher, matches: list[dict], corpus: dict[str, Any],
-              timings: dict[str, float]) -> dict[str, Any]:
+              timings: dict[str, float], removed: set[str] | None = None) -> dict[str, Any]:
     """summary.json's content (shared by the audit job and removal during build_corpus).
 
     `corpus` needs at least input, rows, written, dropped and failed (report.html shows them).
+    `removed`: keys of the samples actually dropped for overlap; a matched sample that failed
+    for another reason (say its image does not decode but its sha256 matched) was not removed
+    by the audit. None: every matched sample was removed.
     """
     sets: dict[str, Any] = {}
     mc = matcher.cfg
@@ -442,7 +454,7 @@ def summarize(matcher: OverlapMatcher, matches: list[dict], corpus: dict[str, An
             "items": n,
             "items_with_overlap": len(items),
             "overlap_pct": round(100.0 * len(items) / n, 4) if n else 0.0,
-            "train_samples_removed": len({m["key"] for m in ms}),
+            "train_samples_removed": len({m["key"] for m in ms if removed is None or m["key"] in removed}),
             "matches": {k: sum(1 for m in ms if m["kind"] == k) for k in KINDS},
             "overlapping_items": items,
             "unreadable_items": len(s.unreadable),

@@ -260,6 +260,64 @@ def test_rerun_with_other_input_is_refused(tmp_path, capsys):
     assert dropped == ["000000007"]
 
 
+def test_empty_corpus_gives_an_empty_clean_corpus(tmp_path, capsys):
+    # build_corpus writes sizes.json {} when every download failed.
+    ev = tmp_path / "ev"
+    write_imagefolder(ev, per_class=1, seed=3)
+    write_corpus(str(tmp_path / "c"), [], 5)
+    out = tmp_path / "out"
+    assert main(["--corpus", str(tmp_path / "c"), "--eval", f"e={ev}", "--out", str(out), "--executor", "local"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "rows in 0 = written 0 + dropped 0 + failed 0"
+    assert json.loads((out / "shards" / "sizes.json").read_text()) == {}
+    assert json.loads((out / "audit" / "summary.json").read_text())["eval_sets"]["e"]["train_samples_removed"] == 0
+
+
+def test_failed_finalize_leaves_no_summary(tmp_path, monkeypatch):
+    # The trainer reads summary.json as "this corpus is clean": a finalize that dies after
+    # deleting shards/ must not leave the previous run's summary beside half-written shards.
+    import dedup.audit as audit
+
+    ev = tmp_path / "ev"
+    write_imagefolder(ev, per_class=1, seed=3)
+    _small_corpus(tmp_path / "A", sorted(ev.glob("*/*.jpg"))[0], 2, 1)
+    cfg = audit.AuditConfig(corpus=str(tmp_path / "A"), evals=[f"e={ev}"], out=str(tmp_path / "out"))
+    audit.run_audit(cfg)
+    summary = tmp_path / "out" / "audit" / "summary.json"
+    assert summary.exists()
+
+    def broken(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(audit, "verify_shards", broken)
+    with pytest.raises(OSError, match="disk full"):
+        audit.run_audit(cfg)
+    assert not summary.exists()
+
+
+def test_failed_samples_matched_by_sha256_are_not_counted_removed(tmp_path):
+    # An eval file OpenCV cannot read still matches a training sample by the digest of its
+    # bytes; and a training sample that failed (undecodable) is "failed", not "removed".
+    ev = tmp_path / "ev"
+    write_imagefolder(ev, per_class=1, seed=3)
+    garbage = b"GIF89a not really an image"
+    (ev / sorted(p.name for p in ev.iterdir() if p.is_dir())[0] / "odd.jpg").write_bytes(garbage)
+    good = sorted(ev.glob("*/*.jpg"))[-1]
+    rng = random.Random(4)
+    samples = [(encode(random_image(rng)[0], "jpg"), f"unrelated caption number {i} here", {}) for i in range(6)]
+    samples[1] = (TRANSFORMS["jpeg_q50"](Image.open(good).convert("RGB")), "copy", {})  # dropped
+    samples[3] = (b"broken", "served as is", {"sha256": hashlib.sha256(garbage).hexdigest()})  # failed, matched
+    write_corpus(str(tmp_path / "c"), samples, 3)
+    out = tmp_path / "out"
+    assert main(["--corpus", str(tmp_path / "c"), "--eval", f"e={ev}", "--out", str(out), "--executor", "local"]) == 0
+    overlap = pq.read_table(out / "audit" / "overlap.parquet").to_pylist()
+    assert {(m["key"], m["eval_item"].endswith("odd.jpg")) for m in overlap} == {("000000001", False),
+                                                                                 ("000000003", True)}
+    fates = {r["key"]: r["fate"] for r in pq.read_table(out / "manifest").to_pylist()}
+    assert fates["000000001"] == "dropped" and fates["000000003"] == "failed"
+    e = json.loads((out / "audit" / "summary.json").read_text())["eval_sets"]["e"]
+    assert e["train_samples_removed"] == 1 and e["items_with_overlap"] == 2
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ray_fan_out_gives_the_same_result(audited, tmp_path, capsys):
