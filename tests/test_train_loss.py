@@ -132,3 +132,34 @@ def test_fused_adamw_matches_torch_default():
     assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters())
     for n, p in model.named_parameters():
         assert torch.allclose(p, twin.get_parameter(n), rtol=1e-5, atol=1e-7), n
+
+
+@pytest.mark.parametrize("siglip", [False, True])
+def test_accumulation_equals_one_big_batch(tmp_path, siglip):
+    # Every pass of the accumulation loop computes the whole batch's loss: the temperature (and
+    # SigLIP's bias) must get its gradient from one pass only, or it is accum_freq times too large.
+    from contextlib import nullcontext
+
+    from training.trainer import forward_backward
+
+    (tmp_path / "tests_inputs.py").write_text(INPUTS)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from tests_inputs import make_inputs
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model=TINY, siglip=siglip), "fp32", torch.device("cpu")).model
+    images, texts = make_inputs(8)
+    loss_fn = build_loss(siglip, 0, 1)
+    big = forward_backward(model, loss_fn, [(images, texts)], nullcontext, torch.Tensor.backward)
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    halves = [(images[:4], texts[:4]), (images[4:], texts[4:])]
+    acc = forward_backward(model, loss_fn, halves, nullcontext, torch.Tensor.backward)
+    assert float(acc.detach()) == pytest.approx(float(big.detach()), rel=1e-5)
+    assert {"logit_scale", *(["logit_bias"] if siglip else [])} <= set(want)
+    for name, p in model.named_parameters():
+        scale = float(want[name].abs().max()) + 1e-12
+        assert torch.allclose(p.grad, want[name], rtol=1e-4, atol=1e-5 * scale), (
+            name, float(p.grad.norm() / want[name].norm()))

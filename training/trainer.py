@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,28 +262,8 @@ class Trainer:
         dtype = open_clip.get_input_dtype(self.cfg.run.precision)
         micro = [(i.to(self.device, dtype=dtype, non_blocking=True), t.to(self.device, non_blocking=True))
                  for i, t in micro]
-        if len(micro) == 1:
-            with self.autocast():
-                loss = compute_loss(self.loss_fn, self.model(*micro[0]))
-            self._backward(loss)
-        else:
-            # OpenCLIP's accumulation: features of all micro-batches first (no grad), then each
-            # micro-batch again with grad against the cached rest, so every micro-batch sees the
-            # negatives of the whole accumulated batch, as one big batch would.
-            with torch.no_grad(), self.autocast():
-                cached = [self.model(i, t) for i, t in micro]
-            for j, (images, texts) in enumerate(micro):
-                last = j == len(micro) - 1
-                sync = nullcontext() if last or self.ddp is None else self.ddp.no_sync()
-                with sync:
-                    with self.autocast():
-                        out = self.model(images, texts)
-                        merged = dict(out)
-                        for key in ("image_features", "text_features"):
-                            merged[key] = torch.cat([c[key] for c in cached[:j]] + [out[key]]
-                                                    + [c[key] for c in cached[j + 1:]])
-                        loss = compute_loss(self.loss_fn, merged)
-                    self._backward(loss)
+        no_sync = self.ddp.no_sync if self.ddp is not None else None
+        loss = forward_backward(self.model, self.loss_fn, micro, self.autocast, self._backward, no_sync)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.grad_clip_norm is not None:
@@ -393,6 +373,46 @@ class Trainer:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def forward_backward(model: torch.nn.Module, loss_fn: torch.nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor]],
+                     autocast: Callable[[], AbstractContextManager], backward: Callable[[torch.Tensor], None],
+                     no_sync: Callable[[], AbstractContextManager] | None = None) -> torch.Tensor:
+    """Gradients of the loss of all micro-batches taken as one batch; returns the loss.
+
+    With several micro-batches, OpenCLIP's accumulation: features of all micro-batches first
+    (no grad), then each micro-batch again with grad against the cached rest, so every
+    micro-batch sees the negatives of the whole accumulated batch, as one big batch would.
+    """
+    if len(micro) == 1:
+        with autocast():
+            loss = compute_loss(loss_fn, model(*micro[0]))
+        backward(loss)
+        return loss
+    with torch.no_grad(), autocast():
+        cached = [model(i, t) for i, t in micro]
+    for j, (images, texts) in enumerate(micro):
+        last = j == len(micro) - 1
+        # DDP all-reduces gradients once, in the last backward.
+        sync = nullcontext() if last or no_sync is None else no_sync()
+        with sync:
+            with autocast():
+                out = model(images, texts)
+                merged = dict(out)
+                for key in ("image_features", "text_features"):
+                    merged[key] = torch.cat([c[key] for c in cached[:j]] + [out[key]]
+                                            + [c[key] for c in cached[j + 1:]])
+                if not last:
+                    # Each pass computes the whole batch's loss: its gradient for a micro-batch's own
+                    # features is that micro-batch's share, but for the temperature (and SigLIP's bias)
+                    # it is the whole gradient, so only one pass may carry it, or it is accum_freq x
+                    # too large (OpenCLIP's accumulation has this bug).
+                    for key in ("logit_scale", "logit_bias"):
+                        if merged.get(key) is not None:
+                            merged[key] = merged[key].detach()
+                loss = compute_loss(loss_fn, merged)
+            backward(loss)
+    return loss
 
 
 def _as_tuple(state: Any) -> Any:
