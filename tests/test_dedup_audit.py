@@ -320,17 +320,21 @@ def test_failed_samples_matched_by_sha256_are_not_counted_removed(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_ray_fan_out_gives_the_same_result(audited, tmp_path, capsys):
+def test_ray_fan_out_gives_the_same_result(audited, tmp_path, capsys, caplog):
     root, info, argv, _ = audited
     ray_out = tmp_path / "ray-out"
     argv_ray = [a if a != str(root / "audited") else str(ray_out) for a in argv]
     argv_ray[argv_ray.index("local")] = "ray"
     try:
-        assert main([*argv_ray, "--num-cpus", "2"]) == 0
+        with caplog.at_level("INFO"):
+            assert main([*argv_ray, "--num-cpus", "2"]) == 0
     finally:
         import ray
 
         ray.shutdown()
+    # One task per CPU, each over a stride of shards: the eval index is unpickled twice, not once per shard.
+    n_shards = len(json.loads((root / "corpus" / "shards" / "sizes.json").read_text()))
+    assert n_shards > 2 and f"2 tasks over {n_shards} input shards" in caplog.text
     local = root / "audited"
     if not (local / "manifest").exists():
         assert main(argv) == 0
