@@ -11,7 +11,10 @@ X-Robots-Tag parser (`is_disallowed`) and user-agent convention, and add:
 - every hop (the first request and each redirect) is resolved, checked against
   the address policy, and then connected to *the checked IP* (no second DNS
   lookup an attacker could answer differently);
-- a total deadline per request, enforced between reads with `read1`;
+- a total deadline per request: a watchdog shuts the socket down when it
+  passes (a server trickling header bytes defeats a per-read timeout, and
+  http.client reads the status line and headers itself), and the body is read
+  with `read1` so the deadline is also checked between reads;
 - a body-size cap, checked against Content-Length and while reading;
 - retries with exponential backoff, only for transient failures.
 """
@@ -23,6 +26,7 @@ import ipaddress
 import random
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
@@ -91,16 +95,65 @@ def address_is_public(ip: str) -> bool:
     return addr.is_global and not (addr.is_multicast or addr.is_reserved or addr.is_loopback)
 
 
+class Watchdog:
+    """Shuts a request's socket down at its deadline, so that a blocked read returns.
+
+    Needed because http.client reads the status line and headers itself, one
+    readline at a time: a server sending a header byte every 0.3 s never trips a
+    per-read timeout. It works on the file descriptor because TLS wrapping
+    detaches the socket object it connected with.
+    """
+
+    def __init__(self, deadline: float):
+        self.expired = False
+        self._fd = -1
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._fd = sock.fileno()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._fd < 0:
+                return
+            # Under the lock, and stop() clears the fd before the socket is closed, so a
+            # reused descriptor number is never shut down.
+            s = socket.socket(fileno=self._fd)
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            finally:
+                s.detach()
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._fd = -1
+
+
 def _pinned(cls: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
     """A connection class that connects to a pre-checked IP, keeping Host/SNI as the name."""
 
     class Pinned(cls):  # type: ignore[valid-type,misc]
-        def __init__(self, host: str, port: int, ip: str, **kw):
+        def __init__(self, host: str, port: int, ip: str, watchdog: Watchdog | None = None, **kw):
             super().__init__(host, port, **kw)
-            self._ip = ip
+            self._ip, self._watchdog = ip, watchdog
+            # HTTPConnection.__init__ sets this as an instance attribute, which would hide
+            # a method override: connect() would resolve the name again (DNS rebinding).
+            self._create_connection = self._connect_pinned
 
-        def _create_connection(self, address, timeout, source_address=None):  # noqa: ANN001
-            return socket.create_connection((self._ip, address[1]), timeout, source_address)
+        def _connect_pinned(self, address, timeout, source_address=None):  # noqa: ANN001
+            sock = socket.create_connection((self._ip, address[1]), timeout, source_address)
+            if self._watchdog is not None:
+                # The raw socket, before any TLS handshake, so the handshake is covered too.
+                self._watchdog.watch(sock)
+            return sock
 
     return Pinned
 
@@ -176,10 +229,11 @@ class Fetcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise FetchError("timeout", f"deadline of {self.cfg.timeout}s", transient=True)
+            watchdog = Watchdog(deadline)
             if parts.scheme == "https":
-                conn = PinnedHTTPS(parts.hostname, port, ip, timeout=remaining, context=self._ssl)
+                conn = PinnedHTTPS(parts.hostname, port, ip, watchdog, timeout=remaining, context=self._ssl)
             else:
-                conn = PinnedHTTP(parts.hostname, port, ip, timeout=remaining)
+                conn = PinnedHTTP(parts.hostname, port, ip, watchdog, timeout=remaining)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             try:
                 conn.request("GET", path, headers={
@@ -206,20 +260,22 @@ class Fetcher:
                     resp.headers, self.cfg.user_agent_token, set(self.cfg.disallowed_header_directives)
                 ):
                     raise OptedOut("opted_out", ", ".join(resp.headers.get_all("X-Robots-Tag", [])))
-                return self._read_body(sock, resp, deadline)
-            except FetchError:
-                raise
-            except TimeoutError:
-                raise FetchError("timeout", f"deadline of {self.cfg.timeout}s", transient=True) from None
-            except http.client.IncompleteRead as exc:
-                raise FetchError("truncated_body", f"got {len(exc.partial)} bytes", transient=True) from None
-            except ssl.SSLError as exc:
-                raise FetchError("tls_error", str(exc)[:200]) from None
-            except (ConnectionError, OSError, http.client.HTTPException) as exc:
-                raise FetchError("connection_error", f"{type(exc).__name__}: {exc}"[:200], transient=True) from None
+                body = self._read_body(sock, resp, deadline)
+                if watchdog.expired:  # a body without Content-Length looks complete when shut down
+                    raise self._timeout()
+                return body
+            except Exception as exc:
+                # Whatever a shut-down socket made http.client raise, the deadline was the cause.
+                if watchdog.expired and not isinstance(exc, OptedOut):
+                    raise self._timeout() from None
+                raise _classify(exc) from None
             finally:
+                watchdog.stop()
                 conn.close()
         raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects}")
+
+    def _timeout(self) -> FetchError:
+        return FetchError("timeout", f"deadline of {self.cfg.timeout}s", transient=True)
 
     def _read_body(self, sock: socket.socket | None, resp: http.client.HTTPResponse, deadline: float) -> bytes:
         cap = self.cfg.max_body_bytes
@@ -246,3 +302,18 @@ class Fetcher:
         if length and length.isdigit() and size < int(length):
             raise FetchError("truncated_body", f"got {size} of {length} bytes", transient=True)
         return b"".join(chunks)
+
+
+def _classify(exc: Exception) -> Exception:
+    """The FetchError (manifest reason) for an exception raised while talking to a server."""
+    if isinstance(exc, FetchError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return FetchError("timeout", "socket timeout", transient=True)
+    if isinstance(exc, http.client.IncompleteRead):
+        return FetchError("truncated_body", f"got {len(exc.partial)} bytes", transient=True)
+    if isinstance(exc, ssl.SSLError):
+        return FetchError("tls_error", str(exc)[:200])
+    if isinstance(exc, (ConnectionError, OSError, http.client.HTTPException)):
+        return FetchError("connection_error", f"{type(exc).__name__}: {exc}"[:200], transient=True)
+    return exc

@@ -106,6 +106,8 @@ class Resource:
     """Seconds to wait before answering (a slow server)."""
     trickle: bool = False
     """Send the body a few bytes at a time, forever (a URL that never finishes)."""
+    trickle_headers: bool = False
+    """Send the status line, then one header byte every 0.3 s (headers that never end)."""
     truncate: bool = False
     """Promise the full Content-Length, send half, close."""
     fail_first: int = 0
@@ -152,6 +154,17 @@ class LocalWeb:
                             self.wfile.write(b"\x00" * 16)
                             self.wfile.flush()
                             time.sleep(0.1)
+                    except OSError:
+                        pass
+                    return
+                if res.trickle_headers:
+                    self.close_connection = True
+                    try:
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                        for _ in range(200):  # bounded: stops by itself after ~60 s
+                            self.wfile.write(b"X")
+                            self.wfile.flush()
+                            time.sleep(0.3)
                     except OSError:
                         pass
                     return
@@ -251,6 +264,7 @@ def populate_faults(web: LocalWeb, internal: LocalWeb | None = None, seed: int =
     add("transient_503", Resource(good, "image/jpeg", fail_first=1))
     add("slow", Resource(good, "image/jpeg", delay=3.0))
     add("trickle", Resource(b"", "image/jpeg", trickle=True))
+    add("trickle_headers", Resource(b"", "image/jpeg", trickle_headers=True))
     add("truncated", Resource(good, "image/jpeg", truncate=True))
     add("html", Resource(b"<html><body>hello</body></html>", "text/html"))
     add("empty", Resource(b"", "image/jpeg"))

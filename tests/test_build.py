@@ -29,6 +29,7 @@ EXPECTED = {
     "transient_503": ("written", None),
     "slow": ("failed", "timeout"),
     "trickle": ("failed", "timeout"),
+    "trickle_headers": ("failed", "timeout"),
     "truncated": ("failed", "truncated_body"),
     "html": ("failed", "not_an_image"),
     "empty": ("failed", "empty_body"),
@@ -111,7 +112,7 @@ def test_end_to_end(tmp_path, web, internal, corpus_input, capsys):
 
     stats = json.loads((out / "stats.json").read_text())
     assert stats["written"] + stats["dropped"] + stats["failed"] == stats["rows_in"] == n
-    assert stats["reasons"]["failed:timeout"] == 2
+    assert stats["reasons"]["failed:timeout"] == 3
     assert "image_size: 256" in (out / "config.yaml").read_text()
     assert not list(out.rglob("*.tmp-*"))
 

@@ -100,6 +100,21 @@ def test_endless_body_is_cut_at_the_total_deadline(web, faults):
     assert time.monotonic() - t < 2.5
 
 
+def test_trickled_headers_are_cut_at_the_total_deadline(web, faults):
+    # One header byte every 0.3 s: each read succeeds, so only a total deadline ends it.
+    t = time.monotonic()
+    assert reason(fetcher(web, retries=0, timeout=1.0), faults["trickle_headers"]["url"]) == "timeout"
+    assert time.monotonic() - t < 1.8
+
+
+def test_connects_to_the_checked_address_not_a_second_lookup(web, monkeypatch):
+    # The name does not resolve: only the IP that resolve() checked can be what connect() used.
+    url = web.add("/pinned.png", Resource(encode(make_image("circle", "red", (80, 80), random.Random(0)), "png")))
+    f = fetcher(web, allow_hosts=(f"pinned.invalid:{web.port}",))
+    monkeypatch.setattr(f, "resolve", lambda host, port: "127.0.0.1")
+    assert len(f.fetch(url.replace("127.0.0.1", "pinned.invalid"))) > 100
+
+
 def test_truncated_body(web, faults):
     assert reason(fetcher(web, retries=0), faults["truncated"]["url"]) == "truncated_body"
 
