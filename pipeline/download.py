@@ -24,7 +24,9 @@ from pipeline.sample import Sample
 
 log = logging.getLogger(__name__)
 
-IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
+# MPO is how Pillow names the JPEGs many phones write (a JPEG with extra frames appended):
+# valid JPEG, decoded by OpenCV like any other.
+IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
 
 
 class ErrorLog:
@@ -50,6 +52,12 @@ def sniff_image(body: bytes, max_pixels: int) -> tuple[str, int, int]:
     """
     if not body:
         raise FetchError("empty_body")
+    # Pillow refuses images above 2 * its own MAX_IMAGE_PIXELS in open(), before our
+    # check below could apply: raise its limit to ours so --max-image-pixels is the one
+    # that counts (Pillow's stays as a backstop at twice ours). Only ever raised, and
+    # equal from every thread of a task, so the shared setting needs no lock.
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

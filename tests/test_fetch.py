@@ -151,6 +151,32 @@ def test_bad_scheme(web):
     assert reason(fetcher(web), "file:///etc/passwd") == "bad_url"
 
 
+def test_phone_jpeg_reported_as_mpo_is_accepted_and_resized():
+    import io
+
+    from PIL import Image
+
+    from pipeline.download import ErrorLog, ResizeStage
+
+    buf = io.BytesIO()
+    Image.new("RGB", (120, 90), "red").save(buf, "MPO", save_all=True, append_images=[Image.new("RGB", (120, 90))])
+    assert sniff_image(buf.getvalue(), 10**8) == ("MPO", 120, 90)
+    s = Sample(key="0", row=0, url="u", caption="c", image=buf.getvalue())
+    (out,) = ResizeStage(64, "center_crop", "jpg", 90, ErrorLog())(iter([s]))
+    assert out.pending and out.meta["width"] == 64
+
+
+def test_max_image_pixels_above_pillows_limit_applies(monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    # 200M pixels: over twice Pillow's default limit, under ours.
+    assert sniff_image(bomb_png(20_000, 10_000), max_pixels=250_000_000)[1:] == (20_000, 10_000)
+    with pytest.raises(FetchError) as info:
+        sniff_image(bomb_png(20_000, 10_000), max_pixels=150_000_000)
+    assert info.value.reason == "decompression_bomb"
+
+
 def test_sniff_rejects_bombs_and_non_images():
     with pytest.raises(FetchError) as info:
         sniff_image(bomb_png(), max_pixels=89_478_485)
