@@ -221,3 +221,37 @@ def test_short_cpu_run_in_each_precision(data, tmp_path, precision):
     assert r.returncode == 0, r.stderr[-3000:]
     assert [x["step"] for x in jsonl(out / "results.jsonl")] == [2]
     assert find_latest(out / "checkpoints").name == "step_00000002.pt"
+
+
+@pytest.mark.timeout(150)
+def test_bad_samples_are_counted_across_workers_and_reported(tmp_path):
+    # Two shards, one per loader worker, each with 8 good samples and 2 without a caption. The
+    # shuffle buffer reads a whole shard before its first batch, so each worker counts exactly 2.
+    import tarfile
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    shards = tmp_path / "shards"
+    write_shape_shards(shards, 16, 8, seed=0, size=32)
+    for shard in sorted(shards.glob("*.tar")):
+        with tarfile.open(shard, "a") as tar:
+            for k in range(2):
+                jpg = tmp_path / "notxt.jpg"
+                jpg.write_bytes(b"\xff\xd8 an image without a caption")
+                tar.add(jpg, arcname=f"{shard.stem}-notxt{k}.jpg")
+    out = tmp_path / "run"
+    r = train("--train-data", f"{shards}/{{00000..00001}}.tar", "--model", TINY, "--batch-size", "4",
+              "--workers", "2", "--log-every", "1", "--zeroshot", f"shapes={_tiny_zs(tmp_path)}",
+              "--output", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| 4 bad samples skipped" in r.stderr
+    assert [x["bad_samples"] for x in jsonl(out / "train_log.jsonl")][-1] == 4
+    assert [x["bad_samples"] for x in jsonl(out / "results.jsonl")] == [4]
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    assert events.Scalars("train/bad_samples")[-1].value == 4
+
+
+def _tiny_zs(tmp_path: Path) -> Path:
+    write_imagefolder(tmp_path / "zs", per_class=1, seed=1, size=32)
+    return tmp_path / "zs"

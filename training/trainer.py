@@ -119,6 +119,9 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.consumed: list[list[int]] | None = None  # per rank, per worker: raw samples consumed
+        # Bad samples this rank's loader skipped: in finished epochs, and per worker in this one.
+        self.bad_before_epoch = 0
+        self.bad_in_epoch: list[int] = []
         if cfg.ckpt.resume:
             self._resume(cfg.ckpt.resume)
 
@@ -166,6 +169,10 @@ class Trainer:
         rec["run"]["world_size"] = self.dist.world_size
         rec["data"]["samples_per_epoch"] = self.samples_per_epoch
         return rec
+
+    def bad_samples(self) -> int:
+        """Bad samples skipped so far by every worker of every rank; every rank must call it."""
+        return sum(gather_objects(self.bad_before_epoch + sum(self.bad_in_epoch), self.dist.world_size))
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -235,11 +242,13 @@ class Trainer:
             return None
         t0 = time.perf_counter()
         results = self.evaluator.run(self.raw_model)
+        bad = self.bad_samples()
         score = None
         if self.dist.is_main:
             with open(self.out / "results.jsonl", "a") as f:
                 for name, metrics in results.items():
-                    f.write(json.dumps({"step": self.step, "epoch": self.epoch, "set": name, **metrics}) + "\n")
+                    f.write(json.dumps({"step": self.step, "epoch": self.epoch, "set": name, **metrics,
+                                        "bad_samples": bad}) + "\n")
                     for k, v in metrics.items():
                         if isinstance(v, (int, float)) and not isinstance(v, bool):
                             self.tb.add_scalar(f"eval/{name}/{k}", v, self.step)
@@ -283,19 +292,19 @@ class Trainer:
         else:
             loss.backward()
 
-    def _log_step(self, stats: StepStats, window: list[StepStats], epoch_batch: int) -> None:
+    def _log_step(self, stats: StepStats, window: list[StepStats], epoch_batch: int, bad: int) -> None:
         step_s = sum(s.step_s for s in window) / len(window)
         data_s = sum(s.data_s for s in window) / len(window)
         sps = self.global_batch / step_s
         lr = self.optimizer.param_groups[0]["lr"]
         scale = float(self.raw_model.logit_scale.detach().exp())
         log.info("step %d/%d epoch %d (%.0f%%) loss %.4f lr %.3g scale %.2f | %.1f samples/s, %.1f/device | "
-                 "data %.3fs of %.3fs step", self.step, self.total_steps, self.epoch,
+                 "data %.3fs of %.3fs step | %d bad samples skipped", self.step, self.total_steps, self.epoch,
                  100 * epoch_batch / self.micro_batches_per_epoch, stats.loss, lr, scale, sps,
-                 sps / self.dist.world_size, data_s, step_s)
+                 sps / self.dist.world_size, data_s, step_s, bad)
         rec = {"step": self.step, "epoch": self.epoch, "loss": stats.loss, "lr": lr, "logit_scale": scale,
                "samples_per_s": sps, "samples_per_s_per_device": sps / self.dist.world_size,
-               "data_s": data_s, "step_s": step_s}
+               "data_s": data_s, "step_s": step_s, "bad_samples": bad}
         with open(self.out / "train_log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         for k, v in rec.items():
@@ -317,6 +326,7 @@ class Trainer:
                     start_batch=self.batch_in_epoch, consumed=self.consumed[d.rank] if self.consumed else [],
                     shuffle_buffer=cfg.data.shuffle_buffer, shuffle_initial=cfg.data.shuffle_initial)
                 consumed = list(plan.consumed)
+                self.bad_in_epoch = [0] * plan.n_workers
                 batches = iter(make_loader(plan, self.train_transform, self.tokenizer,
                                            pin_memory=self.device.type == "cuda"))
                 window: list[StepStats] = []
@@ -326,6 +336,7 @@ class Trainer:
                     for _ in range(accum):
                         images, texts, meta = next(batches)
                         consumed[meta["worker"]] = meta["consumed"]
+                        self.bad_in_epoch[meta["worker"]] = meta["bad"]  # the worker's running count
                         micro.append((images, texts))
                         keys.extend(meta["keys"])
                     t1 = time.perf_counter()
@@ -337,8 +348,10 @@ class Trainer:
                     if trace is not None:
                         trace.write(json.dumps({"step": self.step, "loss": loss, "keys": keys}) + "\n")
                         trace.flush()
-                    if d.is_main and (self.step % cfg.run.log_every == 0 or self.step == 1):
-                        self._log_step(stats, window, self.batch_in_epoch)
+                    if self.step % cfg.run.log_every == 0 or self.step == 1:
+                        bad = self.bad_samples()  # a collective: on every rank, at the same steps
+                        if d.is_main:
+                            self._log_step(stats, window, self.batch_in_epoch, bad)
                     epoch_end = self.batch_in_epoch == self.micro_batches_per_epoch
                     stopped = cfg.run.stop_after is not None and self.step >= cfg.run.stop_after
                     if epoch_end:
@@ -352,6 +365,8 @@ class Trainer:
                         log.info("stopping after step %d (--stop-after)", self.step)
                         break
                 del batches  # shut the workers down before the next epoch starts its own
+                self.bad_before_epoch += sum(self.bad_in_epoch)
+                self.bad_in_epoch = []
                 if self.batch_in_epoch == self.micro_batches_per_epoch:
                     self.epoch += 1
                     self.batch_in_epoch = 0
