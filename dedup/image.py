@@ -21,7 +21,9 @@ while unrelated same-shape, same-colour images come within 12.
   images of the same shape on backgrounds of different tint correlated at
   0.96+ (benchmarks/dedup.py found three such pairs in 5,000): `compare` also
   returns a colour difference, measured after matching overall brightness,
-  which such pairs fail and brightened copies pass.
+  which such pairs fail and brightened copies pass (benchmark images: planted
+  copies at most 4.8 grey levels, the look-alikes 15 to 26; the limit is
+  `MatchConfig.image_max_colour_diff`, 10).
 - Resized copies: img2dataset's default `center_crop` cuts a 4:3 image to its
   centre square (12.5% off each long side), `border` pads it to a square with
   white. Neither is a "crop of a few percent", so each non-square eval image
