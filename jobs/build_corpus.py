@@ -15,10 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a Ray working dir
 
-from pipeline.build import build_corpus, print_summary  # noqa: E402
+from pipeline.build import AccountingError, build_corpus, print_summary  # noqa: E402
 from pipeline.config import BuildConfig, ConfigError, parse_config  # noqa: E402
 from pipeline.executor import TaskFailed, make_executor  # noqa: E402
 from pipeline.readers import read_urls  # noqa: E402
+from pipeline.shards import ShardError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"build_corpus: error: {exc}", file=sys.stderr)
         return 2
+    except (AccountingError, ShardError) as exc:
+        # A damaged output, not a bug: one line that says which file and how to redo it.
+        print(f"build_corpus: error: {exc}", file=sys.stderr)
+        return 1
     except TaskFailed as exc:
         print(f"build_corpus: {exc}", file=sys.stderr)
         return 1

@@ -38,6 +38,7 @@ from pipeline.progress import Progress, fmt_duration
 from pipeline.readers import fingerprint
 from pipeline.sample import DROPPED, FAILED, PENDING, WRITTEN, Sample, run_stages
 from pipeline.shards import (
+    ShardError,
     ShardSetWriter,
     atomic_open,
     atomic_write_bytes,
@@ -60,6 +61,10 @@ MANIFEST_SCHEMA = pa.schema([
 
 class OutputMismatch(ConfigError):
     """The output folder holds a run made with other settings or other input."""
+
+
+class AccountingError(RuntimeError):
+    """The part files do not account for every input row exactly once (a damaged output)."""
 
 
 def key_width(n_rows: int) -> int:
@@ -218,11 +223,9 @@ def build_corpus(cfg: BuildConfig, table: pa.Table, executor: Any, matcher: Matc
     progress.tick(force=True)
     download_seconds = time.monotonic() - t0
 
-    result = finalize(cfg, n_tasks, matcher)
+    result = finalize(cfg, n_tasks, n, matcher)
     if matcher is not None:
         matcher.finish(cfg.out)
-    if result.rows_in != n:
-        raise RuntimeError(f"{root}: manifests hold {result.rows_in} rows but the input has {n}")
     elapsed = time.monotonic() - t0
     stats = {
         "rows_in": result.rows_in, "written": result.written, "dropped": result.dropped, "failed": result.failed,
@@ -236,21 +239,37 @@ def build_corpus(cfg: BuildConfig, table: pa.Table, executor: Any, matcher: Matc
     return result
 
 
-def finalize(cfg: BuildConfig, n_tasks: int, matcher: Matcher | None = None) -> BuildResult:
+def finalize(cfg: BuildConfig, n_tasks: int, n_rows: int, matcher: Matcher | None = None) -> BuildResult:
+    """Cut the shards from the parts; every one of the `n_rows` input rows must appear exactly once."""
     fs, root = get_fs(cfg.out)
     shards_dir = join(root, "shards")
-    result = BuildResult(0, 0, 0, 0)
+    # rows_in is the input's row count, not a count of what the parts hold: the check
+    # that rows in = written + dropped + failed must be able to fail.
+    result = BuildResult(n_rows, 0, 0, 0)
     seen_sha: set[str] = set()
+    seen_rows = bytearray(n_rows)
     with ShardSetWriter(fs, shards_dir, cfg.samples_per_shard) as writer:
         for i in range(n_tasks):
-            records = pq.read_table(fs.open(part_path(root, i, ".parquet"), "rb")).to_pylist()
-            members_by_key = dict(read_tar(fs, part_path(root, i, ".tar")))
+            redo = f"delete {part_path(root, i, '.done.json')} and rerun to redo that task"
+            try:
+                records = pq.read_table(fs.open(part_path(root, i, ".parquet"), "rb")).to_pylist()
+                members_by_key = dict(read_tar(fs, part_path(root, i, ".tar")))
+            except FileNotFoundError as exc:
+                raise AccountingError(f"{exc.filename or part_path(root, i, '')}: part file missing; {redo}") from None
+            except (pa.ArrowInvalid, ShardError) as exc:
+                raise AccountingError(f"{part_path(root, i, '.parquet')}: unreadable part "
+                                      f"({str(exc).splitlines()[0][:160]}); {redo}") from None
+            lo, hi = i * cfg.rows_per_task, min(n_rows, (i + 1) * cfg.rows_per_task)
             for rec in records:
+                r = rec["row"]
+                if r is None or not lo <= r < hi or seen_rows[r]:
+                    what = "twice" if r is not None and lo <= r < hi else f"outside the task's rows {lo}..{hi - 1}"
+                    raise AccountingError(f"{part_path(root, i, '.parquet')}: input row {r} appears {what}; {redo}")
+                seen_rows[r] = 1
                 if rec["status"] == CANDIDATE:
                     members = members_by_key.pop(rec["key"], None)
                     if members is None:
-                        raise RuntimeError(f"{part_path(root, i, '.tar')}: sample {rec['key']} missing; "
-                                           f"delete {part_path(root, i, '.done.json')} and rerun")
+                        raise AccountingError(f"{part_path(root, i, '.tar')}: sample {rec['key']} missing; {redo}")
                     reason = None
                     if rec["sha256"] in seen_sha:
                         reason = "duplicate_image"
@@ -263,7 +282,6 @@ def finalize(cfg: BuildConfig, n_tasks: int, matcher: Matcher | None = None) -> 
                         seen_sha.add(rec["sha256"])
                         rec["shard"] = writer.add(rec["key"], members)
                         rec["status"] = WRITTEN
-                result.rows_in += 1
                 if rec["status"] == WRITTEN:
                     result.written += 1
                 elif rec["status"] == DROPPED:
@@ -273,7 +291,11 @@ def finalize(cfg: BuildConfig, n_tasks: int, matcher: Matcher | None = None) -> 
                     result.failed += 1
                     result.reasons[f"failed:{rec['reason']}"] += 1
                 else:
-                    raise RuntimeError(f"{part_path(root, i, '.parquet')}: row {rec['row']} has status {rec['status']}")
+                    raise AccountingError(f"{part_path(root, i, '.parquet')}: row {r} has status {rec['status']}; {redo}")
+            if sum(seen_rows[lo:hi]) != hi - lo:
+                missing = next(r for r in range(lo, hi) if not seen_rows[r])
+                raise AccountingError(f"{part_path(root, i, '.parquet')}: {hi - lo - sum(seen_rows[lo:hi])} input "
+                                      f"row(s) missing, first {missing}; {redo}")
             with atomic_open(fs, join(root, "manifest", f"{i:05d}.parquet")) as f:
                 pq.write_table(pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA), f)
     sizes = writer.sizes
@@ -288,7 +310,7 @@ def finalize(cfg: BuildConfig, n_tasks: int, matcher: Matcher | None = None) -> 
             fs.rm(p)
     counted = verify_shards(fs, shards_dir, cfg.samples_per_shard)
     if counted != result.written:
-        raise RuntimeError(f"{shards_dir}: shards hold {counted} samples, the manifest says {result.written}")
+        raise AccountingError(f"{shards_dir}: shards hold {counted} samples, the manifest says {result.written}")
     return result
 
 

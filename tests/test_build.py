@@ -307,3 +307,28 @@ def test_csv_and_tsv_values_are_read_as_written(tmp_path, kind):
         expect = [("1.50", "000123"), ('"Best" photo ever', "7")]
     t = read_urls(str(f), "url", "caption", ("uid",))
     assert list(zip(t.column("caption").to_pylist(), t.column("uid").to_pylist(), strict=True)) == expect
+
+
+@pytest.mark.parametrize("damage", ["row_missing", "row_twice", "part_missing"])
+def test_damaged_parts_fail_the_accounting_check_in_one_line(tmp_path, web, damage):
+    from pipeline.localweb import populate_images
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(populate_images(web, 6, seed=4)), path)
+    out = tmp_path / "o"
+    args = ["--urls", str(path), "--out", str(out), "--allow-hosts", web.hostport, "--executor", "local",
+            "--rows-per-task", "3"]
+    assert main(args) == 0
+    part = out / "parts" / "00001.parquet"
+    records = pq.read_table(part).to_pylist()
+    if damage == "part_missing":
+        part.unlink()
+        expect = "part file missing"
+    else:
+        records = records[:-1] if damage == "row_missing" else records + records[:1]
+        pq.write_table(pa.Table.from_pylist(records, schema=pq.read_schema(part)), part)
+        expect = "row(s) missing, first 5" if damage == "row_missing" else "input row 3 appears twice"
+    r = run_cli(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[-1].startswith("build_corpus: error: ") and expect in lines[-1] and "00001" in lines[-1]
