@@ -71,3 +71,15 @@ def test_eval_set_errors(tmp_path):
     (tmp_path / "zs/templates.txt").write_text("no placeholder here\n")
     with pytest.raises(TrainError, match=r"templates.txt: every line needs \{c\}"):
         load_classification("x", tmp_path / "zs")
+
+
+def test_corrupt_eval_image_is_refused_at_init(tmp_path):
+    # Found before training starts, naming the file, not as a crash at the first evaluation.
+    write_imagefolder(tmp_path / "zs", per_class=1, seed=1, size=16)
+    write_retrieval(tmp_path / "ret", n=3, seed=2, size=16)
+    bad = sorted((tmp_path / "zs").rglob("*.jpg"))[2]
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    bundle = build_model(ModelConfig(model=TINY), "fp32", torch.device("cpu"))
+    with pytest.raises(TrainError, match=rf"{bad}.*cannot decode this evaluation image"):
+        Evaluator({"zs": str(tmp_path / "zs")}, {"ret": str(tmp_path / "ret")}, None,
+                  bundle.val_transform, bundle.tokenizer, torch.device("cpu"), nullcontext, 0, 1)

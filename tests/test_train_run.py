@@ -161,7 +161,7 @@ def open_clip_image(path: Path):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("case", ["missing_shard", "bad_model", "all_invalid", "missing_resume", "bad_precision",
-                                  "fresh_over_old_run"])
+                                  "fresh_over_old_run", "corrupt_eval_image"])
 def test_bad_input_is_one_line_and_exit_2(data, tmp_path, case):
     shards = f"{data}/shards/{{00000..00003}}.tar"
     args = {"missing_shard": ["--train-data", f"{data}/shards/{{00000..00099}}.tar"],
@@ -171,7 +171,8 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, case):
     expected = {"missing_shard": "00016.tar: shard not found", "bad_model": "ViT-Nope-99",
                 "all_invalid": "no sample with an image and a txt", "missing_resume": "nope.pt: checkpoint not found",
                 "bad_precision": "--precision 'fp8'",
-                "fresh_over_old_run": "already holds checkpoints of a run; continue it with --resume latest"}[case]
+                "fresh_over_old_run": "already holds checkpoints of a run; continue it with --resume latest",
+                "corrupt_eval_image": "0000.jpg: cannot decode this evaluation image"}[case]
     if case == "all_invalid":
         bad = tmp_path / "bad"
         bad.mkdir()
@@ -184,6 +185,10 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, case):
         old.parent.mkdir(parents=True)
         old.write_bytes(b"an earlier run's checkpoint")
         args = ["--train-data", shards]
+    if case == "corrupt_eval_image":
+        zs = _tiny_zs(tmp_path)
+        next(zs.rglob("0000.jpg")).write_bytes(b"not an image")
+        args = ["--train-data", shards, "--zeroshot", f"zs={zs}"]
     r = train(*args, "--model", TINY, "--batch-size", "8", "--workers", "1", "--output", str(tmp_path / "o"),
               timeout=100) if case != "bad_model" else train(*args, "--output", str(tmp_path / "o"), timeout=100)
     assert r.returncode == 2, r.stderr[-2000:]

@@ -121,6 +121,25 @@ class Evaluator:
         self.autocast, self.rank, self.world = autocast, rank, world_size
         self.batch_size = batch_size
         self.input_dtype = input_dtype  # bf16 for a pure_bf16 model, whose weights autocast does not cover
+        self._check_images()
+
+    def _check_images(self) -> None:
+        """Decode every eval image once, now: a bad one would otherwise end the run at its first eval.
+        Each rank decodes its share; every rank learns of every bad file (so all stop together)."""
+        paths = [ds.root / i for ds in self.cls_sets for i, _ in ds.items]
+        paths += [ds.root / f for ds in self.ret_sets for _, f, _ in ds.items]
+        bad = []
+        for p in paths[self.rank::self.world]:
+            try:
+                with Image.open(p) as im:
+                    im.load()
+            except Exception as exc:  # truncated, not an image, decompression bomb: all unusable
+                bad.append((str(p), f"{type(exc).__name__}: {str(exc)[:100]}"))
+        bad = [b for part in gather_objects(bad, self.world) for b in part]
+        if bad:
+            more = f"; {len(bad) - 1} more bad image(s)" if len(bad) > 1 else ""
+            raise TrainError(f"{bad[0][0]}: cannot decode this evaluation image ({bad[0][1]}){more}; "
+                             "replace or delete it, or leave its eval set out")
 
     @property
     def empty(self) -> bool:
