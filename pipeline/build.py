@@ -187,6 +187,19 @@ def _clean_temporaries(fs: Any, root: str) -> None:
             fs.rm(p)
 
 
+def done_tasks(fs: Any, root: str) -> set[int]:
+    """Indexes of the tasks whose completion marker exists.
+
+    One listing rather than an exists() per task: on object storage each is a request.
+    """
+    try:
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(join(root, "parts"), detail=False)]
+    except FileNotFoundError:
+        return set()
+    return {int(name[: -len(".done.json")]) for name in names
+            if name.endswith(".done.json") and name[: -len(".done.json")].isdigit()}
+
+
 def build_corpus(cfg: BuildConfig, table: pa.Table, executor: Any, matcher: Matcher | None = None) -> BuildResult:
     """Run both phases on `table` (columns url, caption, extras) with `executor`."""
     fs, root = get_fs(cfg.out)
@@ -208,8 +221,9 @@ def build_corpus(cfg: BuildConfig, table: pa.Table, executor: Any, matcher: Matc
     table = table.append_column("row", pa.array(range(n), pa.int64())).append_column("duplicate_url", pa.array(dup))
 
     n_tasks = (n + cfg.rows_per_task - 1) // cfg.rows_per_task
-    todo = [i for i in range(n_tasks) if not fs.exists(part_path(root, i, ".done.json"))]
-    already = sum(min(cfg.rows_per_task, n - i * cfg.rows_per_task) for i in range(n_tasks) if i not in set(todo))
+    done = done_tasks(fs, root)
+    todo = [i for i in range(n_tasks) if i not in done]
+    already = sum(min(cfg.rows_per_task, n - i * cfg.rows_per_task) for i in range(n_tasks) if i in done)
     log.info("%d input rows in %d tasks of %d rows; %d tasks to run (%d done before); executor %s",
              n, n_tasks, cfg.rows_per_task, len(todo), n_tasks - len(todo), executor.name)
     progress = Progress(n, cfg.progress_every, already=already)

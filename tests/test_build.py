@@ -332,3 +332,24 @@ def test_damaged_parts_fail_the_accounting_check_in_one_line(tmp_path, web, dama
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert lines[-1].startswith("build_corpus: error: ") and expect in lines[-1] and "00001" in lines[-1]
+
+
+def test_driver_lists_completion_markers_once(tmp_path, web, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.build import done_tasks
+    from pipeline.localweb import populate_images
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(populate_images(web, 6, seed=4)), path)
+    out = tmp_path / "o"
+    args = ["--urls", str(path), "--out", str(out), "--allow-hosts", web.hostport, "--executor", "local",
+            "--rows-per-task", "2"]
+    assert main(args) == 0
+    (out / "parts" / "00001.done.json.tmp-x").write_text("{}")
+    assert done_tasks(LocalFileSystem(), str(out)) == {0, 1, 2}
+    calls = []
+    real_exists = LocalFileSystem.exists
+    monkeypatch.setattr(LocalFileSystem, "exists", lambda self, p, **kw: calls.append(p) or real_exists(self, p, **kw))
+    assert main(args) == 0
+    assert not [p for p in calls if str(p).endswith(".done.json")]
