@@ -32,7 +32,7 @@ def test_retrieval_metrics_on_known_similarities():
     assert sub["i2t_R@1"] == 0.0 and sub["t2i_R@1"] == 1.0
 
 
-def test_zero_shot_with_overlap_audit(tmp_path):
+def test_zero_shot_with_overlap_audit(tmp_path, caplog):
     write_imagefolder(tmp_path / "zs", per_class=2, seed=1, size=32)
     write_retrieval(tmp_path / "ret", n=10, seed=2, size=32)
     overlapping = ["red_circle/0000.jpg", "blue_square/0001.jpg", "green_cross/0000.jpg"]
@@ -42,6 +42,7 @@ def test_zero_shot_with_overlap_audit(tmp_path):
     bundle = build_model(ModelConfig(model=TINY), "fp32", torch.device("cpu"))
     ev = Evaluator({"zs": str(tmp_path / "zs")}, {"ret": str(tmp_path / "ret")}, str(audit),
                    bundle.val_transform, bundle.tokenizer, torch.device("cpu"), nullcontext, 0, 1, batch_size=7)
+    assert "--overlap-audit" not in caplog.text  # it matches these sets: nothing to warn about
     res = ev.run(bundle.model)
     zs, ret = res["zs"], res["ret"]
     assert zs["kind"] == "zeroshot" and zs["items"] == 2 * len(CLASSES) and set(zs["per_class"]) == set(CLASSES)
@@ -83,3 +84,19 @@ def test_corrupt_eval_image_is_refused_at_init(tmp_path):
     with pytest.raises(TrainError, match=rf"{bad}.*cannot decode this evaluation image"):
         Evaluator({"zs": str(tmp_path / "zs")}, {"ret": str(tmp_path / "ret")}, None,
                   bundle.val_transform, bundle.tokenizer, torch.device("cpu"), nullcontext, 0, 1)
+
+
+def test_overlap_audit_of_other_sets_is_reported(tmp_path, caplog):
+    # An audit of other set names, another version of a set, or other item ids would be silently
+    # ignored or split wrongly: say so at start.
+    write_imagefolder(tmp_path / "zs", per_class=1, seed=1, size=16)
+    write_retrieval(tmp_path / "ret", n=3, seed=2, size=16)
+    audit = tmp_path / "summary.json"
+    audit.write_text(json.dumps({"eval_sets": {"zs": {"items": 99, "overlapping_items": ["nope/0.jpg"]},
+                                               "coco": {"items": 3, "overlapping_items": []}}}))
+    bundle = build_model(ModelConfig(model=TINY), "fp32", torch.device("cpu"))
+    Evaluator({"zs": str(tmp_path / "zs")}, {"ret": str(tmp_path / "ret")}, str(audit),
+              bundle.val_transform, bundle.tokenizer, torch.device("cpu"), nullcontext, 0, 1)
+    assert f"counted 99 items in 'zs', the eval set has {len(CLASSES)}" in caplog.text
+    assert "1 of its 1 overlapping items of 'zs' are not in the eval set (e.g. 'nope/0.jpg')" in caplog.text
+    assert "has no eval set 'ret' (it has ['coco', 'zs'])" in caplog.text

@@ -96,13 +96,14 @@ def load_retrieval(name: str, root: str | Path) -> RetrievalSet:
     return RetrievalSet(name, root, items)
 
 
-def load_overlap(path: str | None) -> dict[str, set[str]]:
-    """{eval set name: overlapping item ids} from the dedup audit's summary.json."""
+def load_overlap(path: str | None) -> tuple[dict[str, set[str]], dict[str, int | None]]:
+    """({eval set name: overlapping item ids}, {name: items the audit counted}) from summary.json."""
     if not path:
-        return {}
+        return {}, {}
     try:
-        summary = json.loads(Path(path).read_text())
-        return {n: set(v.get("overlapping_items", [])) for n, v in summary["eval_sets"].items()}
+        sets = json.loads(Path(path).read_text())["eval_sets"]
+        return ({n: set(v.get("overlapping_items", [])) for n, v in sets.items()},
+                {n: v.get("items") for n, v in sets.items()})
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
         raise TrainError(f"{path}: not an overlap audit summary ({{'eval_sets': {{NAME: ...}}}}): {exc}") from exc
 
@@ -116,12 +117,32 @@ class Evaluator:
                  batch_size: int = 128, input_dtype: torch.dtype | None = None) -> None:
         self.cls_sets = [load_classification(n, r) for n, r in zeroshot.items()]
         self.ret_sets = [load_retrieval(n, r) for n, r in retrieval.items()]
-        self.overlap = load_overlap(overlap_audit)
+        self.overlap, audited_items = load_overlap(overlap_audit)
         self.transform, self.tokenizer, self.device = transform, tokenizer, device
         self.autocast, self.rank, self.world = autocast, rank, world_size
         self.batch_size = batch_size
         self.input_dtype = input_dtype  # bf16 for a pure_bf16 model, whose weights autocast does not cover
         self._check_images()
+        if overlap_audit and rank == 0:
+            self._check_overlap(overlap_audit, audited_items)
+
+    def _check_overlap(self, path: str, audited_items: dict[str, int | None]) -> None:
+        """Say when the audit does not describe these eval sets: its split would be missing or wrong."""
+        for ds in [*self.cls_sets, *self.ret_sets]:
+            ids = {i for i, _ in ds.items} if isinstance(ds, ClassificationSet) else {k for k, _, _ in ds.items}
+            if ds.name not in self.overlap:
+                log.warning("--overlap-audit %s has no eval set %r (it has %s): no clean/overlap split for it; "
+                            "name the set as the audit did", path, ds.name, sorted(self.overlap) or "none")
+                continue
+            n = audited_items.get(ds.name)
+            if n is not None and n != len(ds.items):
+                log.warning("--overlap-audit %s counted %d items in %r, the eval set has %d: its clean/overlap "
+                            "split may be wrong; rerun the audit on this eval set", path, n, ds.name, len(ds.items))
+            unknown = sorted(self.overlap[ds.name] - ids)
+            if unknown:
+                log.warning("--overlap-audit %s: %d of its %d overlapping items of %r are not in the eval set "
+                            "(e.g. %r): its clean/overlap split is wrong; rerun the audit on this eval set", path,
+                            len(unknown), len(self.overlap[ds.name]), ds.name, unknown[0])
 
     def _check_images(self) -> None:
         """Decode every eval image once, now: a bad one would otherwise end the run at its first eval.
