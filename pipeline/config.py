@@ -118,6 +118,11 @@ def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(d, sort_keys=False)
 
 
+# Names the builder writes into each sample's json or uses in its task table.
+RESERVED_FIELDS = ("url", "caption", "key", "row", "duplicate_url", "sha256", "width", "height",
+                   "original_width", "original_height")
+
+
 @dataclass(kw_only=True, frozen=True)
 class BuildConfig:
     """Settings of jobs/build_corpus.py."""
@@ -204,6 +209,15 @@ class BuildConfig:
         check(self.long_captions in ("truncate", "drop"), f"--long-captions must be truncate or drop, got {self.long_captions!r}")
         check(self.max_aspect_ratio >= 1, f"--max-aspect-ratio must be >= 1, got {self.max_aspect_ratio}")
         check(self.max_caption_chars >= 1, f"--max-caption-chars must be >= 1, got {self.max_caption_chars}")
+        # Extra columns share the sample json (and the task table) with the fields we write:
+        # a colliding name would silently overwrite one or the other.
+        taken = {self.url_col: "--url-col", self.caption_col: "--caption-col",
+                 **{name: "a field clipforge writes" for name in RESERVED_FIELDS}}
+        for c in self.extra_cols:
+            check(c not in taken, f"--extra-cols: {c!r} clashes with {taken.get(c)} "
+                                  f"(reserved: {', '.join(RESERVED_FIELDS)}); rename the column in the input")
+        dupes = sorted({c for c in self.extra_cols if self.extra_cols.count(c) > 1})
+        check(not dupes, f"--extra-cols: {', '.join(dupes)} listed twice")
         for e in self.eval:
             check("=" in e and all(e.split("=", 1)), f"--eval entries are NAME=PATH, got {e!r}")
         try:

@@ -87,8 +87,16 @@ def read_urls(spec: str, url_col: str, caption_col: str, extra_cols: tuple[str, 
         cols = {}
         for out_name, src in wanted.items():
             col = t.column(src)
+            if pa.types.is_nested(col.type):
+                # A list or struct has no one text form to carry into the json (Arrow cannot cast it).
+                raise InputError(f"{path}: column {src!r} holds {col.type} values; only scalar columns "
+                                 "(text, numbers, booleans, dates) can be read")
             if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
-                col = pc.cast(col, pa.string())
+                try:
+                    col = pc.cast(col, pa.string())
+                except (pa.ArrowNotImplementedError, pa.ArrowInvalid) as exc:
+                    raise InputError(f"{path}: column {src!r} of type {col.type} cannot be read as text "
+                                     f"({str(exc).splitlines()[0][:120]})") from None
             cols[out_name] = col.cast(pa.string())
         tables.append(pa.table(cols))
     table = pa.concat_tables(tables)

@@ -146,7 +146,8 @@ def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("case", ["missing_file", "missing_column", "empty_file", "garbage", "no_rows",
-                                  "bad_value", "bad_yaml_key", "empty_folder"])
+                                  "bad_value", "bad_yaml_key", "empty_folder", "extra_col_clash",
+                                  "extra_col_is_caption_col", "extra_col_is_list"])
 def test_bad_input_is_one_line_exit_2(tmp_path, case):
     out = tmp_path / "out"
     f = tmp_path / "in.parquet"
@@ -177,6 +178,19 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case):
         cfg.write_text("image_sise: 3\n")
         extra = ["--config", str(cfg)]
         expect = "unknown setting 'image_sise'"
+    elif case == "extra_col_clash":
+        pq.write_table(pa.table({"url": ["http://x"], "caption": ["a b"], "sha256": ["mine"]}), f)
+        extra = ["--extra-cols", "uid,sha256"]
+        expect = "--extra-cols: 'sha256' clashes with a field clipforge writes"
+    elif case == "extra_col_is_caption_col":
+        pq.write_table(pa.table({"url": ["http://x"], "text": ["a b"]}), f)
+        extra = ["--caption-col", "text", "--extra-cols", "text"]
+        expect = "--extra-cols: 'text' clashes with --caption-col"
+    elif case == "extra_col_is_list":
+        f = tmp_path / "in.jsonl"
+        f.write_text('{"url": "http://x", "caption": "a b", "tags": ["x", "y"]}\n')
+        extra = ["--extra-cols", "tags"]
+        expect = "column 'tags' holds list<item: string> values"
     else:
         f = tmp_path / "emptydir"
         f.mkdir()
@@ -186,7 +200,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("build_corpus: error: ") and expect in lines[0], r.stderr
     assert "Traceback" not in r.stderr
-    if case not in ("bad_value", "bad_yaml_key"):
+    if case not in ("bad_value", "bad_yaml_key", "extra_col_clash", "extra_col_is_caption_col"):
         assert str(f.name) in lines[0]
     assert not out.exists()
 
