@@ -128,8 +128,9 @@ def run_task(index: int, rows: pa.Table, cfg: BuildConfig, width: int) -> dict[s
     counts = Counter(r["status"] for r in records)
     reasons = Counter(f"{r['status']}:{r['reason']}" for r in records if r["reason"])
     stage_stats: Counter[str] = Counter()
-    for st in (cleaner, *filters, size_filter):
-        stage_stats.update(st.stats)
+    # Prefixed by stage: every filter counts "seen" and "kept", which summed together mean nothing.
+    for name, st in (("caption_cleaner", cleaner), *((f.name, f) for f in filters), (size_filter.name, size_filter)):
+        stage_stats.update({f"{name}:{k}": v for k, v in st.stats.items()})
     summary = {"task": index, "rows": len(records), "candidates": counts[CANDIDATE], "dropped": counts[DROPPED],
                "failed": counts[FAILED], "reasons": dict(reasons), "stage_stats": dict(stage_stats),
                "seconds": round(time.monotonic() - t0, 3)}
@@ -147,6 +148,9 @@ class BuildResult:
     shards: int = 0
     elapsed: float = 0.0
     root: str = ""
+    rows_this_run: int = 0
+    images_this_run: int = 0
+    """Images downloaded and kept by this run's tasks (a resumed run skips finished tasks)."""
 
     @property
     def adds_up(self) -> bool:
@@ -200,6 +204,15 @@ def done_tasks(fs: Any, root: str) -> set[int]:
             if name.endswith(".done.json") and name[: -len(".done.json")].isdigit()}
 
 
+def stage_totals(fs: Any, root: str, n_tasks: int) -> Counter[str]:
+    """The stages' own counters (captions cleaned, truncated, ...) summed over every task's marker."""
+    totals: Counter[str] = Counter()
+    for i in range(n_tasks):
+        with fs.open(part_path(root, i, ".done.json"), "rb") as f:
+            totals.update(json.load(f).get("stage_stats", {}))
+    return totals
+
+
 def build_corpus(cfg: BuildConfig, table: pa.Table, executor: Any, matcher: Matcher | None = None) -> BuildResult:
     """Run both phases on `table` (columns url, caption, extras) with `executor`."""
     fs, root = get_fs(cfg.out)
@@ -241,12 +254,17 @@ def build_corpus(cfg: BuildConfig, table: pa.Table, executor: Any, matcher: Matc
     if matcher is not None:
         matcher.finish(cfg.out)
     elapsed = time.monotonic() - t0
+    # Rates count this run's work only: a resumed run did not write what earlier runs did.
+    result.rows_this_run, result.images_this_run = progress.done_this_run, progress.ok
     stats = {
         "rows_in": result.rows_in, "written": result.written, "dropped": result.dropped, "failed": result.failed,
         "shards": result.shards, "reasons": dict(result.reasons.most_common()),
+        "stages": dict(sorted(stage_totals(fs, root, n_tasks).items())),
         "seconds": {"download": round(download_seconds, 3), "total": round(elapsed, 3)},
-        "images_per_second": round(result.written / max(1e-9, elapsed), 2),
-        "rows_this_run": progress.done_this_run,
+        "rows_this_run": result.rows_this_run,
+        "images_this_run": result.images_this_run,
+        "rows_per_second": round(result.rows_this_run / max(1e-9, elapsed), 2),
+        "images_per_second": round(result.images_this_run / max(1e-9, elapsed), 2),
     }
     atomic_write_json(fs, join(root, "stats.json"), stats)  # written last: the run is complete
     result.elapsed, result.root = elapsed, root
@@ -331,8 +349,9 @@ def finalize(cfg: BuildConfig, n_tasks: int, n_rows: int, matcher: Matcher | Non
 def print_summary(result: BuildResult) -> None:
     """The end-of-run summary; its last line is the accounting line."""
     elapsed, root = result.elapsed, result.root
-    print(f"corpus written to {root}/shards: {result.shards} shards, {result.written} samples "
-          f"in {fmt_duration(elapsed)} ({result.written / max(1e-9, elapsed):.1f} images/s)")
+    print(f"corpus written to {root}/shards: {result.shards} shards, {result.written} samples; this run: "
+          f"{result.rows_this_run} rows in {fmt_duration(elapsed)} "
+          f"({result.images_this_run / max(1e-9, elapsed):.1f} images/s)")
     top = result.reasons.most_common(10)
     if top:
         print("most common reasons a row was not written:")

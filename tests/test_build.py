@@ -367,3 +367,26 @@ def test_driver_lists_completion_markers_once(tmp_path, web, monkeypatch):
     monkeypatch.setattr(LocalFileSystem, "exists", lambda self, p, **kw: calls.append(p) or real_exists(self, p, **kw))
     assert main(args) == 0
     assert not [p for p in calls if str(p).endswith(".done.json")]
+
+
+def test_stats_count_this_run_and_sum_stage_counters(tmp_path, web):
+    from pipeline.localweb import populate_images
+
+    rows = populate_images(web, 4, seed=6)
+    rows[0]["caption"] = "a red\x1b circle"
+    rows[1]["caption"] = "a long caption " * 20
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    out = tmp_path / "o"
+    args = ["--urls", str(path), "--out", str(out), "--allow-hosts", web.hostport, "--executor", "local",
+            "--rows-per-task", "2", "--max-caption-chars", "100"]
+    assert main(args) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["stages"]["caption_cleaner:caption_cleaned"] == 1
+    assert stats["stages"]["caption_cleaner:caption_truncated"] == 1
+    assert stats["rows_this_run"] == 4 and stats["images_this_run"] == 4 and stats["images_per_second"] > 0
+    # A rerun of a finished build does no work: its rate is zero, not all runs' images over its seconds.
+    assert main(args) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["rows_this_run"] == 0 and stats["images_per_second"] == 0
+    assert stats["stages"]["caption_cleaner:caption_truncated"] == 1
