@@ -57,6 +57,8 @@ runpy.run_module("open_clip_train.main", run_name="__main__", alter_sys=True)
 
 
 OURS_PROGRESS = re.compile(r"step (\d+)/\d+ ")  # global batch x step = samples so far
+# Our precision names where OpenCLIP's differ: its "amp" is fp16 autocast with a GradScaler.
+OPENCLIP_PRECISION = {"amp_fp16": "amp"}
 OPENCLIP_PROGRESS = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ ")  # samples so far
 
 
@@ -84,7 +86,7 @@ def run_openclip(a: argparse.Namespace, out: Path) -> Run:
     cmd = [sys.executable, "-c", OPENCLIP_RUNNER, a.model_config, "--train-data", a.shards,
            "--train-num-samples", str(a.samples), "--dataset-type", "webdataset", "--model",
            Path(a.model_config).stem, "--batch-size", str(a.batch_size), "--epochs", "1", "--precision",
-           a.precision, "--workers", str(a.workers), "--warmup", "10", "--grad-clip-norm", "1.0",
+           OPENCLIP_PRECISION.get(a.precision, a.precision), "--workers", str(a.workers), "--warmup", "10", "--grad-clip-norm", "1.0",
            "--log-every-n-steps", str(a.log_every), "--logs", str(out), "--name", "bench",
            "--save-frequency", "1", "--seed", "0", "--report-to", "tensorboard"]
     # OpenCLIP keeps torch's default of one thread per core unless OMP_NUM_THREADS says otherwise;

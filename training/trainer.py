@@ -57,7 +57,8 @@ def library_versions() -> dict[str, str]:
 
 @dataclass
 class StepStats:
-    loss: float
+    loss: torch.Tensor | float
+    """A float on logged steps; elsewhere left on the device, unread (reading it syncs the GPU)."""
     data_s: float
     step_s: float
 
@@ -263,7 +264,8 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------
 
-    def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step; returns the loss as a detached device tensor (no GPU sync)."""
         lr = cosine_lr(self.step, self.cfg.optim.lr, self.cfg.optim.warmup, self.total_steps)
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
@@ -284,7 +286,7 @@ class Trainer:
             self.optimizer.step()
         with torch.no_grad():
             self.raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        return float(loss.detach())
+        return loss.detach()
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -298,11 +300,12 @@ class Trainer:
         sps = self.global_batch / step_s
         lr = self.optimizer.param_groups[0]["lr"]
         scale = float(self.raw_model.logit_scale.detach().exp())
+        loss = float(stats.loss)
         log.info("step %d/%d epoch %d (%.0f%%) loss %.4f lr %.3g scale %.2f | %.1f samples/s, %.1f/device | "
                  "data %.3fs of %.3fs step | %d bad samples skipped", self.step, self.total_steps, self.epoch,
-                 100 * epoch_batch / self.micro_batches_per_epoch, stats.loss, lr, scale, sps,
+                 100 * epoch_batch / self.micro_batches_per_epoch, loss, lr, scale, sps,
                  sps / self.dist.world_size, data_s, step_s, bad)
-        rec = {"step": self.step, "epoch": self.epoch, "loss": stats.loss, "lr": lr, "logit_scale": scale,
+        rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "logit_scale": scale,
                "samples_per_s": sps, "samples_per_s_per_device": sps / self.dist.world_size,
                "data_s": data_s, "step_s": step_s, "bad_samples": bad}
         with open(self.out / "train_log.jsonl", "a") as f:
@@ -340,15 +343,20 @@ class Trainer:
                         micro.append((images, texts))
                         keys.extend(meta["keys"])
                     t1 = time.perf_counter()
-                    loss = self.train_step(micro)
+                    loss: torch.Tensor | float = self.train_step(micro)
                     self.step += 1
                     self.batch_in_epoch += accum
+                    log_now = self.step % cfg.run.log_every == 0 or self.step == 1
+                    if log_now or trace is not None:
+                        # Reading the loss waits for the GPU, so only where it is shown; and inside the
+                        # timed step, so the step times of a log window add up to its wall time.
+                        loss = float(loss)
                     stats = StepStats(loss, t1 - t0, time.perf_counter() - t0)
                     window = [*window[-(cfg.run.log_every - 1):], stats] if cfg.run.log_every > 1 else [stats]
                     if trace is not None:
                         trace.write(json.dumps({"step": self.step, "loss": loss, "keys": keys}) + "\n")
                         trace.flush()
-                    if self.step % cfg.run.log_every == 0 or self.step == 1:
+                    if log_now:
                         bad = self.bad_samples()  # a collective: on every rank, at the same steps
                         if d.is_main:
                             self._log_step(stats, window, self.batch_in_epoch, bad)
