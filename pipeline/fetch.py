@@ -141,15 +141,29 @@ def _pinned(cls: type[http.client.HTTPConnection]) -> type[http.client.HTTPConne
     """A connection class that connects to a pre-checked IP, keeping Host/SNI as the name."""
 
     class Pinned(cls):  # type: ignore[valid-type,misc]
-        def __init__(self, host: str, port: int, ip: str, watchdog: Watchdog | None = None, **kw):
+        def __init__(self, host: str, port: int, ips: list[str], deadline: float, watchdog: Watchdog | None = None,
+                     **kw):
             super().__init__(host, port, **kw)
-            self._ip, self._watchdog = ip, watchdog
+            self._ips, self._deadline, self._watchdog = ips, deadline, watchdog
             # HTTPConnection.__init__ sets this as an instance attribute, which would hide
             # a method override: connect() would resolve the name again (DNS rebinding).
             self._create_connection = self._connect_pinned
 
         def _connect_pinned(self, address, timeout, source_address=None):  # noqa: ANN001
-            sock = socket.create_connection((self._ip, address[1]), timeout, source_address)
+            # Each checked address in turn, as socket.create_connection does with a name's
+            # addresses: a host whose first address is down is still reachable.
+            error: OSError | None = None
+            for ip in self._ips:
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("connect: deadline passed")
+                try:
+                    sock = socket.create_connection((ip, address[1]), min(timeout, remaining), source_address)
+                    break
+                except OSError as exc:
+                    error = exc
+            else:
+                raise error or OSError("no address to connect to")
             if self._watchdog is not None:
                 # The raw socket, before any TLS handshake, so the handshake is covered too.
                 self._watchdog.watch(sock)
@@ -175,6 +189,8 @@ class Fetcher:
         from img2dataset.downloader import is_disallowed
 
         self._is_disallowed = is_disallowed
+        # is_disallowed lowercases the header's token and compares it as is with ours.
+        self._ua_token = self.cfg.user_agent_token.lower() if self.cfg.user_agent_token else None
         self._allowed: set[tuple[str, int | None]] = set()
         for entry in self.cfg.allow_hosts:
             if entry.count(":") == 1:
@@ -189,8 +205,8 @@ class Fetcher:
                 return True
         return False
 
-    def resolve(self, host: str, port: int) -> str:
-        """Resolve `host` and return an IP the policy lets us connect to, or raise."""
+    def resolve(self, host: str, port: int) -> list[str]:
+        """Resolve `host` and return its IPs, all of which the policy lets us connect to, or raise."""
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
@@ -201,7 +217,7 @@ class Fetcher:
         for ip in ips:
             if not address_is_public(ip) and not self._is_allowed(host, ip, port):
                 raise FetchError("blocked_address", f"{host}:{port} resolves to non-public {ip}")
-        return ips[0]
+        return list(dict.fromkeys(ips))  # getaddrinfo repeats an address per protocol
 
     def fetch(self, url: str) -> bytes:
         """The body of `url`, retrying transient failures with backoff."""
@@ -225,15 +241,15 @@ class Fetcher:
                 port = parts.port or (443 if parts.scheme == "https" else 80)
             except ValueError:
                 raise FetchError("bad_url", current[:200]) from None
-            ip = self.resolve(parts.hostname, port)
+            ips = self.resolve(parts.hostname, port)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise FetchError("timeout", f"deadline of {self.cfg.timeout}s", transient=True)
             watchdog = Watchdog(deadline)
             if parts.scheme == "https":
-                conn = PinnedHTTPS(parts.hostname, port, ip, watchdog, timeout=remaining, context=self._ssl)
+                conn = PinnedHTTPS(parts.hostname, port, ips, deadline, watchdog, timeout=remaining, context=self._ssl)
             else:
-                conn = PinnedHTTP(parts.hostname, port, ip, watchdog, timeout=remaining)
+                conn = PinnedHTTP(parts.hostname, port, ips, deadline, watchdog, timeout=remaining)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             try:
                 conn.request("GET", path, headers={
@@ -257,7 +273,7 @@ class Fetcher:
                 if resp.status != 200:
                     raise FetchError(f"http_{resp.status}")
                 if self.cfg.disallowed_header_directives and self._is_disallowed(
-                    resp.headers, self.cfg.user_agent_token, set(self.cfg.disallowed_header_directives)
+                    resp.headers, self._ua_token, set(self.cfg.disallowed_header_directives)
                 ):
                     raise OptedOut("opted_out", ", ".join(resp.headers.get_all("X-Robots-Tag", [])))
                 body = self._read_body(sock, resp, deadline)
