@@ -10,6 +10,7 @@ Rerunning the same command after a crash finishes the remaining work.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,11 +23,27 @@ from pipeline.readers import read_urls  # noqa: E402
 from pipeline.shards import ShardError  # noqa: E402
 
 
+def refuse_relative_paths_in_ray_job(cfg: BuildConfig) -> None:
+    """Under `ray job submit` the driver runs in Ray's unpacked copy of --working-dir.
+
+    A relative path there names a file in that copy (which leaves out gitignored
+    folders such as data/), and output written there is lost with it.
+    """
+    if not os.environ.get("RAY_JOB_ID"):
+        return
+    paths = {"--urls": cfg.urls, "--out": cfg.out, **{f"--eval {e}": e.split("=", 1)[1] for e in cfg.eval}}
+    for flag, path in paths.items():
+        if "://" not in path and not Path(path).is_absolute():
+            raise ConfigError(f"{flag}: {path!r} is relative, and under `ray job submit` it would resolve inside "
+                              "Ray's copy of the working dir; pass an absolute path or a URL (s3://..., gs://...)")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
         cfg = parse_config(BuildConfig, argv, description=__doc__, prog="build_corpus")
+        refuse_relative_paths_in_ray_job(cfg)
         table = read_urls(cfg.urls, cfg.url_col, cfg.caption_col, cfg.extra_cols)
         matcher = None
         if cfg.eval:

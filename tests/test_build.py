@@ -390,3 +390,16 @@ def test_stats_count_this_run_and_sum_stage_counters(tmp_path, web):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rows_this_run"] == 0 and stats["images_per_second"] == 0
     assert stats["stages"]["caption_cleaner:caption_truncated"] == 1
+
+
+@pytest.mark.parametrize("relative", ["--urls", "--out"])
+def test_relative_paths_refused_under_ray_job_submit(tmp_path, relative):
+    f = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"url": ["http://x"], "caption": ["a b"]}), f)
+    urls, out = ("in.parquet", str(tmp_path / "o")) if relative == "--urls" else (str(f), "o")
+    r = run_cli("--urls", urls, "--out", out, "--executor", "local", cwd=tmp_path,
+                env={**os.environ, "RAY_JOB_ID": "02000000"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith(f"build_corpus: error: {relative}: ") and "absolute path" in lines[0]
+    assert not (tmp_path / "o").exists()

@@ -73,7 +73,7 @@ def test_ray_job_submit(tmp_path, web, internal, corpus_input):
     n = len(rows) + len(faults)
     keys = written_keys(out)
     lines = [ln.strip() for ln in r.stdout.splitlines()]
-    assert f"rows in {n} = written {len(keys)} + dropped 5 + failed 12" in lines, r.stdout[-3000:]
+    assert f"rows in {n} = written {len(keys)} + dropped 5 + failed 13" in lines, r.stdout[-3000:]
     assert len(read_with_webdataset(out / "shards")) == len(keys)
     assert read_with_openclip(out / "shards")[1] >= len(keys)
     assert sum(internal.hits.values()) == 0
