@@ -29,6 +29,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 DEFAULT_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
@@ -205,12 +206,14 @@ class Fetcher:
                 return True
         return False
 
-    def resolve(self, host: str, port: int) -> list[str]:
+    def resolve(self, host: str, port: int, deadline: float | None = None) -> list[str]:
         """Resolve `host` and return its IPs, all of which the policy lets us connect to, or raise."""
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = _getaddrinfo(host, port, deadline)
         except socket.gaierror as exc:
             raise FetchError("dns_error", f"{host}: {exc}") from None
+        except TimeoutError:
+            raise FetchError("timeout", f"{host}: DNS lookup not done within the deadline", transient=True) from None
         ips = [info[4][0] for info in infos]
         # Every address must pass: a name that resolves to one public and one private
         # address is refused, or the connection could land on the private one.
@@ -241,7 +244,7 @@ class Fetcher:
                 port = parts.port or (443 if parts.scheme == "https" else 80)
             except ValueError:
                 raise FetchError("bad_url", current[:200]) from None
-            ips = self.resolve(parts.hostname, port)
+            ips = self.resolve(parts.hostname, port, deadline)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise FetchError("timeout", f"deadline of {self.cfg.timeout}s", transient=True)
@@ -318,6 +321,38 @@ class Fetcher:
         if length and length.isdigit() and size < int(length):
             raise FetchError("truncated_body", f"got {size} of {length} bytes", transient=True)
         return b"".join(chunks)
+
+
+def _getaddrinfo(host: str, port: int, deadline: float | None) -> list:
+    """socket.getaddrinfo, given up on at `deadline`.
+
+    getaddrinfo cannot be interrupted and takes no timeout (a dead resolver holds it
+    for the system's retries, 10 s and more), so a name is looked up in a daemon thread
+    that is left behind if the deadline passes. An IP literal needs no lookup.
+    """
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        deadline = None
+    except ValueError:
+        pass
+    if deadline is None:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            box["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+        done.set()
+
+    threading.Thread(target=lookup, name="dns", daemon=True).start()
+    if not done.wait(max(0.0, deadline - time.monotonic())):
+        raise TimeoutError(f"{host}: DNS lookup")
+    if "error" in box:
+        raise box["error"]
+    return box["infos"]
 
 
 def _classify(exc: Exception) -> Exception:

@@ -111,7 +111,7 @@ def test_connects_to_the_checked_address_not_a_second_lookup(web, monkeypatch):
     # The name does not resolve: only the IP that resolve() checked can be what connect() used.
     url = web.add("/pinned.png", Resource(encode(make_image("circle", "red", (80, 80), random.Random(0)), "png")))
     f = fetcher(web, allow_hosts=(f"pinned.invalid:{web.port}",))
-    monkeypatch.setattr(f, "resolve", lambda host, port: ["127.0.0.1"])
+    monkeypatch.setattr(f, "resolve", lambda host, port, deadline=None: ["127.0.0.1"])
     assert len(f.fetch(url.replace("127.0.0.1", "pinned.invalid"))) > 100
 
 
@@ -119,7 +119,7 @@ def test_falls_back_to_the_next_checked_address(web, monkeypatch):
     # 127.0.0.3 has no server: the connection is refused, and the next address is tried.
     url = web.add("/two.png", Resource(encode(make_image("circle", "red", (80, 80), random.Random(0)), "png")))
     f = fetcher(web, allow_hosts=(f"two.invalid:{web.port}",))
-    monkeypatch.setattr(f, "resolve", lambda host, port: ["127.0.0.3", "127.0.0.1"])
+    monkeypatch.setattr(f, "resolve", lambda host, port, deadline=None: ["127.0.0.3", "127.0.0.1"])
     assert len(f.fetch(url.replace("127.0.0.1", "two.invalid"))) > 100
 
 
@@ -127,6 +127,17 @@ def test_user_agent_token_matches_whatever_its_case(web):
     url = web.add("/ua.jpg", Resource(b"x", "image/jpeg", headers={"X-Robots-Tag": "clipforge: noai"}))
     with pytest.raises(OptedOut):
         fetcher(web, user_agent_token="ClipForge").fetch(url)
+
+
+def test_slow_dns_is_cut_at_the_total_deadline(web, monkeypatch):
+    import socket
+
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo",
+                        lambda host, *a, **kw: time.sleep(3) or real(host, *a, **kw))
+    t = time.monotonic()
+    assert reason(fetcher(web, retries=0, timeout=0.5), "http://slow-dns.invalid/x.jpg") == "timeout"
+    assert time.monotonic() - t < 1.5
 
 
 def test_truncated_body(web, faults):
