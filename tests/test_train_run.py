@@ -117,6 +117,9 @@ def test_exact_resume(data, tmp_path):
     torch.save(ckpt, tmp_path / "past_end.pt")
     r = train(*common, "--output", str(part), "--resume", str(tmp_path / "past_end.pt"), timeout=90)
     assert r.returncode == 2 and "micro-batch 40 lies outside an epoch of 20 micro-batches" in r.stderr, r.stderr[-2000:]
+    # Going back to an earlier checkpoint in the same folder would mix two histories there.
+    r = train(*common, "--output", str(part), "--resume", str(part / "checkpoints/step_00000013.pt"), timeout=90)
+    assert r.returncode == 2 and "step 13, but" in r.stderr and "up to step_00000020.pt" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("siglip", [False, True])

@@ -26,9 +26,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 from training.checkpoint import (
+    CKPT_RE,
     FORMAT_VERSION,
     check_resumable,
     find_latest,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
@@ -200,6 +202,13 @@ class Trainer:
             raise TrainError(f"{path}: data position micro-batch {self.batch_in_epoch} lies outside an epoch of "
                              f"{self.micro_batches_per_epoch} micro-batches; restore the run's settings, or start "
                              "a new run with --pretrained pointing at the checkpoint")
+        later = [p for p in list_checkpoints(self.ckpt_dir) if int(CKPT_RE.match(p.name)[1]) > self.step]
+        if later:
+            # Same trap as a fresh start over an old run: pruning by step would keep the old
+            # history's later checkpoints and delete the new ones, and "latest" would pick the old.
+            raise TrainError(f"{path}: step {self.step}, but {self.ckpt_dir} already holds {len(later)} later "
+                             f"checkpoint(s) up to {later[-1].name}; resume from the latest, or copy this "
+                             "checkpoint and resume it with another --output")
         rng = ckpt["rng"]
         random.setstate(_as_tuple(rng["python"]))
         torch.set_rng_state(rng["torch"])
