@@ -2,7 +2,9 @@
 
 A checkpoint is a superset of OpenCLIP's format ("epoch", "name", "state_dict",
 "optimizer", "scaler"), so `open_clip.create_model_and_transforms(name,
-pretrained=path)` loads it. The rest is what an exact resume needs: the global step,
+pretrained=path)` loads it, once `open_clip.add_model_config(OUT/model)` has
+registered the config that "name" refers to (training writes it there; with
+--siglip it is NAME-sigmoid, the config plus SigLIP's logit bias). The rest is what an exact resume needs: the global step,
 the data position of every rank, the resolved config, RNG states and library
 versions. Everything is plain tensors and Python containers, so loading works
 with `torch.load(weights_only=True)`.

@@ -13,7 +13,11 @@ Eval set layouts:
 
 With an overlap audit (the dedup step's summary.json: {"eval_sets": {NAME:
 {"overlapping_items": [id, ...]}}}), metrics are also reported on the clean and the
-overlapping items, as in the CLIP paper's overlap analysis.
+overlapping items, as in the CLIP paper's overlap analysis. An audit that lacks a set,
+counted another number of items or names items the set lacks is reported at start.
+
+Every eval image is decoded once when the evaluator is built: a bad one stops the run
+before training, naming the file, rather than at the first evaluation.
 """
 
 from __future__ import annotations
