@@ -107,6 +107,12 @@ class DownloadStage:
 
     def __call__(self, samples: Iterator[Sample]) -> Iterator[Sample]:
         window = max(1, 2 * self.threads)
+        try:
+            yield from self._download(samples, window)
+        finally:
+            self.fetcher.close()
+
+    def _download(self, samples: Iterator[Sample], window: int) -> Iterator[Sample]:
         with ThreadPoolExecutor(self.threads, thread_name_prefix="fetch") as pool:
             inflight: set[Future[Sample]] = set()
             for s in samples:

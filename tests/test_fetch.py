@@ -107,6 +107,22 @@ def test_trickled_headers_are_cut_at_the_total_deadline(web, faults):
     assert time.monotonic() - t < 1.8
 
 
+def test_one_watchdog_thread_serves_concurrent_requests(web, faults):
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = fetcher(web, retries=0, timeout=0.8)
+    urls = [faults["trickle_headers"]["url"], faults["trickle"]["url"], faults["server_error"]["url"]] * 2
+    t = time.monotonic()
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(lambda u: reason(f, u), urls))
+    assert outcomes == ["timeout", "timeout", "http_500"] * 2
+    assert time.monotonic() - t < 1.6
+    # Watchdogs of finished requests never touch later connections.
+    time.sleep(0.9)
+    assert len(f.fetch(faults["dup_first"]["url"])) > 100
+    f.close()
+
+
 def test_connects_to_the_checked_address_not_a_second_lookup(web, monkeypatch):
     # The name does not resolve: only the IP that resolve() checked can be what connect() used.
     url = web.add("/pinned.png", Resource(encode(make_image("circle", "red", (80, 80), random.Random(0)), "png")))
