@@ -120,6 +120,8 @@ class LocalWeb:
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.resources: dict[str, Resource] = {}
         self.hits: Counter[str] = Counter()
+        self.request_headers: dict[str, list[dict[str, str]]] = {}
+        """Headers of each request received, by path, in arrival order."""
         self._lock = threading.Lock()
         web = self
 
@@ -134,6 +136,7 @@ class LocalWeb:
                 with web._lock:
                     web.hits[path] += 1
                     hit = web.hits[path]
+                    web.request_headers.setdefault(path, []).append(dict(self.headers.items()))
                 res = web.resources.get(path)
                 if res is None:
                     self._send(404, b"not found", "text/plain")

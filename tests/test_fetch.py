@@ -45,8 +45,10 @@ def test_address_policy(ip, public):
 def test_good_image_and_user_agent(web):
     body = encode(make_image("circle", "red", (64, 64), random.Random(0)), "jpg")
     url = web.add("/ok.jpg", Resource(body, "image/jpeg"))
-    assert fetcher(web).fetch(url) == body
+    assert fetcher(web, user_agent_token="forge-test-bot").fetch(url) == body
     assert web.hits["/ok.jpg"] == 1
+    (headers,) = web.request_headers["/ok.jpg"]
+    assert "forge-test-bot" in headers.get("User-Agent", ""), headers
 
 
 def test_loopback_refused_by_default(web):
