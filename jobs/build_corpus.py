@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.eval:
             from dedup.removal import EvalRemoval
 
-            matcher = EvalRemoval.from_args(cfg.eval)
+            matcher = EvalRemoval.from_args(cfg.eval, **cfg.match_kwargs())
         with make_executor(cfg.executor, cfg.ray_address, cfg.num_cpus) as executor:
             result = build_corpus(cfg, table, executor, matcher)
     except ConfigError as exc:

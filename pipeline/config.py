@@ -57,9 +57,9 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     if value is None:
         return None
     if typing.get_origin(tp) is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        return tuple(str(v) for v in value)
+        # "a,b", a repeated flag (["a", "b,c"]) and a YAML list all give one flat tuple.
+        items = [value] if isinstance(value, str) else value
+        return tuple(v.strip() for item in items for v in str(item).split(",") if v.strip())
     if tp is bool:
         if isinstance(value, str):
             return value.lower() in ("1", "true", "yes", "on")
@@ -83,6 +83,10 @@ def parse_config(cls: type[T], argv: list[str] | None, description: str = "", pr
         help_ = docs.get(f.name, "") + (f" (default: {default})" if default not in (None, ()) else "")
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        elif typing.get_origin(base) is tuple:
+            # Repeatable (--eval a=X --eval b=Y): a plain flag would keep only the last one.
+            p.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_ + "; repeatable",
+                           metavar=f.name.upper())
         else:
             p.add_argument(flag, default=argparse.SUPPRESS, help=help_, metavar=f.name.upper())
     ns = vars(p.parse_args(argv))
@@ -189,6 +193,21 @@ class BuildConfig:
     """Images with a larger long/short side ratio are dropped (DataComp's basic filter)."""
     eval: tuple[str, ...] = ()
     """NAME=PATH evaluation sets whose overlapping samples are removed before sharding."""
+    # What counts as overlap with --eval: the same settings as jobs/audit_overlap.py's
+    # (dedup.matcher.MatchConfig; a test keeps the defaults equal), named for this job,
+    # where --min-caption-words already means the caption filter.
+    text_threshold: float = 0.8
+    """--eval: minimum exact Jaccard of caption shingles for a text match."""
+    ngram: int = 3
+    """--eval: words per caption shingle."""
+    image_max_distance: int = 10
+    """--eval: perceptual-hash candidate distance in bits of 64."""
+    image_min_similarity: float = 0.96
+    """--eval: thumbnail correlation a candidate image needs to count as the same image."""
+    overlap_kinds: tuple[str, ...] = ("image", "text")
+    """--eval: which matches remove a sample: image, text or both (templated captions: image only)."""
+    overlap_min_caption_words: int = 0
+    """--eval: captions with fewer words are never text-matched."""
     progress_every: float = 5.0
     """Seconds between progress lines."""
 
@@ -220,10 +239,24 @@ class BuildConfig:
         check(not dupes, f"--extra-cols: {', '.join(dupes)} listed twice")
         for e in self.eval:
             check("=" in e and all(e.split("=", 1)), f"--eval entries are NAME=PATH, got {e!r}")
+        if self.eval:
+            # Imported here: dedup pulls in OpenCV and datasketch, which a run without --eval never needs.
+            from dedup.matcher import MatchConfig
+
+            try:
+                MatchConfig(**self.match_kwargs())
+            except ValueError as exc:
+                raise ConfigError(f"--eval overlap settings: {exc}") from None
         try:
             self.fetch_config()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    def match_kwargs(self) -> dict[str, Any]:
+        """The --eval overlap settings as dedup.matcher.MatchConfig's keyword arguments."""
+        return {"text_threshold": self.text_threshold, "ngram": self.ngram,
+                "image_max_distance": self.image_max_distance, "image_min_similarity": self.image_min_similarity,
+                "kinds": tuple(self.overlap_kinds), "min_caption_words": self.overlap_min_caption_words}
 
     def fetch_config(self) -> FetchConfig:
         return FetchConfig(

@@ -103,3 +103,53 @@ def test_bad_eval_path_is_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("build_corpus: error: ") and str(missing) in lines[0], r.stderr
     assert not out.exists()
 
+
+
+def test_overlap_settings_and_repeated_eval_flags(tmp_path, web, internal):
+    """--overlap-kinds and the thresholds reach the matcher; two --eval flags give two eval sets."""
+    import numpy as np
+
+    from dedup.matcher import MatchConfig
+    from pipeline.config import BuildConfig
+
+    # The flags' defaults are MatchConfig's (the two jobs must not disagree on what overlap is).
+    b, m = BuildConfig(urls="u", out="o"), MatchConfig()
+    assert BuildConfig(urls="u", out="o", eval=("x=y",)).match_kwargs() == {
+        "text_threshold": m.text_threshold, "ngram": m.ngram, "image_max_distance": m.image_max_distance,
+        "image_min_similarity": m.image_min_similarity, "kinds": m.kinds, "min_caption_words": m.min_caption_words}
+    assert b.overlap_kinds == m.kinds
+
+    # A retrieval set whose captions are distinctive, and an image set: text overlap only through a caption.
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    secret = "seven purple giraffes dancing on a frozen lake at dawn"
+    for i, caption in enumerate([secret, "an old lighthouse under a violet storm cloud"]):
+        noise = np.random.default_rng(i).integers(0, 256, (96, 96, 3), dtype=np.uint8)  # like no web image
+        (pairs / f"{i:03d}.jpg").write_bytes(encode(Image.fromarray(noise), "jpg"))
+        (pairs / f"{i:03d}.txt").write_text(caption + "\n")
+    shapes = tmp_path / "shapes"
+    write_imagefolder(shapes, per_class=1)
+    rows = populate_images(web, 12, seed=11)
+    rows[4]["caption"] = "Seven purple giraffes, dancing on a FROZEN lake at dawn!"  # same words, other case/punct
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), urls)
+
+    def build(out, *flags):
+        assert main(build_args(urls, out, web, "--executor", "local", "--eval", f"pairs={pairs}",
+                               "--eval", f"shapes={shapes}", *flags)) == 0
+        return json.loads((out / "stats.json").read_text()), json.loads((out / "audit" / "summary.json").read_text())
+
+    stats, summary = build(tmp_path / "both", "--text-threshold", "0.9")
+    assert set(summary["eval_sets"]) == {"pairs", "shapes"}
+    assert summary["eval_sets"]["pairs"]["thresholds"]["text_jaccard"] == 0.9
+    assert stats["reasons"] == {"dropped:eval_overlap:pairs:text": 1}, stats["reasons"]
+    assert stats["written"] == 11
+
+    stats, summary = build(tmp_path / "images", "--overlap-kinds", "image")
+    assert stats["reasons"] == {} and stats["written"] == 12, stats["reasons"]
+    assert summary["eval_sets"]["pairs"]["thresholds"]["kinds"] == ["image"]
+
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "build_corpus.py"), "--urls", str(urls), "--out",
+                        str(tmp_path / "bad"), "--executor", "local", "--eval", f"pairs={pairs}",
+                        "--text-threshold", "1.5"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "text_threshold" in r.stderr, r.stderr
