@@ -29,7 +29,9 @@ def refuse_relative_paths_in_ray_job(cfg: BuildConfig) -> None:
     A relative path there names a file in that copy (which leaves out gitignored
     folders such as data/), and output written there is lost with it.
     """
-    if not os.environ.get("RAY_JOB_ID"):
+    # The job supervisor strips RAY_JOB_ID from the driver's environment (Ray 2.60,
+    # job_supervisor.py) but always sets RAY_JOB_CONFIG_JSON_ENV_VAR for it.
+    if not (os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_JOB_ID")):
         return
     paths = {"--urls": cfg.urls, "--out": cfg.out, **{f"--eval {e}": e.split("=", 1)[1] for e in cfg.eval}}
     for flag, path in paths.items():

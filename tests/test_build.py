@@ -397,7 +397,7 @@ def test_relative_paths_refused_under_ray_job_submit(tmp_path, relative):
     pq.write_table(pa.table({"url": ["http://x"], "caption": ["a b"]}), f)
     urls, out = ("in.parquet", str(tmp_path / "o")) if relative == "--urls" else (str(f), "o")
     r = run_cli("--urls", urls, "--out", out, "--executor", "local", cwd=tmp_path,
-                env={**os.environ, "RAY_JOB_ID": "02000000"})
+                env={**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": '{"runtime_env": {"working_dir": "x"}}'})
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
     assert lines[0].startswith(f"build_corpus: error: {relative}: ") and "absolute path" in lines[0]

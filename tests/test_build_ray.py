@@ -67,9 +67,16 @@ def test_ray_job_submit(tmp_path, web, internal, corpus_input):
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
              "--", "python", "jobs/build_corpus.py", *build_args(path, out, web)],
             env=env, capture_output=True, text=True, timeout=300)
+        # A relative --out would land in Ray's unpacked copy of the working dir: refused.
+        rel = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+             "--", "python", "jobs/build_corpus.py", "--urls", str(path), "--out", "corpus-rel"],
+            env=env, capture_output=True, text=True, timeout=300)
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert rel.returncode != 0 and "build_corpus: error: --out: 'corpus-rel' is relative" in rel.stdout + rel.stderr, \
+        (rel.stdout + rel.stderr)[-3000:]
     n = len(rows) + len(faults)
     keys = written_keys(out)
     lines = [ln.strip() for ln in r.stdout.splitlines()]
