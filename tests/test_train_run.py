@@ -263,3 +263,21 @@ def test_bad_samples_are_counted_across_workers_and_reported(tmp_path):
 def _tiny_zs(tmp_path: Path) -> Path:
     write_imagefolder(tmp_path / "zs", per_class=1, seed=1, size=32)
     return tmp_path / "zs"
+
+
+def test_siglip_with_a_pretrained_tag(tmp_path, monkeypatch):
+    """--siglip --pretrained TAG: open_clip looks tags up by the base model's name (not NAME-sigmoid)."""
+    import open_clip.pretrained
+
+    src = build_model(ModelConfig(model=TINY, siglip=True), "fp32", torch.device("cpu")).model
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.01)
+    weights = tmp_path / "tiny-sigmoid.pt"
+    torch.save(src.state_dict(), weights)
+    # A tag whose "download" is a local file (open_clip's `file` entry): no network in tests.
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "tiny-vit", {"localtag": {"file": str(weights)}})
+    bundle = build_model(ModelConfig(model=TINY, siglip=True, pretrained="localtag"), "fp32", torch.device("cpu"))
+    assert bundle.name == "tiny-vit-sigmoid"
+    loaded = bundle.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in src.state_dict().items())

@@ -63,14 +63,16 @@ def build_model(cfg: ModelConfig, precision: str, device: torch.device,
     NAME is what checkpoints record: `open_clip.add_model_config(config_dir)` and then
     `open_clip.create_model_and_transforms(NAME, pretrained=checkpoint)` rebuild the model.
     """
-    name = resolve_model_name(cfg.model)
+    base = name = resolve_model_name(cfg.model)
     model_cfg = open_clip.get_model_config(name)
+    init: dict[str, float] = {}
     if cfg.siglip and "init_logit_bias" not in model_cfg:
         # SigLIP's published init (OpenCLIP main.py does the same for --siglip). Not as keyword
         # overrides: the registered config would then lack the logit bias, and open_clip, loading a
         # checkpoint by name, would build a model without one and refuse its state dict. The SigLIP
         # variant gets its own registered config and name instead, and checkpoints record that name.
-        model_cfg.update(init_logit_scale=math.log(10), init_logit_bias=-10)
+        init = {"init_logit_scale": math.log(10), "init_logit_bias": -10}
+        model_cfg.update(init)
         # Not "-siglip": open_clip.get_tokenizer picks its SentencePiece SigLIP tokenizer for such names.
         name = f"{name}-sigmoid"
         with tempfile.TemporaryDirectory() as tmp:
@@ -79,12 +81,16 @@ def build_model(cfg: ModelConfig, precision: str, device: torch.device,
             open_clip.add_model_config(path)
     else:
         write_model_config(name, model_cfg, config_dir)
+    # Built under the base name, with the SigLIP init as keyword overrides (the same model as
+    # the registered NAME-sigmoid config): open_clip looks --pretrained tags up by model name,
+    # and NAME-sigmoid has none.
     model, train_tf, val_tf = open_clip.create_model_and_transforms(
-        name,
+        base,
         pretrained=cfg.pretrained,
         # AMP keeps fp32 master weights; only pure_bf16 casts the model itself.
         precision="pure_bf16" if precision == "pure_bf16" else "fp32",
         device=device,
         output_dict=True,
+        **init,
     )
-    return ModelBundle(name, model, train_tf, val_tf, open_clip.get_tokenizer(name))
+    return ModelBundle(name, model, train_tf, val_tf, open_clip.get_tokenizer(base))
