@@ -124,6 +124,8 @@ class EpochPlan:
     """Batches already consumed (resume); the loader yields batches start_batch..batches-1."""
     consumed: list[int] = field(default_factory=list)
     """Raw samples each logical worker had consumed when start_batch was reached."""
+    bad: list[int] = field(default_factory=list)
+    """Bad samples each logical worker had counted in this epoch when start_batch was reached."""
     shuffle_buffer: int = 1000
     shuffle_initial: int = 100
 
@@ -132,6 +134,8 @@ class EpochPlan:
             self.consumed = [0] * self.n_workers
         if len(self.consumed) != self.n_workers:
             raise TrainError(f"data position has {len(self.consumed)} workers, this run has {self.n_workers}")
+        if len(self.bad) != self.n_workers:
+            self.bad = [0] * self.n_workers  # older checkpoints did not record it
         if len(self.urls) < self.world_size * self.n_workers:
             raise TrainError(
                 f"{len(self.urls)} shards cannot feed {self.world_size} ranks x {self.n_workers} workers "
@@ -266,8 +270,14 @@ class ShardStream(IterableDataset):
         tokens: list[torch.Tensor] = []
         keys: list[str] = []
         bad_in_a_row = 0
+        # On resume the skipped stretch is not decoded, but the tar reading before the shuffle
+        # buffer runs again and recounts its errors: at the last skipped sample the stream is where
+        # it was when that batch was yielded, so the count is set to what was yielded then.
+        offset = 0
         for i, sample in enumerate(self.shuffled(w, errors)):
             if i < skip:
+                if i == skip - 1:
+                    offset = p.bad[w] - errors.count
                 continue
             try:
                 image, tok = self.decode(sample, _seed("aug", p.seed, p.epoch, p.rank, w, i))
@@ -284,7 +294,7 @@ class ShardStream(IterableDataset):
             keys.append(f"{PurePosixPath(sample['__url__']).name}/{sample['__key__']}")
             if len(images) == p.batch_size:
                 yield torch.stack(images), torch.stack(tokens), {"worker": w, "consumed": i + 1,
-                                                                  "bad": errors.count, "keys": keys}
+                                                                  "bad": errors.count + offset, "keys": keys}
                 images, tokens, keys = [], [], []
                 quota -= 1
                 if quota == 0:

@@ -125,6 +125,7 @@ class Trainer:
         # Bad samples this rank's loader skipped: in finished epochs, and per worker in this one.
         self.bad_before_epoch = 0
         self.bad_in_epoch: list[int] = []
+        self.resume_bad_in_epoch: list[int] = []
         if cfg.ckpt.resume:
             self._resume(cfg.ckpt.resume)
 
@@ -197,6 +198,11 @@ class Trainer:
         self.step = ckpt["step"]
         data = ckpt["data"]
         self.epoch, self.batch_in_epoch, self.consumed = data["epoch"], data["batch"], data["consumed"]
+        # Bad samples skipped: this rank's total over finished epochs, and per worker in this one
+        # (handed back to the loader, which carries on counting from there). Older checkpoints: 0.
+        bad = data.get("bad") or {}
+        self.bad_before_epoch = (bad.get("before_epoch") or [0] * self.dist.world_size)[self.dist.rank]
+        self.resume_bad_in_epoch = (bad.get("in_epoch") or [[]] * self.dist.world_size)[self.dist.rank]
         if not 0 <= self.batch_in_epoch <= self.micro_batches_per_epoch:
             # The epoch loop runs until batch_in_epoch == micro_batches_per_epoch: past it, never ends.
             raise TrainError(f"{path}: data position micro-batch {self.batch_in_epoch} lies outside an epoch of "
@@ -221,6 +227,9 @@ class Trainer:
     def save(self, consumed_here: list[int], score: tuple[str, float] | None) -> None:
         # Every rank's loader position goes into the checkpoint; all ranks take part in the gather.
         consumed = gather_objects(consumed_here, self.dist.world_size)
+        # At an epoch end bad_in_epoch is already folded into bad_before_epoch (and is empty).
+        bad = {"before_epoch": gather_objects(self.bad_before_epoch, self.dist.world_size),
+               "in_epoch": gather_objects(list(self.bad_in_epoch), self.dist.world_size)}
         cuda_rng = gather_objects(torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
                                   self.dist.world_size)
         if self.dist.is_main:
@@ -234,7 +243,7 @@ class Trainer:
                 # What an exact resume needs.
                 "format": FORMAT_VERSION,
                 "step": self.step,
-                "data": {"epoch": self.epoch, "batch": self.batch_in_epoch, "consumed": consumed},
+                "data": {"epoch": self.epoch, "batch": self.batch_in_epoch, "consumed": consumed, "bad": bad},
                 "config": self.config_record(),
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                         "cuda": cuda_rng if cuda_rng[0] is not None else None},
@@ -336,9 +345,10 @@ class Trainer:
                     urls=self.urls, seed=cfg.run.seed, epoch=self.epoch, rank=d.rank, world_size=d.world_size,
                     workers=cfg.data.workers, batch_size=cfg.data.batch_size, batches=self.micro_batches_per_epoch,
                     start_batch=self.batch_in_epoch, consumed=self.consumed[d.rank] if self.consumed else [],
+                    bad=self.resume_bad_in_epoch if self.consumed else [],
                     shuffle_buffer=cfg.data.shuffle_buffer, shuffle_initial=cfg.data.shuffle_initial)
                 consumed = list(plan.consumed)
-                self.bad_in_epoch = [0] * plan.n_workers
+                self.bad_in_epoch = list(plan.bad)
                 batches = iter(make_loader(plan, self.train_transform, self.tokenizer,
                                            pin_memory=self.device.type == "cuda"))
                 window: list[StepStats] = []
