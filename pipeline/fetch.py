@@ -25,6 +25,8 @@ import heapq
 import http.client
 import ipaddress
 import itertools
+import logging
+import os
 import random
 import socket
 import ssl
@@ -36,6 +38,8 @@ from urllib.parse import urljoin, urlsplit
 
 DEFAULT_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
 REDIRECTS = (301, 302, 303, 307, 308)
+
+log = logging.getLogger(__name__)
 
 
 class FetchError(Exception):
@@ -103,8 +107,12 @@ class Watchdog:
 
     Needed because http.client reads the status line and headers itself, one
     readline at a time: a server sending a header byte every 0.3 s never trips a
-    per-read timeout. It works on the file descriptor because TLS wrapping
-    detaches the socket object it connected with.
+    per-read timeout. It holds its own duplicate of the connection's descriptor:
+    TLS wrapping detaches the socket object it connected with, and http.client
+    closes the socket itself (a body without Content-Length, a chunked body, an
+    error in the headers or the handshake), after which the original descriptor
+    number may already belong to another request's socket. Shutting down the
+    duplicate shuts down the one connection it was made from; stop() closes it.
     """
 
     def __init__(self, deadline: float):
@@ -115,31 +123,48 @@ class Watchdog:
         self._lock = threading.Lock()
 
     def watch(self, sock: socket.socket) -> None:
+        """Watch the connection of `sock` (a plain, connected socket) until stop()."""
+        fd = os.dup(sock.fileno())
         with self._lock:
-            self._fd = sock.fileno()
-        if self.expired:  # the deadline passed while connecting
-            self.fire()
+            if self._stopped:
+                os.close(fd)
+                return
+            if self._fd >= 0:
+                os.close(self._fd)
+            self._fd = fd
+            if self.expired:  # the deadline passed while connecting
+                self._shutdown()
 
     def fire(self) -> None:
+        """Mark the request expired and shut its connection down; a no-op after stop()."""
         with self._lock:
             if self._stopped:
                 return
             self.expired = True
-            if self._fd < 0:
-                return
-            # Under the lock, and stop() clears the fd before the socket is closed, so a
-            # reused descriptor number is never shut down.
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        # Called under the lock: stop() cannot close the duplicate meanwhile.
+        if self._fd < 0:
+            return
+        try:
             s = socket.socket(fileno=self._fd)
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            finally:
-                s.detach()
+        except OSError:
+            return
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already shut down or reset by the peer
+        finally:
+            s.detach()  # the descriptor stays ours, closed by stop()
 
     def stop(self) -> None:
+        """Disarm, and close the duplicate descriptor (once; later calls do nothing)."""
         with self._lock:
-            self._stopped, self._fd = True, -1
+            self._stopped = True
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                os.close(fd)
 
 
 class Watchdogs:
@@ -179,9 +204,15 @@ class Watchdogs:
                     self._cond.wait(wait)
                     continue
                 # Stopped watchdogs are popped here at their deadline; fire() ignores them.
-                heapq.heappop(self._heap)[2].fire()
+                dog = heapq.heappop(self._heap)[2]
+                try:
+                    dog.fire()
+                except Exception:  # this thread serves every later deadline of the Fetcher
+                    log.exception("fetch watchdog: fire() failed; later deadlines are still enforced")
 
     def close(self) -> None:
+        # Watchdogs still in the heap are not fired; each request's stop() (in its
+        # finally) closes their descriptors.
         with self._cond:
             self._closed = True
             self._heap.clear()
@@ -309,6 +340,7 @@ class Fetcher:
             else:
                 conn = PinnedHTTP(parts.hostname, port, ips, deadline, watchdog, timeout=remaining)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            resp: http.client.HTTPResponse | None = None
             try:
                 conn.request("GET", path, headers={
                     "User-Agent": self.cfg.user_agent,
@@ -345,6 +377,10 @@ class Fetcher:
                 raise _classify(exc) from None
             finally:
                 watchdog.stop()
+                # The response owns the socket after getresponse: closed here, not when an
+                # exception's traceback that holds it is collected.
+                if resp is not None:
+                    resp.close()
                 conn.close()
         raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects}")
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 import time
 
 import pytest
 
 from pipeline.download import sniff_image
-from pipeline.fetch import FetchConfig, Fetcher, FetchError, OptedOut, address_is_public
+from pipeline.fetch import FetchConfig, Fetcher, FetchError, OptedOut, Watchdog, Watchdogs, address_is_public
 from pipeline.filters import CaptionCleaner, CaptionFilter, clean_caption
 from pipeline.localweb import Resource, bomb_png, encode, make_image, populate_faults
 from pipeline.sample import Sample
@@ -252,3 +254,105 @@ def test_caption_cleaning_and_filter_counts():
     trunc = list(CaptionCleaner(max_chars=20, truncate=True)(iter([Sample(key="k", row=0, url="u",
                                                                              caption="word " * 10)])))
     assert len(trunc[0].caption) <= 20 and trunc[0].caption.endswith("word")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def fd_targets() -> dict[str, str]:
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[name] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the listing's own descriptor, closed by now
+    return out
+
+
+def test_watchdog_thread_survives_a_closed_socket_and_keeps_enforcing_deadlines():
+    # http.client closes the socket itself (no Content-Length, chunked, errors in the
+    # headers or handshake): a deadline passing after that must not end the thread.
+    dogs = Watchdogs()
+    a, peer = socket.socketpair()
+    first = dogs.arm(time.monotonic() + 0.05)
+    first.watch(a)
+    a.close()
+    time.sleep(0.3)
+    assert first.expired
+    assert peer.recv(1) == b""  # the watched connection itself was shut down
+    first.stop()
+    peer.close()
+    # A server that accepts (in the kernel) and never answers.
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            socket.create_connection(server.getsockname()) as client:
+        client.settimeout(5.0)
+        second = dogs.arm(time.monotonic() + 0.3)
+        second.watch(client)
+        t = time.monotonic()
+        try:
+            assert client.recv(1) == b""
+        except OSError:
+            pass
+        elapsed = time.monotonic() - t
+        second.stop()
+    dogs.close()
+    assert second.expired and elapsed < 2.0, f"the later deadline was not enforced ({elapsed:.1f}s)"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_fired_watchdog_leaves_a_socket_that_reused_the_descriptor_number_alone():
+    a, a_peer = socket.socketpair()
+    dog = Watchdog(time.monotonic())
+    dog.watch(a)
+    number = a.fileno()
+    a.close()
+    b, b_peer = socket.socketpair()
+    try:
+        if number not in (b.fileno(), b_peer.fileno()):
+            pytest.skip(f"descriptor {number} was not reused")
+        mine = b if b.fileno() == number else b_peer
+        other = b_peer if mine is b else b
+        dog.fire()
+        assert dog.expired
+        for x, y in ((mine, other), (other, mine)):
+            x.sendall(b"x")
+            y.settimeout(2.0)
+            assert y.recv(1) == b"x"
+        a_peer.settimeout(2.0)
+        assert a_peer.recv(1) == b""  # the connection it watched was the one shut down
+        before = open_fds()
+        dog.stop()
+        dog.stop()
+        dog.fire()  # after stop(): a no-op
+        assert open_fds() == before - 1  # its duplicate, closed once
+    finally:
+        for s in (b, b_peer, a_peer):
+            s.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_no_descriptor_leaks_across_fetches_timeouts_and_close(web, faults):
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = fetcher(web, retries=0, timeout=0.4)
+    f.fetch(faults["dup_first"]["url"])  # warm up: imports, the watchdog thread
+    before, targets = open_fds(), fd_targets()
+    for _ in range(3):
+        assert len(f.fetch(faults["dup_first"]["url"])) > 100
+        for name, why in (("trickle_headers", "timeout"), ("trickle", "timeout"), ("slow", "timeout"),
+                          ("not_found", "http_404"), ("loop", "too_many_redirects")):
+            assert reason(f, faults[name]["url"]) == why
+    # Closed while requests are in flight: their watchdogs leave the heap unfired, and each
+    # request's own stop() still closes the duplicate (the socket timeout and the deadline
+    # checks between body reads end these two; trickled headers would outlast close()).
+    with ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(reason, f, faults[name]["url"]) for name in ("trickle", "slow")]
+        time.sleep(0.1)
+        f.close()
+        assert [p.result() for p in pending] == ["timeout", "timeout"]
+    # The local web's handler threads notice closed connections at their next write.
+    end = time.monotonic() + 5.0
+    while open_fds() > before and time.monotonic() < end:
+        time.sleep(0.05)
+    assert open_fds() <= before, {k: v for k, v in fd_targets().items() if targets.get(k) != v}
