@@ -66,7 +66,8 @@ def test_torchrun_two_ranks_trains_checkpoints_and_evaluates(data, tmp_path):
     assert not list((out / "checkpoints").glob("*.tmp*"))
     ckpt = load_checkpoint(out / "checkpoints/step_00000064.pt")
     assert ckpt["epoch"] == 4 and ckpt["step"] == 64 and ckpt["config"]["run"]["world_size"] == 2
-    assert ckpt["data"] == {"epoch": 4, "batch": 0, "consumed": [[0], [0]]}
+    assert ckpt["data"] == {"epoch": 4, "batch": 0, "consumed": [[0], [0]],
+                            "bad": {"before_epoch": [0, 0], "in_epoch": [[], []]}}
     assert set(ckpt["versions"]) == {"torch", "open_clip", "webdataset"}
 
     log = jsonl(out / "train_log.jsonl")
