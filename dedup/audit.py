@@ -51,6 +51,7 @@ from pipeline.shards import (
     ShardSetWriter,
     atomic_write_bytes,
     atomic_write_json,
+    changed_settings,
     get_fs,
     join,
     read_tar,
@@ -161,26 +162,10 @@ def _eval_digest(es: EvalSet) -> str:
     return h.hexdigest()[:16]
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_previous_run(fs: Any, root: str, settings: dict[str, Any]) -> None:
     """Refuse an --out that holds an audit of other input or thresholds (its _work/ results would be reused)."""
     path = join(root, "run.json")
-    if not fs.exists(path):
-        return
-    with fs.open(path, "rb") as f:
-        previous = _flatten(json.load(f))
-    now = _flatten(json.loads(json.dumps(settings)))  # same types as read back (tuples become lists)
-    changed = [f"{k}: {previous.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(previous) | set(now))
-               if previous.get(k) != now.get(k)]
+    changed = changed_settings(fs, path, settings)
     if changed:
         raise AuditError(f"{path}: the output folder holds an audit of other input or settings "
                          f"({'; '.join(changed[:4])}); use a new --out, or delete the folder to start over")

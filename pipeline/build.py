@@ -43,6 +43,7 @@ from pipeline.shards import (
     atomic_open,
     atomic_write_bytes,
     atomic_write_json,
+    changed_settings,
     get_fs,
     join,
     read_tar,
@@ -173,11 +174,7 @@ class Matcher(Protocol):
 
 def _check_previous_run(fs: Any, root: str, settings: dict[str, Any]) -> None:
     path = join(root, "run.json")
-    if not fs.exists(path):
-        return
-    with fs.open(path, "rb") as f:
-        previous = json.load(f)
-    changed = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v]
+    changed = changed_settings(fs, path, settings)
     if changed:
         raise OutputMismatch(
             f"{path}: the output folder holds a run with other settings or input ({'; '.join(changed[:4])}); "

@@ -77,6 +77,28 @@ def atomic_write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> Non
     atomic_write_bytes(fs, path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_settings(fs: fsspec.AbstractFileSystem, path: str, settings: dict[str, Any]) -> list[str]:
+    """What differs between the run recorded in `path` (a run.json) and `settings`, as "key: old -> new";
+    empty when nothing does or no run is recorded. Nested settings compare key by key."""
+    if not fs.exists(path):
+        return []
+    with fs.open(path, "rb") as f:
+        previous = _flatten(json.load(f))
+    now = _flatten(json.loads(json.dumps(settings, default=str)))  # the types read back (tuples: lists)
+    return [f"{k}: {previous.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(previous) | set(now))
+            if previous.get(k) != now.get(k)]
+
+
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size = size

@@ -322,16 +322,22 @@ def test_csv_and_tsv_values_are_read_as_written(tmp_path, kind):
     assert list(zip(t.column("caption").to_pylist(), t.column("uid").to_pylist(), strict=True)) == expect
 
 
-@pytest.mark.parametrize("damage", ["row_missing", "row_twice", "part_missing"])
-def test_damaged_parts_fail_the_accounting_check_in_one_line(tmp_path, web, damage):
+def _small_build(tmp_path, web, rows_per_task: int) -> tuple[list[str], Path]:
+    """Build 6 local-web images in tasks of `rows_per_task` rows, in-process; returns (args, out)."""
     from pipeline.localweb import populate_images
 
     path = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pylist(populate_images(web, 6, seed=4)), path)
     out = tmp_path / "o"
     args = ["--urls", str(path), "--out", str(out), "--allow-hosts", web.hostport, "--executor", "local",
-            "--rows-per-task", "3"]
+            "--rows-per-task", str(rows_per_task)]
     assert main(args) == 0
+    return args, out
+
+
+@pytest.mark.parametrize("damage", ["row_missing", "row_twice", "part_missing"])
+def test_damaged_parts_fail_the_accounting_check_in_one_line(tmp_path, web, damage):
+    args, out = _small_build(tmp_path, web, rows_per_task=3)
     part = out / "parts" / "00001.parquet"
     records = pq.read_table(part).to_pylist()
     if damage == "part_missing":
@@ -351,14 +357,8 @@ def test_driver_lists_completion_markers_once(tmp_path, web, monkeypatch):
     from fsspec.implementations.local import LocalFileSystem
 
     from pipeline.build import done_tasks
-    from pipeline.localweb import populate_images
 
-    path = tmp_path / "in.parquet"
-    pq.write_table(pa.Table.from_pylist(populate_images(web, 6, seed=4)), path)
-    out = tmp_path / "o"
-    args = ["--urls", str(path), "--out", str(out), "--allow-hosts", web.hostport, "--executor", "local",
-            "--rows-per-task", "2"]
-    assert main(args) == 0
+    args, out = _small_build(tmp_path, web, rows_per_task=2)
     (out / "parts" / "00001.done.json.tmp-x").write_text("{}")
     assert done_tasks(LocalFileSystem(), str(out)) == {0, 1, 2}
     calls = []
