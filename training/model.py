@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,23 +66,15 @@ def build_model(cfg: ModelConfig, precision: str, device: torch.device,
     model_cfg = open_clip.get_model_config(name)
     init: dict[str, float] = {}
     if cfg.siglip and "init_logit_bias" not in model_cfg:
-        # SigLIP's published init (OpenCLIP main.py does the same for --siglip). Not as keyword
-        # overrides: the registered config would then lack the logit bias, and open_clip, loading a
-        # checkpoint by name, would build a model without one and refuse its state dict. The SigLIP
-        # variant gets its own registered config and name instead, and checkpoints record that name.
+        # SigLIP's published init (OpenCLIP main.py does the same for --siglip). The model is
+        # built under the base name with these as keyword overrides (open_clip looks --pretrained
+        # tags up by model name), but checkpoints name a config that holds them, NAME-sigmoid:
+        # loading by the base name would build a model without a logit bias and refuse the state
+        # dict. Not "-siglip": open_clip.get_tokenizer picks its SentencePiece SigLIP tokenizer then.
         init = {"init_logit_scale": math.log(10), "init_logit_bias": -10}
         model_cfg.update(init)
-        # Not "-siglip": open_clip.get_tokenizer picks its SentencePiece SigLIP tokenizer for such names.
         name = f"{name}-sigmoid"
-        with tempfile.TemporaryDirectory() as tmp:
-            # Registered from a file (open_clip's one way in); the entry outlives the file.
-            path = write_model_config(name, model_cfg, config_dir) or write_model_config(name, model_cfg, Path(tmp))
-            open_clip.add_model_config(path)
-    else:
-        write_model_config(name, model_cfg, config_dir)
-    # Built under the base name, with the SigLIP init as keyword overrides (the same model as
-    # the registered NAME-sigmoid config): open_clip looks --pretrained tags up by model name,
-    # and NAME-sigmoid has none.
+    write_model_config(name, model_cfg, config_dir)
     model, train_tf, val_tf = open_clip.create_model_and_transforms(
         base,
         pretrained=cfg.pretrained,
