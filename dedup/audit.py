@@ -30,9 +30,10 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,14 +45,16 @@ from fsspec.implementations.local import LocalFileSystem
 from dedup import image as im
 from dedup.evalsets import EvalSet, EvalSetError, load_eval_set, parse_eval_arg
 from dedup.matcher import KINDS, MatchConfig, OverlapMatcher
+from pipeline.config import ConfigError
+from pipeline.rundir import RunDir
 from pipeline.sample import DROPPED, FAILED, WRITTEN
 from pipeline.shards import (
     IMAGE_EXTS,
     SIZES_FILE,
+    ShardError,
     ShardSetWriter,
     atomic_write_bytes,
     atomic_write_json,
-    changed_settings,
     get_fs,
     join,
     read_tar,
@@ -65,11 +68,12 @@ SAMPLE_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("reas
 MATCH_SCHEMA = pa.schema([("key", pa.string()), ("uid", pa.string()), ("url", pa.string()), ("caption", pa.string()),
                           ("eval_set", pa.string()), ("eval_item", pa.string()), ("kind", pa.string()),
                           ("score", pa.float64()), ("similarity", pa.float64()), ("source_shard", pa.string())])
+SUMMARY_RE = re.compile(r"summary\.json")
 MANIFEST_SCHEMA = pa.schema([("key", pa.string()), ("fate", pa.string()), ("reason", pa.string()),
                              ("shard", pa.string()), ("source_shard", pa.string())])
 
 
-class AuditError(RuntimeError):
+class AuditError(ConfigError):
     """Bad input: the message names the file and the problem (the CLI prints it and exits 2)."""
 
 
@@ -162,20 +166,34 @@ def _eval_digest(es: EvalSet) -> str:
     return h.hexdigest()[:16]
 
 
-def check_previous_run(fs: Any, root: str, settings: dict[str, Any]) -> None:
-    """Refuse an --out that holds an audit of other input or thresholds (its _work/ results would be reused)."""
-    path = join(root, "run.json")
-    changed = changed_settings(fs, path, settings)
-    if changed:
-        raise AuditError(f"{path}: the output folder holds an audit of other input or settings "
-                         f"({'; '.join(changed[:4])}); use a new --out, or delete the folder to start over")
+LEGACY_RUN_KEYS = ("corpus_digest", "evals")
+"""A run.json of clipforge 0.1's audit (no "job" entry) holds these."""
 
 
-def prepare(cfg: AuditConfig) -> AuditContext:
-    """Check inputs, build the eval index once. Raises AuditError on bad input."""
+def own_names(shards: list[str]) -> dict[str, re.Pattern[str]]:
+    """What the audit writes in each sub-folder of --out (see pipeline.rundir): per input shard
+    STEM, _work/STEM.{parquet,matches.parquet,done.json} and manifest/STEM.parquet."""
+    stems = "|".join(re.escape(s.rsplit(".", 1)[0]) for s in shards) or "(?!)"
+    return {
+        "shards": re.compile(r"\d{5}\.tar|sizes\.json"),
+        "manifest": re.compile(rf"({stems})\.parquet"),
+        "_work": re.compile(rf"({stems})\.(parquet|matches\.parquet|done\.json)"),
+        "audit": re.compile(r"overlap\.parquet|summary\.json|config\.json|report\.html"),
+    }
+
+
+def open_output(cfg: AuditConfig) -> RunDir:
+    return RunDir(cfg.out, "audit_overlap")
+
+
+def prepare(cfg: AuditConfig, rd: RunDir | None = None) -> AuditContext:
+    """Check inputs, claim the output folder, build the eval index once. Raises AuditError on bad
+    input, OutputError (a ConfigError) on an output folder that is not ours. `rd`: the output
+    folder, locked by the caller (run_audit, the job's main) for the whole run."""
     shards_dir = resolve_shards_dir(cfg.corpus)
     fs, _ = get_fs(cfg.corpus)
-    out_fs, out_root = get_fs(cfg.out)
+    rd = rd or open_output(cfg)
+    out_root = rd.root
     if Path(out_root).resolve() in (Path(shards_dir).resolve(), Path(shards_dir).resolve().parent):
         raise AuditError(f"{cfg.out}: --out must not be the corpus folder (the input is never modified)")
     try:
@@ -184,6 +202,8 @@ def prepare(cfg: AuditConfig) -> AuditContext:
         sizes: dict[str, int] = json.loads(sizes_raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AuditError(f"{join(shards_dir, SIZES_FILE)}: not valid JSON ({exc})") from exc
+    if not isinstance(sizes, dict) or not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
+        raise AuditError(f"{join(shards_dir, SIZES_FILE)}: expected a JSON object of shard name -> sample count")
     shards = sorted(sizes)
     for name in shards:
         if not fs.exists(join(shards_dir, name)):
@@ -203,8 +223,7 @@ def prepare(cfg: AuditConfig) -> AuditContext:
                   for es in eval_sets},
     }
     # Checked before the (slow) eval index is built, and recorded before any task writes results.
-    check_previous_run(out_fs, out_root, settings)
-    atomic_write_json(out_fs, join(out_root, "run.json"), settings)
+    rd.claim(settings, own_names(shards), LEGACY_RUN_KEYS)
     t0 = time.perf_counter()
     matcher = OverlapMatcher.build(eval_sets, cfg.match)
     build_s = time.perf_counter() - t0
@@ -247,7 +266,7 @@ def audit_shard(ctx: AuditContext, shard: str) -> int:
                                 **asdict(m), "source_shard": shard})
         batch.clear()
 
-    for key, members in read_tar(fs, join(ctx.shards_dir, shard)):
+    for key, members in _read_input_shard(fs, join(ctx.shards_dir, shard)):
         meta = _decode_json(members.get("json"))
         caption = members["txt"].decode("utf-8", "replace").strip() if "txt" in members else None
         row = {"key": key, "status": "ok", "reason": None, "uid": _str(meta.get("uid")), "url": _str(meta.get("url")),
@@ -276,6 +295,16 @@ def audit_shard(ctx: AuditContext, shard: str) -> int:
     atomic_write_json(out_fs, base + ".done.json", {"fingerprint": ctx.fingerprint, "rows": len(samples),
                                                     "matches": len(matches)})
     return len(samples)
+
+
+def _read_input_shard(fs: Any, path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of one corpus shard; a truncated or garbage tar is bad input to the audit
+    (one line naming the shard, exit 2), not a crash."""
+    try:
+        yield from read_tar(fs, path)
+    except ShardError as exc:
+        raise AuditError(f"{exc}; the corpus is damaged: rebuild that shard, or drop it from "
+                         f"{SIZES_FILE} to audit the rest") from None
 
 
 def _str(v: Any) -> str | None:
@@ -343,10 +372,10 @@ def finalize(ctx: AuditContext) -> dict[str, Any]:
     audit_dir = join(out_root, "audit")
     # summary.json says "this corpus is clean" (the trainer reads it): it must not outlive the shards
     # it described while new ones are written. It is written again last, once everything checks out.
-    if out_fs.exists(join(audit_dir, "summary.json")):
-        out_fs.rm(join(audit_dir, "summary.json"))
-    if out_fs.exists(shards_out):
-        out_fs.rm(shards_out, recursive=True)  # our own earlier output; stale tars would break numbering
+    rd = open_output(cfg)
+    rd.remove_own("audit", SUMMARY_RE)
+    # Our own earlier output (stale tars would break numbering): our numbered names only.
+    rd.remove_own("shards", own_names([])["shards"])
     counts = {WRITTEN: 0, DROPPED: 0, FAILED: 0}
     removed: set[str] = set()
     # Which training images to keep for the report: the first pairs of each eval set.
@@ -368,7 +397,7 @@ def finalize(ctx: AuditContext) -> dict[str, Any]:
             wanted = set().union(*report_keys.values()) if report_keys else set()
             manifest: list[dict] = []
             it = iter(rows)
-            for key, members in read_tar(fs, join(ctx.shards_dir, shard)):
+            for key, members in _read_input_shard(fs, join(ctx.shards_dir, shard)):
                 row = next(it, None)
                 if row is None or row["key"] != key:
                     raise AuditError(f"{join(ctx.shards_dir, shard)}: changed since it was audited "
@@ -455,12 +484,15 @@ def count_line(summary: dict[str, Any]) -> str:
 
 
 def run_audit(cfg: AuditConfig, map_fn: MapFn = map_local, n_tasks: int | None = None) -> dict[str, Any]:
-    """prepare -> tasks (via map_fn) -> finalize. Returns summary.json's content."""
-    ctx = prepare(cfg)
-    t0 = time.perf_counter()
-    map_fn(ctx, n_tasks or len(ctx.shards) or 1)
-    ctx.timings["match_s"] = round(time.perf_counter() - t0, 3)
-    return finalize(ctx)
+    """prepare -> tasks (via map_fn) -> finalize, holding the output folder's lock. Returns summary.json's content."""
+    rd = open_output(cfg)
+    rd.check_ours(LEGACY_RUN_KEYS)  # before the lock file: a foreign folder gets nothing written
+    with rd.lock():
+        ctx = prepare(cfg, rd)
+        t0 = time.perf_counter()
+        map_fn(ctx, n_tasks or len(ctx.shards) or 1)
+        ctx.timings["match_s"] = round(time.perf_counter() - t0, 3)
+        return finalize(ctx)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ is built and again, for a few items, when the report is drawn.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,11 +79,29 @@ class EvalSet:
 
 
 def _lines(path: Path) -> list[str]:
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvalSetError(f"{_shown(path)}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                           "re-save it as UTF-8") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def _shown(path: Path) -> str:
+    """A path as a message can print it (undecodable bytes of a file name as \\xNN escapes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
+    if not (p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS):
+        return False
+    try:
+        p.name.encode("utf-8")  # a name that is not UTF-8 holds lone surrogates here
+    except UnicodeEncodeError:
+        raise EvalSetError(f"{_shown(p)}: file name is not UTF-8; item ids are file names, so rename it") from None
+    return True
 
 
 def parse_eval_arg(arg: str) -> tuple[str, str]:

@@ -12,6 +12,7 @@ sets, LSH buckets), never eval images, and pickles for `ray.put`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -55,6 +56,11 @@ class MatchConfig:
     """Which matches to look for: image, text or both."""
 
     def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if self.min_caption_words < 0:
+            raise ValueError(f"min_caption_words must be >= 0, got {self.min_caption_words}")
         if not 0.0 < self.text_threshold <= 1.0:
             raise ValueError(f"text_threshold must be in (0, 1], got {self.text_threshold}")
         if not 0 <= self.image_max_distance < im.HASH_BITS:

@@ -22,6 +22,7 @@ import logging  # noqa: E402
 import time  # noqa: E402
 
 from dedup.audit import (  # noqa: E402
+    LEGACY_RUN_KEYS,
     AuditConfig,
     AuditContext,
     AuditError,
@@ -29,6 +30,7 @@ from dedup.audit import (  # noqa: E402
     finalize,
     format_summary,
     map_local,
+    open_output,
     prepare,
     run_task,
 )
@@ -109,28 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         cfg, args = parse_args(argv)
-        ctx = prepare(cfg)
-    except (AuditError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if args.tasks is not None and args.tasks < 1:
+            raise AuditError(f"--tasks must be >= 1, got {args.tasks}")
+        rd = open_output(cfg)
+        rd.check_ours(LEGACY_RUN_KEYS)  # before the lock file: a foreign folder gets nothing written
+        with rd.lock():  # one run at a time in --out, from the first write to the summary
+            ctx = prepare(cfg, rd)
+            t0 = time.perf_counter()
+            if args.executor == "ray":
+                map_ray(ctx, args.tasks, args.num_cpus)
+            else:
+                map_local(ctx, args.tasks or 1)  # in-process: the index is not copied, the task count is moot
+            ctx.timings["match_s"] = round(time.perf_counter() - t0, 3)
+            summary = finalize(ctx)
+    except (AuditError, ValueError) as exc:  # bad input or settings (ConfigError, OutputError included)
+        print(f"audit_overlap: error: {exc}", file=sys.stderr)
         return 2
-    if args.tasks is not None and args.tasks < 1:
-        print(f"error: --tasks must be >= 1, got {args.tasks}", file=sys.stderr)
-        return 2
-    t0 = time.perf_counter()
-    try:
-        if args.executor == "ray":
-            map_ray(ctx, args.tasks, args.num_cpus)
-        else:
-            map_local(ctx, args.tasks or 1)  # in-process: the index is not copied, the task count is moot
     except TaskFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"audit_overlap: error: {exc}", file=sys.stderr)
         return 1
-    ctx.timings["match_s"] = round(time.perf_counter() - t0, 3)
-    try:
-        summary = finalize(ctx)
-    except AuditError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     print(format_summary(summary))
     print(count_line(summary))
     return 0

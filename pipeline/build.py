@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,10 +33,11 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import BuildConfig, ConfigError, to_yaml
+from pipeline.config import BuildConfig, to_yaml
 from pipeline.filters import CaptionCleaner, CaptionFilter, DuplicateUrlFilter, ImageSizeFilter
 from pipeline.progress import Progress, fmt_duration
 from pipeline.readers import fingerprint
+from pipeline.rundir import RunDir
 from pipeline.sample import DROPPED, FAILED, PENDING, WRITTEN, Sample, run_stages
 from pipeline.shards import (
     ShardError,
@@ -43,7 +45,6 @@ from pipeline.shards import (
     atomic_open,
     atomic_write_bytes,
     atomic_write_json,
-    changed_settings,
     get_fs,
     join,
     read_tar,
@@ -58,10 +59,6 @@ MANIFEST_SCHEMA = pa.schema([
     ("row", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("status", pa.string()),
     ("reason", pa.string()), ("error", pa.string()), ("shard", pa.string()), ("sha256", pa.string()),
 ])
-
-
-class OutputMismatch(ConfigError):
-    """The output folder holds a run made with other settings or other input."""
 
 
 class AccountingError(RuntimeError):
@@ -172,20 +169,22 @@ class Matcher(Protocol):
         """Write the audit (OUT/audit/...) for everything matched so far."""
 
 
-def _check_previous_run(fs: Any, root: str, settings: dict[str, Any]) -> None:
-    path = join(root, "run.json")
-    changed = changed_settings(fs, path, settings)
-    if changed:
-        raise OutputMismatch(
-            f"{path}: the output folder holds a run with other settings or input ({'; '.join(changed[:4])}); "
-            "use a new --out, or delete the folder to start over"
-        )
+# The names this job writes, per sub-folder of --out: cleanup deletes nothing else, and
+# anything else found there is refused (someone else's file must not be mistaken for ours).
+OWN_NAMES = {
+    "parts": re.compile(r"\d{5}\.(tar|parquet|done\.json)"),
+    "shards": re.compile(r"\d{5}\.tar|sizes\.json"),
+    "manifest": re.compile(r"\d{5}\.parquet"),
+    "audit": re.compile(r"overlap\.parquet|summary\.json|config\.json|report\.html"),
+}
+SHARD_RE = re.compile(r"\d{5}\.tar")
+MANIFEST_RE = re.compile(r"\d{5}\.parquet")
+LEGACY_RUN_KEYS = ("input_fingerprint", "input_rows")
+"""A run.json of clipforge 0.1's build_corpus (no "job" entry) holds these."""
 
 
-def _clean_temporaries(fs: Any, root: str) -> None:
-    for sub in ("parts", "shards", "manifest", ""):
-        for p in fs.glob(join(root, sub, "*.tmp-*") if sub else join(root, "*.tmp-*")):
-            fs.rm(p)
+def open_output(cfg: BuildConfig) -> RunDir:
+    return RunDir(cfg.out, "build_corpus")
 
 
 def done_tasks(fs: Any, root: str) -> set[int]:
@@ -212,14 +211,20 @@ def stage_totals(fs: Any, root: str, n_tasks: int) -> Counter[str]:
 
 def build_corpus(cfg: BuildConfig, table: pa.Table, executor: Any, matcher: Matcher | None = None) -> BuildResult:
     """Run both phases on `table` (columns url, caption, extras) with `executor`."""
-    fs, root = get_fs(cfg.out)
+    n = table.num_rows
+    settings = {**cfg.output_settings(), "input_rows": n, "input_fingerprint": fingerprint(table)}
+    rd = open_output(cfg)
+    rd.check_ours(LEGACY_RUN_KEYS)  # before the lock file: a foreign folder gets nothing written
+    with rd.lock():
+        rd.claim(settings, OWN_NAMES, LEGACY_RUN_KEYS)
+        return _build(cfg, rd, table, executor, matcher)
+
+
+def _build(cfg: BuildConfig, rd: RunDir, table: pa.Table, executor: Any, matcher: Matcher | None) -> BuildResult:
+    fs, root = rd.fs, rd.root
     n = table.num_rows
     width = key_width(n)
-    settings = {**cfg.output_settings(), "input_rows": n, "input_fingerprint": fingerprint(table)}
-    _check_previous_run(fs, root, settings)
     fs.makedirs(join(root, "parts"), exist_ok=True)
-    _clean_temporaries(fs, root)
-    atomic_write_json(fs, join(root, "run.json"), settings)
     atomic_write_bytes(fs, join(root, "config.yaml"), to_yaml(cfg).encode())
 
     # Duplicate URLs are judged here, the only place that sees every row: first occurrence wins.
@@ -247,7 +252,7 @@ def build_corpus(cfg: BuildConfig, table: pa.Table, executor: Any, matcher: Matc
     progress.tick(force=True)
     download_seconds = time.monotonic() - t0
 
-    result = finalize(cfg, n_tasks, n, matcher)
+    result = finalize(cfg, n_tasks, n, matcher, rd)
     if matcher is not None:
         matcher.finish(cfg.out)
     elapsed = time.monotonic() - t0
@@ -268,9 +273,11 @@ def build_corpus(cfg: BuildConfig, table: pa.Table, executor: Any, matcher: Matc
     return result
 
 
-def finalize(cfg: BuildConfig, n_tasks: int, n_rows: int, matcher: Matcher | None = None) -> BuildResult:
+def finalize(cfg: BuildConfig, n_tasks: int, n_rows: int, matcher: Matcher | None = None,
+             rd: RunDir | None = None) -> BuildResult:
     """Cut the shards from the parts; every one of the `n_rows` input rows must appear exactly once."""
-    fs, root = get_fs(cfg.out)
+    rd = rd or open_output(cfg)
+    fs, root = rd.fs, rd.root
     shards_dir = join(root, "shards")
     # rows_in is the input's row count, not a count of what the parts hold: the check
     # that rows in = written + dropped + failed must be able to fail.
@@ -334,13 +341,10 @@ def finalize(cfg: BuildConfig, n_tasks: int, n_rows: int, matcher: Matcher | Non
     sizes = writer.sizes
     result.shards = len(sizes)
     # Shards left by an earlier, different finalize (cannot happen with the settings
-    # check, but a stale file must never be mistaken for part of this corpus).
-    for p in fs.glob(join(shards_dir, "*.tar")):
-        if p.rsplit("/", 1)[-1] not in sizes:
-            fs.rm(p)
-    for p in fs.glob(join(root, "manifest", "*.parquet")):
-        if int(p.rsplit("/", 1)[-1].split(".")[0]) >= n_tasks:
-            fs.rm(p)
+    # check, but a stale file must never be mistaken for part of this corpus): only our
+    # own numbered names are candidates, never anything else in the folder.
+    rd.remove_own("shards", SHARD_RE, keep=sizes)
+    rd.remove_own("manifest", MANIFEST_RE, keep={f"{i:05d}.parquet" for i in range(n_tasks)})
     counted = verify_shards(fs, shards_dir, cfg.samples_per_shard)
     if counted != result.written:
         raise AccountingError(f"{shards_dir}: shards hold {counted} samples, the manifest says {result.written}")

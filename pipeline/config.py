@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -216,6 +218,16 @@ class BuildConfig:
             if not ok:
                 raise ConfigError(msg)
 
+        for f in fields(self):
+            v = getattr(self, f.name)
+            # nan passes no comparison and inf passes most: neither is ever a meaningful setting here.
+            check(not (isinstance(v, float) and not math.isfinite(v)),
+                  f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+        for name in ("out", "urls"):
+            # a/x/../b is a/b: never create a/x on the way (fsspec would), nor name a file twice.
+            value = getattr(self, name)
+            if value and "://" not in value:
+                object.__setattr__(self, name, os.path.normpath(value))
         check(self.samples_per_shard >= 1, f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
         check(self.rows_per_task >= 1, f"--rows-per-task must be >= 1, got {self.rows_per_task}")
         check(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
@@ -228,6 +240,10 @@ class BuildConfig:
         check(self.long_captions in ("truncate", "drop"), f"--long-captions must be truncate or drop, got {self.long_captions!r}")
         check(self.max_aspect_ratio >= 1, f"--max-aspect-ratio must be >= 1, got {self.max_aspect_ratio}")
         check(self.max_caption_chars >= 1, f"--max-caption-chars must be >= 1, got {self.max_caption_chars}")
+        for name in ("min_caption_words", "min_caption_chars", "min_image_side", "overlap_min_caption_words"):
+            check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check(self.num_cpus is None or self.num_cpus >= 1, f"--num-cpus must be >= 1, got {self.num_cpus}")
+        check(self.progress_every > 0, f"--progress-every must be > 0 seconds, got {self.progress_every}")
         # Extra columns share the sample json (and the task table) with the fields we write:
         # a colliding name would silently overwrite one or the other.
         taken = {self.url_col: "--url-col", self.caption_col: "--caption-col",

@@ -12,14 +12,29 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+from pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 class TaskFailed(RuntimeError):
     """One or more tasks failed after Ray's retries; rerunning the job resumes."""
+
+
+def input_error(exc: BaseException) -> ConfigError | None:
+    """The bad-input error a task raised (Ray wraps it; `.cause` is the original), else None.
+
+    Bad input (a damaged input shard, say) is the user's to fix, not a task failure that a
+    rerun would mend: the job stops at once and prints it as one line with exit code 2.
+    """
+    cause = getattr(exc, "cause", None) or exc
+    return cause if isinstance(cause, ConfigError) else None
 
 
 class LocalExecutor:
@@ -46,6 +61,8 @@ class LocalExecutor:
         for index, args in tasks:
             try:
                 on_result(index, fn(*args))
+            except ConfigError:
+                raise
             except Exception as exc:  # noqa: BLE001 - collected and raised below, like the Ray path
                 log.error("task %05d failed: %s", index, exc)
                 failures.append((index, exc))
@@ -63,6 +80,7 @@ class RayExecutor:
         self.num_cpus = num_cpus
         self.max_retries = max_retries
         self._started = False
+        self._reaper: subprocess.Popen | None = None
 
     def __enter__(self) -> RayExecutor:
         import ray
@@ -75,15 +93,28 @@ class RayExecutor:
                 # that happens to be running on this machine.
                 ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False,
                          logging_level=logging.WARNING, log_to_driver=True)
+                self._start_reaper()
             self._started = True
         log.info("ray: %s CPUs in the cluster", ray.cluster_resources().get("CPU"))
         return self
+
+    def _start_reaper(self) -> None:
+        """A watcher that ends this local Ray's processes if this driver is killed (pipeline/reaper.py)."""
+        if sys.platform != "linux":
+            return
+        self._reaper = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("reaper.py")), str(os.getpid())],
+            stdin=subprocess.DEVNULL, start_new_session=True)
 
     def __exit__(self, *_: Any) -> None:
         import ray
 
         if self._started:
             ray.shutdown()
+        if self._reaper is not None:
+            self._reaper.terminate()  # a clean shutdown: nothing left to reap
+            self._reaper.wait(timeout=10)
+            self._reaper = None
 
     def put(self, obj: Any) -> Any:
         import ray
@@ -119,6 +150,11 @@ class RayExecutor:
                 try:
                     result = ray.get(ref)
                 except (ray.exceptions.RayError, Exception) as exc:  # noqa: BLE001
+                    bad_input = input_error(exc)
+                    if bad_input is not None:
+                        for ref in inflight:
+                            ray.cancel(ref)
+                        raise type(bad_input)(*bad_input.args) from None
                     msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     log.error("task %05d failed: %s", index, msg)
                     failures.append((index, exc))

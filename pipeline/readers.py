@@ -78,6 +78,11 @@ def read_urls(spec: str, url_col: str, caption_col: str, extra_cols: tuple[str, 
     tables = []
     for path in list_inputs(spec):
         t = read_file(path, tuple(wanted.values()))
+        twice = sorted({c for c in t.column_names if t.column_names.count(c) > 1})
+        if twice:
+            # Which of the two is the caption? Arrow would raise a KeyError; guessing would be worse.
+            raise InputError(f"{path}: column name(s) {', '.join(map(repr, twice))} appear more than once in the "
+                             "header; rename one of them")
         missing = [c for c in wanted.values() if c not in t.column_names]
         if missing:
             raise InputError(
@@ -105,12 +110,23 @@ def read_urls(spec: str, url_col: str, caption_col: str, extra_cols: tuple[str, 
     return table
 
 
-def fingerprint(table: pa.Table) -> str:
-    """Hash of the URLs and captions, to refuse resuming into an output built from other input."""
-    h = hashlib.sha256()
-    for name in ("url", "caption"):
+def fingerprint(table: pa.Table) -> dict[str, str]:
+    """Per column the job reads (url, caption, every extra column): a hash of its values, to refuse
+    resuming into an output built from other input, naming the column that changed.
+
+    Unambiguous: each value is length-prefixed and null is distinct from "" (joining with a
+    separator made ["a\\0b", "c"] and ["a", "b\\0c"] collide).
+    """
+    out = {}
+    for name in table.column_names:
+        h = hashlib.sha256()
+        h.update(f"{table.num_rows}\n".encode())
         for chunk in table.column(name).chunks:
-            h.update("\x00".join(v or "" for v in chunk.to_pylist()).encode())
-            h.update(b"\x01")
-    h.update(str(table.num_rows).encode())
-    return h.hexdigest()[:16]
+            for v in chunk.to_pylist():
+                if v is None:
+                    h.update(b"\x00")
+                else:
+                    data = str(v).encode("utf-8", "surrogatepass")
+                    h.update(b"\x01" + len(data).to_bytes(8, "little") + data)
+        out[name] = h.hexdigest()[:16]
+    return out

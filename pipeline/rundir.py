@@ -54,6 +54,10 @@ class OutputError(ConfigError):
     """The output folder is not ours to write, or is held by another run (exit 2)."""
 
 
+class SettingsChanged(OutputError):
+    """The output folder holds a run of this job made with other settings or other input."""
+
+
 def resolve(url: str, what: str = "--out") -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, normalised path) for a local path or an fsspec URL; a URL no filesystem
     serves, or a malformed one, is an OutputError (never a local folder named after it)."""
@@ -179,11 +183,48 @@ class RunDir:
             if os.path.exists(p) and not os.path.isdir(p):
                 raise OutputError(f"{p}: is a file where clipforge keeps a folder; use another --out")
 
+    def names(self, sub: str = "") -> list[str]:
+        """Names directly in OUT/sub (files and folders); empty if it does not exist."""
+        path = self.path(sub) if sub else self.root
+        if not _is_local(self.fs):
+            self.fs.invalidate_cache(path)  # a listing cached before other processes wrote is stale
+        return self._names(path)
+
     def _names(self, path: str) -> list[str]:
         try:
             return [e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(path, detail=False)]
         except FileNotFoundError:
             return []
+
+    def check_foreign(self, own: dict[str, re.Pattern[str]]) -> None:
+        """Refuse files in our sub-folders that this job never writes (one line naming the first):
+        someone else's file must never be mistaken for ours, nor deleted as stale."""
+        for sub, pattern in own.items():
+            for name in self.names(sub):
+                if not (pattern.fullmatch(name) or TMP_RE.fullmatch(name)):
+                    raise OutputError(f"{self.display(sub, name)}: not a file {self.job} writes, inside its "
+                                      "output folder; move it out of --out (nothing was changed)")
+
+    def claim(self, settings: dict[str, Any], own: dict[str, re.Pattern[str]], legacy: Iterable[str] = ()) -> None:
+        """Call under lock(): refuse an --out that is not ours, holds links or foreign files where we
+        write, or records a run of other settings; then remove our own temporaries and record the
+        settings in run.json. Nothing is written before every check has passed.
+
+        `own`: sub-folder -> the names this job writes there (a full-match pattern).
+        """
+        from pipeline.shards import compare_settings
+
+        run = self.check_ours(legacy)
+        self.check_links(own)
+        self.check_foreign(own)
+        if run is not None:
+            changed = compare_settings({k: v for k, v in run.items() if k != "job"}, settings)
+            if changed:
+                raise SettingsChanged(
+                    f"{self.display(RUN_FILE)}: the output folder holds a {self.job} run with other settings or "
+                    f"input ({'; '.join(changed[:4])}); use a new --out, or delete the folder to start over")
+        self.remove_temporaries(own)
+        self.write_run(settings)
 
     def write_run(self, record: dict[str, Any]) -> None:
         from pipeline.shards import atomic_write_json
@@ -273,19 +314,24 @@ class RunDir:
 
 
 def _process_start(pid: int) -> float | None:
-    """A process's start time (seconds since the epoch), None if it does not exist."""
+    """A process's start time (clock ticks since boot, from /proc), None if it does not exist;
+    -1 when it exists but the start time cannot be read (not Linux)."""
     try:
-        import psutil
-
-        return psutil.Process(pid).create_time()
-    except Exception:  # noqa: BLE001 - psutil.NoSuchProcess, AccessDenied, or no psutil
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return -1.0
-        return -1.0  # alive, start time unknown
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+        fields = data[data.rindex(")") + 2:].split()
+        return None if fields[0] in ("Z", "X") else float(fields[19])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return -1.0
 
 
 class RunLock:
@@ -328,7 +374,7 @@ class RunLock:
             if start is None:
                 return f"process {other['pid']} on this host is gone"
             recorded = other.get("process_start")
-            if start > 0 and isinstance(recorded, (int, float)) and recorded > 0 and abs(start - recorded) > 1:
+            if start >= 0 and isinstance(recorded, (int, float)) and recorded >= 0 and start != recorded:
                 return f"process {other['pid']} is another process now (its holder is gone)"
             return None
         age = time.time() - float(other.get("refreshed") or 0)

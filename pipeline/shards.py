@@ -87,16 +87,13 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def changed_settings(fs: fsspec.AbstractFileSystem, path: str, settings: dict[str, Any]) -> list[str]:
-    """What differs between the run recorded in `path` (a run.json) and `settings`, as "key: old -> new";
-    empty when nothing does or no run is recorded. Nested settings compare key by key."""
-    if not fs.exists(path):
-        return []
-    with fs.open(path, "rb") as f:
-        previous = _flatten(json.load(f))
+def compare_settings(previous: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """What differs between a recorded run (a run.json's content) and `settings`, as "key: old -> new".
+    Nested settings compare key by key."""
+    old = _flatten(previous)
     now = _flatten(json.loads(json.dumps(settings, default=str)))  # the types read back (tuples: lists)
-    return [f"{k}: {previous.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(previous) | set(now))
-            if previous.get(k) != now.get(k)]
+    return [f"{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(old) | set(now))
+            if old.get(k) != now.get(k)]
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

@@ -359,7 +359,7 @@ def test_driver_lists_completion_markers_once(tmp_path, web, monkeypatch):
     from pipeline.build import done_tasks
 
     args, out = _small_build(tmp_path, web, rows_per_task=2)
-    (out / "parts" / "00001.done.json.tmp-x").write_text("{}")
+    (out / "parts" / "00001.done.json.tmp-123-0123abcd").write_text("{}")  # a killed write of ours
     assert done_tasks(LocalFileSystem(), str(out)) == {0, 1, 2}
     calls = []
     real_exists = LocalFileSystem.exists
