@@ -29,6 +29,19 @@ class Progress:
         self.done_this_run += rows
         self.ok += ok
 
+    # Progress within tasks: a running task reports its counts so far; they count until it
+    # finishes, when its final counts replace them (a retried task starts again from zero).
+    def task_running(self, index: int, rows: int, ok: int) -> None:
+        if not hasattr(self, "_running"):
+            self._running: dict[int, tuple[int, int]] = {}
+        old_rows, old_ok = self._running.get(index, (0, 0))
+        self._running[index] = (rows, ok)
+        self.update(rows - old_rows, ok - old_ok)
+
+    def finish_task(self, index: int, rows: int, ok: int) -> None:
+        old_rows, old_ok = getattr(self, "_running", {}).pop(index, (0, 0))
+        self.update(rows - old_rows, ok - old_ok)
+
     def rate(self) -> float:
         return self.done_this_run / max(1e-9, time.monotonic() - self.start)
 
