@@ -1,16 +1,18 @@
-"""Eval-set overlap removal inside build_corpus: samples that overlap an eval set never reach a shard.
+"""Eval-set overlap in the job layer: matched inside the tasks, merged into one audit by one task.
 
     python jobs/build_corpus.py --urls data/urls.parquet --out corpus/ --eval coco=evalsets/coco-5k
 
-The eval index is built once, before any download (a bad --eval fails fast
-with a ConfigError). `pipeline.build.finalize` then asks, on the driver and in
-final order, about every candidate sample that survived the exact-duplicate
-check; the answer is None (keep) or the manifest's drop reason
-`eval_overlap:<set>:<image|text>`. `finish(out)` writes the same
-OUT/audit/{overlap.parquet, summary.json, report.html} as jobs/audit_overlap.py.
+`EvalOverlap.from_args` builds the eval index once on the driver (a bad --eval fails
+fast with a ConfigError). The job puts it in the object store once; each download task
+(build_corpus) or match task (audit_overlap) asks `task_matcher()` for a matcher that
+answers per sample (None = keep, else the manifest reason `eval_overlap:<set>:<kind>`)
+and writes the task's match rows to a parquet file of its own.
 
-Memory: the eval index, the match rows, and the image bytes of the matched
-samples that report.html draws (at most `report_max_pairs` per eval set).
+`merge_overlap` then runs one task (on the driver's node, where the eval files are)
+that streams every task's match file into `OUT/audit/overlap.parquet`, sums them into
+`summary.json` without holding all matches at once, and draws `report.html` from the
+first `report_max_pairs` pairs per eval set (training images read back from the tasks'
+tars). Both jobs write the same three files.
 """
 
 from __future__ import annotations
@@ -18,43 +20,50 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dedup.audit import MATCH_SCHEMA, drop_reason, summarize, write_parquet
 from dedup.evalsets import EvalSet, EvalSetError, load_eval_set, parse_eval_arg
-from dedup.matcher import MatchConfig, OverlapMatcher
-from dedup.report import write_report
+from dedup.matcher import KINDS, MatchConfig, OverlapMatcher
 from pipeline.config import ConfigError
-from pipeline.sample import DROPPED, FAILED, WRITTEN
-from pipeline.shards import atomic_write_json, get_fs, join
+from pipeline.job import Step, TaskContext, run_step
+from pipeline.rundir import RunDir
+from pipeline.shards import IMAGE_EXTS, atomic_open, atomic_write_json, read_tar
 
 log = logging.getLogger(__name__)
 
+MATCH_SCHEMA = pa.schema([("key", pa.string()), ("uid", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+                          ("eval_set", pa.string()), ("eval_item", pa.string()), ("kind", pa.string()),
+                          ("score", pa.float64()), ("similarity", pa.float64()), ("source_shard", pa.string())])
 
-class EvalRemoval:
-    """The `Matcher` build_corpus calls per sample: (key, caption, image, meta) -> drop reason or None."""
+
+def drop_reason(ms: list[dict], order: dict[str, int]) -> str:
+    """The manifest reason for a sample with matches `ms`: the first eval set (in --eval order), image before text."""
+    first = min(ms, key=lambda m: (order[m["eval_set"]], KINDS.index(m["kind"])))
+    return f"eval_overlap:{first['eval_set']}:{first['kind']}"
+
+
+def _str(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+class EvalOverlap:
+    """The eval sets and their index, built once on the driver; what every task receives."""
 
     def __init__(self, eval_sets: list[EvalSet], matcher: OverlapMatcher, report_max_pairs: int = 60,
                  timings: dict[str, float] | None = None):
         self.eval_sets, self.matcher = eval_sets, matcher
         self.report_max_pairs = report_max_pairs
         self.order = {es.name: i for i, es in enumerate(eval_sets)}
-        self.matches: list[dict] = []
-        """One row per (training sample, eval item, kind), as overlap.parquet holds them."""
-        self.report_keys: dict[str, set[str]] = defaultdict(set)
-        self.train_images: dict[str, bytes] = {}
-        """Image bytes of the matched samples drawn in report.html (nothing else is kept)."""
-        self.checked = 0
         self.timings: dict[str, float] = dict(timings or {})
-        self._match_s = 0.0
 
     @classmethod
     def from_args(cls, evals: tuple[str, ...] | list[str], report_max_pairs: int = 60,
-                  **match_kwargs: Any) -> EvalRemoval:
+                  **match_kwargs: Any) -> EvalOverlap:
         """Load the NAME=PATH eval sets and build their index; `match_kwargs` override MatchConfig's thresholds.
 
         Raises ConfigError (one line, naming the path) for an eval set that cannot be used.
@@ -80,62 +89,188 @@ class EvalRemoval:
         t0 = time.perf_counter()
         matcher = OverlapMatcher.build(eval_sets, cfg)
         build_s = round(time.perf_counter() - t0, 3)
-        log.info("eval overlap removal: %s; index built in %.1fs",
+        log.info("eval overlap: %s; index built in %.1fs",
                  ", ".join(f"{es.name} ({len(es.items)} {es.kind} items)" for es in eval_sets), build_s)
         return cls(eval_sets, matcher, report_max_pairs, {"eval_index_s": build_s})
 
-    def __call__(self, key: str, caption: str, image: bytes, meta: dict[str, Any]) -> str | None:
+    def task_matcher(self) -> TaskMatcher:
+        return TaskMatcher(self)
+
+
+class TaskMatcher:
+    """One task's matcher: (key, caption, image, meta) -> drop reason or None; keeps the task's match rows."""
+
+    def __init__(self, overlap: EvalOverlap):
+        self.overlap = overlap
+        self.rows: list[dict[str, Any]] = []
+        self.checked = 0
+        self.seconds = 0.0
+
+    def __call__(self, key: str, caption: str, image: bytes, meta: dict[str, Any],
+                 source_shard: str | None = None) -> str | None:
         t0 = time.perf_counter()
         sha = meta.get("sha256")  # of the downloaded bytes: an eval file served as-is matches exactly
-        found = self.matcher.match(key, caption, image, sha if isinstance(sha, str) else None)
-        self._match_s += time.perf_counter() - t0
+        found = self.overlap.matcher.match(key, caption, image, sha if isinstance(sha, str) else None)
+        self.seconds += time.perf_counter() - t0
         self.checked += 1
         if not found:
             return None
-        uid, url = meta.get("uid"), meta.get("url")
-        rows = [{"key": key, "uid": None if uid is None else str(uid), "url": None if url is None else str(url),
-                 "caption": caption, **asdict(m), "source_shard": None} for m in found]
-        self.matches.extend(rows)
-        for r in rows:
-            drawn = self.report_keys[r["eval_set"]]
-            if key in drawn or len(drawn) < self.report_max_pairs:
-                drawn.add(key)
-                self.train_images[key] = image
-        return drop_reason(rows, self.order)
+        rows = [{"key": key, "uid": _str(meta.get("uid")), "url": _str(meta.get("url")), "caption": caption,
+                 **asdict(m), "source_shard": source_shard} for m in found]
+        self.rows.extend(rows)
+        return drop_reason(rows, self.overlap.order)
 
-    def finish(self, out: str) -> dict[str, Any]:
-        """Write OUT/audit/{overlap.parquet, summary.json, config.json, report.html}; returns the summary.
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        """Match rows found elsewhere (the audit's batched lookup)."""
+        self.rows.extend(rows)
 
-        Call after pipeline.build.finalize: the corpus counts are read from OUT/manifest/*.parquet.
-        """
+    def write(self, fs: Any, path: str) -> None:
+        with atomic_open(fs, path) as f:
+            pq.write_table(pa.Table.from_pylist(self.rows, schema=_match_schema(self.rows)), f)
+
+
+def _match_schema(rows: list[dict[str, Any]]) -> pa.Schema:
+    """MATCH_SCHEMA plus any evidence columns the matcher adds (kept as they come)."""
+    extra = [k for k in (rows[0] if rows else {}) if k not in MATCH_SCHEMA.names]
+    if not extra:
+        return MATCH_SCHEMA
+    return pa.schema(list(MATCH_SCHEMA) + [pa.field(k, pa.Table.from_pylist(rows).schema.field(k).type)
+                                           for k in extra])
+
+
+class OverlapSummary:
+    """summary.json's per-set numbers, summed over match files one at a time."""
+
+    def __init__(self, overlap: EvalOverlap):
+        self.overlap = overlap
+        self.items: dict[str, set[str]] = defaultdict(set)
+        self.removed: dict[str, int] = defaultdict(int)
+        self.kinds: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(KINDS, 0))
+
+    def add(self, rows: list[dict[str, Any]], removed_keys: set[str] | None = None) -> None:
+        """Rows of one task's file; every key of a sample is in the same file, so distinct keys add up.
+        `removed_keys`: the samples actually dropped (None: every matched sample was)."""
+        per_set_keys: dict[str, set[str]] = defaultdict(set)
+        for m in rows:
+            self.items[m["eval_set"]].add(m["eval_item"])
+            self.kinds[m["eval_set"]][m["kind"]] += 1
+            if removed_keys is None or m["key"] in removed_keys:
+                per_set_keys[m["eval_set"]].add(m["key"])
+        for name, keys in per_set_keys.items():
+            self.removed[name] += len(keys)
+
+    def summary(self, corpus: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+        sets: dict[str, Any] = {}
+        mc = self.overlap.matcher.cfg
+        thresholds = {"text_jaccard": mc.text_threshold, "ngram": mc.ngram, "num_perm": mc.num_perm,
+                      "image_max_distance": mc.image_max_distance, "image_min_similarity": mc.image_min_similarity,
+                      "kinds": list(mc.kinds), "min_caption_words": mc.min_caption_words}
+        for s in self.overlap.matcher.sets:
+            items = sorted(self.items.get(s.name, set()))
+            n = len(s.item_ids)
+            sets[s.name] = {
+                "kind": s.kind, "layout": s.layout, "items": n, "items_with_overlap": len(items),
+                "overlap_pct": round(100.0 * len(items) / n, 4) if n else 0.0,
+                "train_samples_removed": self.removed.get(s.name, 0),
+                "matches": dict(self.kinds[s.name]),
+                "overlapping_items": items,
+                "unreadable_items": len(s.unreadable),
+                "thresholds": dict(thresholds),
+                "timings": s.timings,
+            }
+        return {"eval_sets": sets, "corpus": corpus, "timings": timings}
+
+
+class OverlapMergeStep(Step):
+    """One task: every match file -> audit/overlap.parquet, summary.json, config.json, report.html."""
+
+    name = "overlap"
+    what = "files"
+    on_driver_node = True
+    """The report reads eval images from the paths the driver loaded them from."""
+
+    def __init__(self, match_files: list[str], tars: list[str], corpus: dict[str, Any],
+                 removed_files: list[str | None] | None = None):
+        self.match_files, self.tars, self.corpus = match_files, tars, corpus
+        self.removed_files = removed_files
+
+    def tasks(self) -> list[int]:
+        return [0]
+
+    def run(self, ctx: TaskContext, spec: int, shared: Any = None) -> dict[str, Any]:
+        from dedup.report import write_report
+
+        overlap: EvalOverlap = shared
+        rd = ctx.rd
         t0 = time.perf_counter()
-        fs, root = get_fs(out)
-        counts: Counter[str] = Counter()
-        for p in sorted(fs.glob(join(root, "manifest", "*.parquet"))):
-            with fs.open(p, "rb") as f:
-                counts.update(pq.read_table(f, columns=["status"]).column("status").to_pylist())
-        corpus = {"input": root, "rows": sum(counts.values()), **{k: counts.get(k, 0) for k in (WRITTEN, DROPPED, FAILED)},
-                  "checked": self.checked, "removed": len({m["key"] for m in self.matches})}
-        audit_dir = join(root, "audit")
-        write_parquet(fs, join(audit_dir, "overlap.parquet"), self.matches, MATCH_SCHEMA)
-        timings = self.timings | {"match_s": round(self._match_s, 3)}
-        summary = summarize(self.matcher, self.matches, corpus, timings)
-        atomic_write_json(fs, join(audit_dir, "config.json"),
-                          {"evals": [f"{es.name}={es.root}" for es in self.eval_sets],
-                           "match": self.matcher.cfg.thresholds(), "report_max_pairs": self.report_max_pairs})
-        write_report(self.eval_sets, summary, self.matches, self.train_images, self.report_keys,
-                     join(audit_dir, "report.html"))
-        summary["timings"]["finish_s"] = round(time.perf_counter() - t0, 3)
-        atomic_write_json(fs, join(audit_dir, "summary.json"), summary)  # last: the audit is complete
-        self._check(fs, audit_dir)
-        log.info("eval overlap removal: %d samples checked, %d removed; %s", self.checked, corpus["removed"],
-                 json.dumps({n: s["items_with_overlap"] for n, s in summary["eval_sets"].items()}))
-        return summary
+        acc = OverlapSummary(overlap)
+        report_keys: dict[str, set[str]] = defaultdict(set)
+        report_rows: list[dict[str, Any]] = []
+        wanted: dict[int, set[str]] = defaultdict(set)
+        n_rows = 0
+        out_path = rd.path("audit", "overlap.parquet")
+        writer = None
+        with atomic_open(rd.fs, out_path) as out:
+            for i, path in enumerate(self.match_files):
+                with rd.fs.open(path, "rb") as f:
+                    t = pq.read_table(f)
+                if writer is None:
+                    # The first file's schema (MATCH_SCHEMA plus the matcher's evidence columns).
+                    writer = pq.ParquetWriter(out, t.schema if t.num_columns else MATCH_SCHEMA)
+                if t.num_rows:
+                    writer.write_table(t.cast(writer.schema) if t.schema != writer.schema else t)
+                rows = t.to_pylist()
+                n_rows += len(rows)
+                acc.add(rows, self._removed(rd, i))
+                for r in rows:
+                    drawn = report_keys[r["eval_set"]]
+                    if r["key"] in drawn or len(drawn) < overlap.report_max_pairs:
+                        drawn.add(r["key"])
+                        report_rows.append(r)
+                        wanted[i].add(r["key"])
+                ctx.progress(i + 1, i + 1)
+            if writer is None:
+                writer = pq.ParquetWriter(out, MATCH_SCHEMA)
+            writer.close()
+        train_images: dict[str, bytes] = {}
+        for i, keys in wanted.items():
+            for key, members in read_tar(rd.fs, self.tars[i]):
+                if key in keys:
+                    ext = next((e for e in IMAGE_EXTS if e in members), None)
+                    if ext:
+                        train_images[key] = members[ext]
+        timings = {**overlap.timings, "merge_s": round(time.perf_counter() - t0, 3)}
+        summary = acc.summary(self.corpus, timings)
+        atomic_write_json(rd.fs, rd.path("audit", "config.json"),
+                          {"evals": [f"{es.name}={es.root}" for es in overlap.eval_sets],
+                           "match": overlap.matcher.cfg.thresholds(), "report_max_pairs": overlap.report_max_pairs})
+        write_report(overlap.eval_sets, summary, report_rows, train_images, report_keys,
+                     rd.url_of("audit", "report.html"))
+        with rd.fs.open(out_path, "rb") as f:  # read back what matters: every match row is there
+            if pq.read_metadata(f).num_rows != n_rows:
+                raise RuntimeError(f"{out_path}: holds other than the {n_rows} match rows written")
+        atomic_write_json(rd.fs, rd.path("audit", "summary.json"), summary)  # last: the audit is complete
+        return {"matches": n_rows, "summary": {n: s["items_with_overlap"] for n, s in summary["eval_sets"].items()}}
 
-    def _check(self, fs: Any, audit_dir: str) -> None:
-        """Read back what matters: overlap.parquet holds every match row."""
-        path = join(audit_dir, "overlap.parquet")
-        with fs.open(path, "rb") as f:
-            n = pq.read_metadata(f).num_rows
-        if n != len(self.matches):
-            raise RuntimeError(f"{path}: holds {n} rows, expected {len(self.matches)}")
+    def _removed(self, rd: RunDir, i: int) -> set[str] | None:
+        if not self.removed_files or self.removed_files[i] is None:
+            return None
+        with rd.fs.open(self.removed_files[i], "rb") as f:
+            t = pq.read_table(f, columns=["key", "reason"])
+        return {k for k, r in zip(t.column("key").to_pylist(), t.column("reason").to_pylist(), strict=True)
+                if r and r.startswith("eval_overlap:")}
+
+
+def merge_overlap(rd: RunDir, executor: Any, overlap: Any, match_files: list[str], tars: list[str],
+                  corpus: dict[str, Any], removed_files: list[str | None] | None = None) -> dict[str, Any]:
+    """Run the merge step; returns summary.json's content."""
+    shared = overlap if not isinstance(overlap, EvalOverlap) else executor.put(overlap)
+    run_step(rd, OverlapMergeStep(match_files, tars, corpus, removed_files), executor, shared=shared)
+    with rd.fs.open(rd.path("audit", "summary.json"), "rb") as f:
+        summary = json.load(f)
+    log.info("eval overlap: %s", json.dumps({n: s["items_with_overlap"] for n, s in summary["eval_sets"].items()}))
+    return summary
+
+
+# The name build_corpus used before the job layer.
+EvalRemoval = EvalOverlap

@@ -16,11 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a Ray working dir
 
-from pipeline.build import AccountingError, build_corpus, print_summary  # noqa: E402
+from pipeline.build import build_corpus, print_summary  # noqa: E402
 from pipeline.config import BuildConfig, ConfigError, parse_config  # noqa: E402
-from pipeline.executor import TaskFailed, make_executor  # noqa: E402
-from pipeline.readers import read_urls  # noqa: E402
-from pipeline.shards import ShardError  # noqa: E402
+from pipeline.executor import make_executor  # noqa: E402
+from pipeline.job import job_main  # noqa: E402
 
 
 def refuse_relative_paths_in_ray_job(cfg: BuildConfig) -> None:
@@ -43,34 +42,22 @@ def refuse_relative_paths_in_ray_job(cfg: BuildConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    try:
+
+    def body() -> int:
         cfg = parse_config(BuildConfig, argv, description=__doc__, prog="build_corpus")
         refuse_relative_paths_in_ray_job(cfg)
-        table = read_urls(cfg.urls, cfg.url_col, cfg.caption_col, cfg.extra_cols)
         matcher = None
         if cfg.eval:
-            from dedup.removal import EvalRemoval
+            from dedup.removal import EvalOverlap
 
-            matcher = EvalRemoval.from_args(cfg.eval, **cfg.match_kwargs())
+            matcher = EvalOverlap.from_args(cfg.eval, **cfg.match_kwargs())
         with make_executor(cfg.executor, cfg.ray_address, cfg.num_cpus) as executor:
-            result = build_corpus(cfg, table, executor, matcher)
-    except ConfigError as exc:
-        print(f"build_corpus: error: {exc}", file=sys.stderr)
-        return 2
-    except (AccountingError, ShardError) as exc:
-        # A damaged output, not a bug: one line that says which file and how to redo it.
-        print(f"build_corpus: error: {exc}", file=sys.stderr)
-        return 1
-    except TaskFailed as exc:
-        print(f"build_corpus: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("build_corpus: interrupted; finished tasks are kept, rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-    # Printed after the executor closed, so no late worker log lands after the accounting line.
-    print_summary(result)
-    return 0 if result.adds_up else 1
+            result = build_corpus(cfg, executor, matcher)
+        # Printed after the executor closed, so no late worker log lands after the accounting line.
+        print_summary(result)
+        return 0 if result.adds_up else 1
+
+    return job_main("build_corpus", body)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,31 @@
-"""Build a corpus: URL rows -> download tasks -> parts -> contiguous shards + manifest.
+"""Build a corpus: URL list -> WebDataset shards + manifest, as steps of the one job layer (pipeline.job).
 
-Two phases, both re-runnable:
+The driver plans and adds up; tasks do every per-row and per-byte step:
 
-1. `run_task(i, rows, cfg)` (one Ray task per chunk of input rows) runs the
-   stages on its rows and writes `parts/{i:05d}.tar` (candidate samples, input
-   order) and `parts/{i:05d}.parquet` (every row with its status), each to a
-   temporary name renamed into place, then the marker `parts/{i:05d}.done.json`
-   last. A rerun skips tasks whose marker exists.
-2. `finalize` (driver) walks the parts in order, drops exact image duplicates
-   (sha256, first occurrence wins) across the whole corpus, writes
-   `shards/00000.tar ...` of exactly `samples_per_shard` samples, `sizes.json`,
-   `manifest/{i:05d}.parquet`, reads every shard back, checks that the counts
-   add up, and writes `stats.json` last. It is deterministic, so re-running it
-   after a crash writes the same bytes.
+1. **read** (one task per input slice: parquet row groups, tsv/jsonl byte ranges, csv
+   files): read the slice through fsspec, write it as `_input/SSSSS.parquet` (row groups
+   of `--rows-per-task` rows: the download tasks), hash each column (the input's identity,
+   naming the column that changed on a rerun) and write the URL keys for step 2.
+2. **url_dedup** (one task per bucket) and **url_gather** (per slice): duplicate URLs
+   across the whole input, first row wins (pipeline.exact_dedup).
+3. **download** (one task per row group): caption cleaning and filters, guarded fetch,
+   header sniff, size filters, resize; with `--eval`, the eval-overlap check (the index is
+   put in the object store once). Writes `parts/TTTTT.tar` (candidates, input order),
+   `parts/TTTTT.parquet` (every row with its status) and, with --eval, its matches.
+4. **sha_keys** (per slice), **sha_dedup** (per bucket) and **settle** (per slice):
+   duplicate image bytes (sha256 of the download) across the corpus, first row wins;
+   settle writes each part's final records (`_final/TTTTT.parquet`) and its kept count.
+5. **write_shards** (one task per 8 shards): from prefix sums of the kept counts (the
+   driver's only arithmetic), each task writes its range of `shards/NNNNN.tar` of exactly
+   `--samples-per-shard` samples from the parts that hold them, reads every shard back,
+   and writes the manifests it owns (`manifest/TTTTT.parquet`, one row per input row).
+6. with `--eval`: **overlap** (one task) merges the parts' matches into
+   `audit/overlap.parquet`, `summary.json` and `report.html`.
 
-Why two phases: download tasks finish with unpredictable numbers of good
-samples, and shards must be full and numbered without gaps, so they can only
-be cut once all candidates are known. The second phase only copies bytes.
+The driver writes `shards/sizes.json` and `stats.json` (last: the run is complete), checks
+that the counts add up, and removes the scratch folders unless `--keep-parts`. Each step
+resumes from its tasks' completion markers, and every output is a pure function of the
+input and the settings, so shards are byte-identical after any kill and rerun.
 """
 
 from __future__ import annotations
@@ -28,112 +37,388 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import BuildConfig, to_yaml
+from pipeline.config import BuildConfig, ConfigError, to_yaml
+from pipeline.exact_dedup import DedupStep, gather_dups, n_buckets, write_keys
 from pipeline.filters import CaptionCleaner, CaptionFilter, DuplicateUrlFilter, ImageSizeFilter
-from pipeline.progress import Progress, fmt_duration
-from pipeline.readers import fingerprint
-from pipeline.rundir import RunDir
+from pipeline.job import AccountingError, Step, TaskContext, run_step
+from pipeline.progress import fmt_duration
+from pipeline.readers import (
+    InputError,
+    InputFile,
+    InputSlice,
+    check_columns,
+    column_digests,
+    combine_digests,
+    list_inputs,
+    plan_slices,
+    read_slice,
+)
+from pipeline.rundir import RunDir, SettingsChanged
 from pipeline.sample import DROPPED, FAILED, PENDING, WRITTEN, Sample, run_stages
 from pipeline.shards import (
+    MANIFEST_SCHEMA,
+    SIZES_FILE,
     ShardError,
-    ShardSetWriter,
+    Source,
     atomic_open,
     atomic_write_bytes,
     atomic_write_json,
-    get_fs,
-    join,
-    read_tar,
-    verify_shards,
+    compare_settings,
+    plan_shard_tasks,
+    shard_name,
+    write_shard_range,
     write_tar,
 )
 
 log = logging.getLogger("clipforge.build")
 
+__all__ = ["AccountingError", "BuildResult", "build_corpus", "print_summary"]
+
 CANDIDATE = "candidate"
-MANIFEST_SCHEMA = pa.schema([
-    ("row", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("status", pa.string()),
-    ("reason", pa.string()), ("error", pa.string()), ("shard", pa.string()), ("sha256", pa.string()),
-])
+PART_SCHEMA = MANIFEST_SCHEMA
+SHARDS_PER_TASK = 8
 
-
-class AccountingError(RuntimeError):
-    """The part files do not account for every input row exactly once (a damaged output)."""
+_N = r"\d{5,}"
+# The names this job writes, per top-level folder of --out (relative paths below it):
+# cleanup deletes nothing else, and anything else found there is refused.
+OWN_NAMES = {
+    "parts": re.compile(rf"{_N}\.(tar|parquet|matches\.parquet)"),
+    "shards": re.compile(rf"{_N}\.tar|sizes\.json"),
+    "manifest": re.compile(rf"{_N}\.parquet"),
+    "audit": re.compile(r"overlap\.parquet|summary\.json|config\.json|report\.html"),
+    "_input": re.compile(rf"{_N}\.parquet"),
+    "_keys": re.compile(rf"(url|sha)-{_N}\.parquet"),
+    "_dups": re.compile(rf"(url|sha)/{_N}\.parquet|(url|sha)-{_N}\.parquet"),
+    "_final": re.compile(rf"{_N}\.parquet"),
+    "_steps": re.compile(rf"[a-z_]+/{_N}\.json|[a-z_]+\.json"),
+}
+SCRATCH = ("parts", "_input", "_keys", "_dups", "_final", "_steps")
+"""Folders removed after success unless --keep-parts (the shards and manifests are what stays)."""
+LEGACY_RUN_KEYS = ("input_fingerprint", "input_rows")
+"""A run.json of clipforge 0.1's build_corpus (no "job" entry) holds these."""
 
 
 def key_width(n_rows: int) -> int:
     return max(9, len(str(max(0, n_rows - 1))))
 
 
-def part_path(root: str, index: int, suffix: str) -> str:
-    return join(root, "parts", f"{index:05d}{suffix}")
+@dataclass(frozen=True)
+class Plan:
+    """What the driver knows after the read step: O(slices + tasks) numbers."""
+
+    slices: list[InputSlice]
+    slice_rows: list[int]
+    slice_offsets: list[int]
+    """Global row of each slice's first row."""
+    buckets: int
+    rows_per_task: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.slice_offsets[-1] if self.slice_offsets else 0
+
+    def download_tasks(self) -> list[tuple[int, int, int, int]]:
+        """(part index, slice, row group, first global row) per download task."""
+        out = []
+        for s, rows in enumerate(self.slice_rows):
+            for g in range(-(-rows // self.rows_per_task)):
+                out.append((len(out), s, g, self.slice_offsets[s] + g * self.rows_per_task))
+        return out
+
+    def part_rows(self, part: tuple[int, int, int, int]) -> tuple[int, int]:
+        """[lo, hi) global rows of a download task."""
+        _, s, g, lo = part
+        return lo, min(self.slice_offsets[s] + self.slice_rows[s], lo + self.rows_per_task)
 
 
-def _samples(rows: pa.Table, width: int, extra_cols: tuple[str, ...]) -> Iterator[Sample]:
-    for r in rows.to_pylist():
-        s = Sample(
-            key=f"{r['row']:0{width}d}", row=r["row"], url=r["url"] or "", caption=r["caption"],
-            extra={c: r.get(c) for c in extra_cols},
-        )
-        s.meta["duplicate_url"] = r["duplicate_url"]
+def _path(rd: RunDir, *parts: str) -> str:
+    return rd.url_of(*parts)
+
+
+# -- step 1: read -------------------------------------------------------------------------------
+
+
+class ReadStep(Step):
+    name = "read"
+
+    def __init__(self, cfg: BuildConfig, slices: list[InputSlice], buckets: int, write: bool = True):
+        self.cfg, self.slices, self.buckets, self.write = cfg, slices, buckets, write
+
+    def tasks(self) -> list[int]:
+        return list(range(len(self.slices)))
+
+    def run(self, ctx: TaskContext, s: int, shared: Any = None) -> dict[str, Any]:
+        cfg = self.cfg
+        table = read_slice(self.slices[s], cfg.url_col, cfg.caption_col, cfg.extra_cols)
+        digests = column_digests(table)
+        if self.write:
+            rd = ctx.rd
+            with atomic_open(rd.fs, rd.path("_input", f"{s:05d}.parquet")) as f:
+                pq.write_table(table, f, row_group_size=cfg.rows_per_task)
+            write_keys(rd.fs, rd.path("_keys", f"url-{s:05d}.parquet"), table.column("url").to_pylist(),
+                       np.arange(table.num_rows), self.buckets)
+        return {"rows": table.num_rows, "digests": digests}
+
+
+class CheckStep(ReadStep):
+    """The read step's hashing alone, to name what changed when the input files did (no outputs)."""
+
+    name = "check_input"
+    markers = False
+
+    def __init__(self, cfg: BuildConfig, slices: list[InputSlice]):
+        super().__init__(cfg, slices, 1, write=False)
+
+
+# -- step 2: url gather (decide is exact_dedup.DedupStep) ----------------------------------------
+
+
+class GatherStep(Step):
+    """Per slice: its duplicates from every bucket's decision, in one file."""
+
+    what = "slices"
+
+    def __init__(self, name: str, kind: str, n_slices: int, buckets: int):
+        self.name, self.kind, self.n_slices, self.buckets = name, kind, n_slices, buckets
+
+    def tasks(self) -> list[int]:
+        return list(range(self.n_slices))
+
+    def run(self, ctx: TaskContext, s: int, shared: Any = None) -> dict[str, Any]:
+        rd = ctx.rd
+        rows = gather_dups(rd.fs, rd.path("_dups", self.kind), self.buckets, s)
+        with atomic_open(rd.fs, rd.path("_dups", f"{self.kind}-{s:05d}.parquet")) as f:
+            pq.write_table(pa.table({"row": rows}), f)
+        return {"duplicates": int(len(rows))}
+
+
+def _dup_rows(rd: RunDir, kind: str, s: int) -> np.ndarray:
+    with rd.fs.open(rd.path("_dups", f"{kind}-{s:05d}.parquet"), "rb") as f:
+        return pq.read_table(f).column("row").to_numpy()
+
+
+# -- step 3: download --------------------------------------------------------------------------
+
+
+def _samples(table: pa.Table, first_row: int, width: int, dup: np.ndarray,
+             extra_cols: tuple[str, ...]) -> Iterator[Sample]:
+    for i, r in enumerate(table.to_pylist()):
+        row = first_row + i
+        s = Sample(key=f"{row:0{width}d}", row=row, url=r["url"] or "", caption=r["caption"],
+                   extra={c: r.get(c) for c in extra_cols})
+        s.meta["duplicate_url"] = bool(dup[i])
         yield s
 
 
-def run_task(index: int, rows: pa.Table, cfg: BuildConfig, width: int) -> dict[str, Any]:
-    """Download, filter and resize one chunk of rows into part files. Idempotent."""
-    fs, root = get_fs(cfg.out)
-    done_path = part_path(root, index, ".done.json")
-    if fs.exists(done_path):
-        with fs.open(done_path, "rb") as f:
-            return json.load(f)
-    # Worker-side imports: img2dataset (for its resizer) costs the driver 2 s it need not pay.
-    from pipeline.download import DownloadStage, ErrorLog, ResizeStage
-    from pipeline.fetch import Fetcher
+class DownloadStep(Step):
+    name = "download"
 
-    t0 = time.monotonic()
-    errors = ErrorLog()
-    cleaner = CaptionCleaner(cfg.max_caption_chars, truncate=cfg.long_captions == "truncate")
-    filters = [
-        DuplicateUrlFilter(),
-        CaptionFilter(cfg.min_caption_words, cfg.min_caption_chars, cfg.max_caption_chars,
-                      drop_long=cfg.long_captions == "drop"),
-    ]
-    download = DownloadStage(Fetcher(cfg.fetch_config()), cfg.threads, cfg.max_image_pixels, errors)
-    size_filter = ImageSizeFilter(cfg.min_image_side, cfg.max_aspect_ratio)
-    resize = ResizeStage(cfg.image_size, cfg.resize_mode, cfg.encode_format, cfg.encode_quality, errors)
-    stages = [cleaner, *filters, download, size_filter, resize]
-    results = sorted(run_stages(_samples(rows, width, cfg.extra_cols), stages), key=lambda s: s.row)
+    def __init__(self, cfg: BuildConfig, plan: Plan, width: int, with_eval: bool):
+        self.cfg, self.plan, self.width, self.with_eval = cfg, plan, width, with_eval
+        self.parts = plan.download_tasks()
 
-    tar_samples = []
-    records = []
-    for s in results:
-        status = CANDIDATE if s.status == PENDING else s.status
-        if status == CANDIDATE:
-            meta = {**s.extra, "url": s.url, "caption": s.caption, "key": s.key, **s.meta}
-            members = {s.ext or cfg.encode_format: s.image or b"", "txt": (s.caption or "").encode(),
-                       "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()}
-            tar_samples.append((s.key, members))
-        records.append({"row": s.row, "key": s.key, "url": s.url, "status": status, "reason": s.reason,
-                        "error": s.error, "shard": None, "sha256": s.meta.get("sha256")})
-    with atomic_open(fs, part_path(root, index, ".tar")) as f:
-        write_tar(f, tar_samples)
-    with atomic_open(fs, part_path(root, index, ".parquet")) as f:
-        pq.write_table(pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA), f)
-    counts = Counter(r["status"] for r in records)
-    reasons = Counter(f"{r['status']}:{r['reason']}" for r in records if r["reason"])
-    stage_stats: Counter[str] = Counter()
-    # Prefixed by stage: every filter counts "seen" and "kept", which summed together mean nothing.
-    for name, st in (("caption_cleaner", cleaner), *((f.name, f) for f in filters), (size_filter.name, size_filter)):
-        stage_stats.update({f"{name}:{k}": v for k, v in st.stats.items()})
-    summary = {"task": index, "rows": len(records), "candidates": counts[CANDIDATE], "dropped": counts[DROPPED],
-               "failed": counts[FAILED], "reasons": dict(reasons), "stage_stats": dict(stage_stats),
-               "seconds": round(time.monotonic() - t0, 3)}
-    atomic_write_json(fs, done_path, summary)  # the completion marker, last
-    return summary
+    def tasks(self) -> list[tuple[int, int, int, int]]:
+        return self.parts
+
+    def total(self, specs: list[Any]) -> int:
+        return self.plan.n_rows
+
+    def run(self, ctx: TaskContext, part: tuple[int, int, int, int], shared: Any = None) -> dict[str, Any]:
+        # Worker-side imports: the download stages import OpenCV and the resizer.
+        from pipeline.download import DownloadStage, ErrorLog, ResizeStage
+        from pipeline.fetch import Fetcher
+
+        cfg, rd = self.cfg, ctx.rd
+        t, s, g, first = part
+        lo, hi = self.plan.part_rows(part)
+        with rd.fs.open(rd.path("_input", f"{s:05d}.parquet"), "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(g)
+        if table.num_rows != hi - lo:
+            raise AccountingError(f"{rd.url_of('_input', f'{s:05d}.parquet')}: row group {g} holds "
+                                  f"{table.num_rows} rows, the plan says {hi - lo}; delete {rd.url_of('_steps')} "
+                                  "and rerun")
+        base = self.plan.slice_offsets[s]
+        dups = _dup_rows(rd, "url", s)
+        dup = np.isin(np.arange(lo - base, hi - base), dups)
+        errors = ErrorLog()
+        cleaner = CaptionCleaner(cfg.max_caption_chars, truncate=cfg.long_captions == "truncate")
+        filters = [
+            DuplicateUrlFilter(),
+            CaptionFilter(cfg.min_caption_words, cfg.min_caption_chars, cfg.max_caption_chars,
+                          drop_long=cfg.long_captions == "drop"),
+        ]
+        download = DownloadStage(Fetcher(cfg.fetch_config()), cfg.threads, cfg.max_image_pixels, errors)
+        size_filter = ImageSizeFilter(cfg.min_image_side, cfg.max_aspect_ratio)
+        resize = ResizeStage(cfg.image_size, cfg.resize_mode, cfg.encode_format, cfg.encode_quality, errors)
+        stages = [cleaner, *filters, download, size_filter, resize]
+        matcher = shared.task_matcher() if (self.with_eval and shared is not None) else None
+        results = []
+        ok = 0
+        for sample in run_stages(_samples(table, lo, self.width, dup, cfg.extra_cols), stages):
+            if matcher is not None and sample.status == PENDING:
+                meta = {**sample.extra, "url": sample.url, **sample.meta}
+                reason = matcher(sample.key, sample.caption or "", sample.image or b"", meta)
+                if reason:
+                    sample.drop(reason)
+            results.append(sample)
+            ok += sample.status == PENDING
+            ctx.progress(len(results), ok)
+        results.sort(key=lambda x: x.row)
+
+        tar_samples, records = [], []
+        for smp in results:
+            status = CANDIDATE if smp.status == PENDING else smp.status
+            if status == CANDIDATE:
+                meta = {**smp.extra, "url": smp.url, "caption": smp.caption, "key": smp.key, **smp.meta}
+                members = {smp.ext or cfg.encode_format: smp.image or b"", "txt": (smp.caption or "").encode(),
+                           "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()}
+                tar_samples.append((smp.key, members))
+            records.append({"row": smp.row, "key": smp.key, "url": smp.url, "status": status, "reason": smp.reason,
+                            "error": smp.error, "shard": None, "sha256": smp.meta.get("sha256"), "source": None})
+        if [r["row"] for r in records] != list(range(lo, hi)):
+            raise AccountingError(f"download task {t}: rows out do not cover rows {lo}..{hi - 1} once each")
+        with atomic_open(rd.fs, rd.path("parts", f"{t:05d}.tar")) as f:
+            write_tar(f, tar_samples)
+        with atomic_open(rd.fs, rd.path("parts", f"{t:05d}.parquet")) as f:
+            pq.write_table(pa.Table.from_pylist(records, schema=PART_SCHEMA), f)
+        if matcher is not None:
+            matcher.write(rd.fs, rd.path("parts", f"{t:05d}.matches.parquet"))
+        counts = Counter(r["status"] for r in records)
+        reasons = Counter(f"{r['status']}:{r['reason']}" for r in records if r["reason"])
+        stage_stats: Counter[str] = Counter()
+        # Prefixed by stage: every filter counts "seen" and "kept", which summed together mean nothing.
+        for name, st in (("caption_cleaner", cleaner), *((f.name, f) for f in filters), (size_filter.name, size_filter)):
+            stage_stats.update({f"{name}:{k}": v for k, v in st.stats.items()})
+        return {"rows": len(records), "candidates": counts[CANDIDATE], "dropped": counts[DROPPED],
+                "failed": counts[FAILED], "reasons": dict(reasons), "stage_stats": dict(stage_stats),
+                "progress_rows": len(records), "progress_ok": counts[CANDIDATE]}
+
+
+# -- step 4: sha keys, sha dedup, settle ---------------------------------------------------------
+
+
+class ShaKeysStep(Step):
+    name = "sha_keys"
+    what = "slices"
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.parts = plan.download_tasks()
+
+    def tasks(self) -> list[int]:
+        return list(range(len(self.plan.slices)))
+
+    def run(self, ctx: TaskContext, s: int, shared: Any = None) -> dict[str, Any]:
+        rd = ctx.rd
+        base = self.plan.slice_offsets[s]
+        shas, rows = [], []
+        for t, ps, _g, _first in self.parts:
+            if ps != s:
+                continue
+            for r in _part_records(rd, self.plan, (t, ps, _g, _first)):
+                if r["status"] == CANDIDATE:
+                    shas.append(r["sha256"])
+                    rows.append(r["row"] - base)
+        n = write_keys(rd.fs, rd.path("_keys", f"sha-{s:05d}.parquet"), shas, rows, self.plan.buckets)
+        return {"keys": n}
+
+
+def _part_records(rd: RunDir, plan: Plan, part: tuple[int, int, int, int]) -> list[dict[str, Any]]:
+    """A download task's records, checked: its rows, each once, in order (else a damaged output)."""
+    t = part[0]
+    path = rd.path("parts", f"{t:05d}.parquet")
+    lo, hi = plan.part_rows(part)
+    redo = f"delete {rd.url_of('_steps', 'download', f'{t:05d}.json')} and rerun to redo that task"
+    try:
+        with rd.fs.open(path, "rb") as f:
+            recs = pq.read_table(f).to_pylist()
+    except FileNotFoundError:
+        raise AccountingError(f"{rd.url_of('parts', f'{t:05d}.parquet')}: part file missing; {redo}") from None
+    except pa.ArrowInvalid as exc:
+        raise AccountingError(f"{rd.url_of('parts', f'{t:05d}.parquet')}: unreadable part "
+                              f"({str(exc).splitlines()[0][:160]}); {redo}") from None
+    if [r["row"] for r in recs] != list(range(lo, hi)):
+        raise AccountingError(f"{rd.url_of('parts', f'{t:05d}.parquet')}: rows {lo}..{hi - 1} are not there once "
+                              f"each ({len(recs)} records); {redo}")
+    return recs
+
+
+class SettleStep(Step):
+    """Per slice: each part's final records (candidates that are image duplicates dropped, the
+    others `written`) and kept count, the input of the shard plan."""
+
+    name = "settle"
+    what = "slices"
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.parts = plan.download_tasks()
+
+    def tasks(self) -> list[int]:
+        return list(range(len(self.plan.slices)))
+
+    def run(self, ctx: TaskContext, s: int, shared: Any = None) -> dict[str, Any]:
+        rd = ctx.rd
+        base = self.plan.slice_offsets[s]
+        dups = set((gather_dups(rd.fs, rd.path("_dups", "sha"), self.plan.buckets, s) + base).tolist())
+        kept: dict[str, int] = {}
+        for part in self.parts:
+            t, ps, _g, _first = part
+            if ps != s:
+                continue
+            recs = _part_records(rd, self.plan, part)
+            n = 0
+            for r in recs:
+                if r["status"] == CANDIDATE:
+                    if r["row"] in dups:
+                        r["status"], r["reason"] = DROPPED, "duplicate_image"
+                    else:
+                        r["status"] = WRITTEN
+                        n += 1
+            with atomic_open(rd.fs, rd.path("_final", f"{t:05d}.parquet")) as f:
+                pq.write_table(pa.Table.from_pylist(recs, schema=MANIFEST_SCHEMA), f)
+            kept[str(t)] = n
+        return {"kept": kept, "duplicates": len(dups)}
+
+
+# -- step 5: shards ------------------------------------------------------------------------------
+
+
+class WriteShardsStep(Step):
+    """Writes its range of shards and the manifests it owns (pipeline.shards.write_shard_range)."""
+
+    name = "write_shards"
+    what = "samples"
+
+    def __init__(self, sources: list[Source], samples_per_shard: int, shards_dir: str, shards_per_task: int):
+        self.sources, self.samples_per_shard, self.shards_dir = sources, samples_per_shard, shards_dir
+        self.prefix, self.specs = plan_shard_tasks(sources, samples_per_shard, shards_per_task)
+
+    def tasks(self) -> list[tuple]:
+        return self.specs
+
+    def total(self, specs: list[Any]) -> int:
+        return self.prefix[-1]
+
+    def run(self, ctx: TaskContext, spec: tuple, shared: Any = None) -> dict[str, Any]:
+        done = [0]
+
+        def on_sample() -> None:
+            done[0] += 1
+            ctx.progress(done[0], done[0])
+
+        summary = write_shard_range(ctx.rd.fs, self.sources, self.prefix, spec, self.samples_per_shard,
+                                    self.shards_dir, on_sample=on_sample)
+        return {**summary, "progress_rows": summary["rows"], "progress_ok": summary["rows"]}
+
+
+# -- the driver ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -149,6 +434,7 @@ class BuildResult:
     rows_this_run: int = 0
     images_this_run: int = 0
     """Images downloaded and kept by this run's tasks (a resumed run skips finished tasks)."""
+    already_complete: bool = False
 
     @property
     def adds_up(self) -> bool:
@@ -159,207 +445,215 @@ class BuildResult:
                 + ("" if self.adds_up else "  <-- DOES NOT ADD UP"))
 
 
-class Matcher(Protocol):
-    """Removal of evaluation-set overlap before final sharding (dedup.removal.EvalRemoval)."""
-
-    def __call__(self, key: str, caption: str, image: bytes, meta: dict[str, Any]) -> str | None:
-        """A drop reason (e.g. eval_overlap:coco:image) or None to keep."""
-
-    def finish(self, out: str) -> None:
-        """Write the audit (OUT/audit/...) for everything matched so far."""
-
-
-# The names this job writes, per sub-folder of --out: cleanup deletes nothing else, and
-# anything else found there is refused (someone else's file must not be mistaken for ours).
-OWN_NAMES = {
-    "parts": re.compile(r"\d{5}\.(tar|parquet|done\.json)"),
-    "shards": re.compile(r"\d{5}\.tar|sizes\.json"),
-    "manifest": re.compile(r"\d{5}\.parquet"),
-    "audit": re.compile(r"overlap\.parquet|summary\.json|config\.json|report\.html"),
-}
-SHARD_RE = re.compile(r"\d{5}\.tar")
-MANIFEST_RE = re.compile(r"\d{5}\.parquet")
-LEGACY_RUN_KEYS = ("input_fingerprint", "input_rows")
-"""A run.json of clipforge 0.1's build_corpus (no "job" entry) holds these."""
-
-
 def open_output(cfg: BuildConfig) -> RunDir:
     return RunDir(cfg.out, "build_corpus")
 
 
-def done_tasks(fs: Any, root: str) -> set[int]:
-    """Indexes of the tasks whose completion marker exists.
-
-    One listing rather than an exists() per task: on object storage each is a request.
-    """
-    try:
-        names = [p.rsplit("/", 1)[-1] for p in fs.ls(join(root, "parts"), detail=False)]
-    except FileNotFoundError:
-        return set()
-    return {int(name[: -len(".done.json")]) for name in names
-            if name.endswith(".done.json") and name[: -len(".done.json")].isdigit()}
+def _input_identity(files: list[InputFile]) -> list[dict[str, Any]]:
+    return [{"url": f.url, "size": f.size, "version": f.version} for f in files]
 
 
-def stage_totals(fs: Any, root: str, n_tasks: int) -> Counter[str]:
-    """The stages' own counters (captions cleaned, truncated, ...) summed over every task's marker."""
-    totals: Counter[str] = Counter()
-    for i in range(n_tasks):
-        with fs.open(part_path(root, i, ".done.json"), "rb") as f:
-            totals.update(json.load(f).get("stage_stats", {}))
-    return totals
+def _check_input(cfg: BuildConfig, rd: RunDir, run: dict[str, Any], files: list[InputFile],
+                 slices: list[InputSlice], executor: Any) -> bool:
+    """True if the input is the one recorded. When its files changed (size, mtime, ETag), their
+    columns are hashed again in tasks: the same content is accepted, other content refused
+    naming the column that changed."""
+    if run.get("input") == _input_identity(files):
+        return True
+    recorded = run.get("input_columns")
+    if not isinstance(recorded, dict):
+        return False
+    summaries: list[dict[str, Any]] = []
+    executor.run_tasks(CheckStep(cfg, slices), list(enumerate(range(len(slices)))), rd.url, rd.job, None,
+                       lambda _i, s: summaries.append(s), lambda *_: None)
+    summaries.sort(key=lambda s: s["task"])
+    now = combine_digests([s["digests"] for s in summaries])
+    changed = [f"input_fingerprint.{c}" for c in sorted(set(now) | set(recorded)) if now.get(c) != recorded.get(c)]
+    if changed:
+        raise SettingsChanged(f"{rd.url_of('run.json')}: the output folder holds a build_corpus run of other input "
+                              f"(changed: {', '.join(changed)}); use a new --out, or delete the folder to start over")
+    return True
 
 
-def build_corpus(cfg: BuildConfig, table: pa.Table, executor: Any, matcher: Matcher | None = None) -> BuildResult:
-    """Run both phases on `table` (columns url, caption, extras) with `executor`."""
-    n = table.num_rows
-    settings = {**cfg.output_settings(), "input_rows": n, "input_fingerprint": fingerprint(table)}
+def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildResult:
+    """Run the steps (see the module docstring) with `executor`; `matcher` removes eval-set overlap
+    (dedup.removal.EvalOverlap) and goes to the tasks through the object store."""
     rd = open_output(cfg)
     rd.check_ours(LEGACY_RUN_KEYS)  # before the lock file: a foreign folder gets nothing written
+    files = list_inputs(cfg.urls)
+    if check_columns(files, cfg.url_col, cfg.caption_col, cfg.extra_cols) == 0:
+        raise InputError(f"{cfg.urls}: no rows")
+    slices = plan_slices(files)
     with rd.lock():
-        rd.claim(settings, OWN_NAMES, LEGACY_RUN_KEYS)
-        return _build(cfg, rd, table, executor, matcher)
+        run = rd.check_ours(LEGACY_RUN_KEYS)
+        rd.check_links(OWN_NAMES)
+        rd.check_foreign(OWN_NAMES)
+        settings = {**cfg.output_settings()}
+        input_ok = True
+        if run is not None:
+            old = {k: v for k, v in run.items() if k not in ("job", "input", "input_columns", "input_rows",
+                                                               "buckets")}
+            changed = compare_settings(old, settings)
+            if changed:
+                raise SettingsChanged(
+                    f"{rd.url_of('run.json')}: the output folder holds a build_corpus run with other settings "
+                    f"({'; '.join(changed[:4])}); use a new --out, or delete the folder to start over")
+            input_ok = _check_input(cfg, rd, run, files, slices, executor)
+            if not input_ok:
+                raise SettingsChanged(f"{rd.url_of('run.json')}: the output folder holds a build_corpus run of other "
+                                      "input; use a new --out, or delete the folder to start over")
+            if rd.fs.exists(rd.path("stats.json")):
+                return _already_complete(rd)
+        rd.remove_temporaries(OWN_NAMES)
+        buckets = int(run.get("buckets")) if run and run.get("buckets") else n_buckets(_estimate_rows(files))
+        record = {**settings, "input": _input_identity(files), "buckets": buckets}
+        if run and run.get("input_columns"):
+            record["input_columns"], record["input_rows"] = run["input_columns"], run.get("input_rows")
+        rd.write_run(record)
+        atomic_write_bytes(rd.fs, rd.path("config.yaml"), to_yaml(cfg).encode())
+        return _build(cfg, rd, slices, buckets, record, executor, matcher)
 
 
-def _build(cfg: BuildConfig, rd: RunDir, table: pa.Table, executor: Any, matcher: Matcher | None) -> BuildResult:
-    fs, root = rd.fs, rd.root
-    n = table.num_rows
-    width = key_width(n)
-    fs.makedirs(join(root, "parts"), exist_ok=True)
-    atomic_write_bytes(fs, join(root, "config.yaml"), to_yaml(cfg).encode())
+def _estimate_rows(files: list[InputFile]) -> int:
+    return sum(max(1, f.size // 100) for f in files)
 
-    # Duplicate URLs are judged here, the only place that sees every row: first occurrence wins.
-    seen: set[str] = set()
-    dup = []
-    for url in table.column("url").to_pylist():
-        dup.append(url in seen)
-        seen.add(url)
-    table = table.append_column("row", pa.array(range(n), pa.int64())).append_column("duplicate_url", pa.array(dup))
 
-    n_tasks = (n + cfg.rows_per_task - 1) // cfg.rows_per_task
-    done = done_tasks(fs, root)
-    todo = [i for i in range(n_tasks) if i not in done]
-    already = sum(min(cfg.rows_per_task, n - i * cfg.rows_per_task) for i in range(n_tasks) if i in done)
-    log.info("%d input rows in %d tasks of %d rows; %d tasks to run (%d done before); executor %s",
-             n, n_tasks, cfg.rows_per_task, len(todo), n_tasks - len(todo), executor.name)
-    progress = Progress(n, cfg.progress_every, already=already)
+def _already_complete(rd: RunDir) -> BuildResult:
+    with rd.fs.open(rd.path("stats.json"), "rb") as f:
+        stats = json.load(f)
+    removed = [p for sub in SCRATCH for p in rd.remove_own_files(sub, OWN_NAMES[sub])]
+    log.info("%s holds a finished build of this input and settings: nothing to do%s", rd.url_of(),
+             f" (removed {len(removed)} leftover scratch files)" if removed else "")
+    result = BuildResult(stats["rows_in"], stats["written"], stats["dropped"], stats["failed"],
+                         Counter(stats.get("reasons", {})), stats.get("shards", 0), root=rd.url_of())
+    result.already_complete = True
+    return result
+
+
+def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int, record: dict[str, Any],
+           executor: Any, matcher: Any) -> BuildResult:
     t0 = time.monotonic()
-
-    def on_result(_index: int, summary: dict[str, Any]) -> None:
-        progress.update(summary["rows"], summary["candidates"])
-
-    tasks = [(i, (i, table.slice(i * cfg.rows_per_task, cfg.rows_per_task), cfg, width)) for i in todo]
-    executor.map(run_task, tasks, on_result, on_tick=progress.tick, tick_seconds=min(cfg.progress_every, 1.0))
-    progress.tick(force=True)
-    download_seconds = time.monotonic() - t0
-
-    result = finalize(cfg, n_tasks, n, matcher, rd)
+    every = cfg.progress_every
+    read = run_step(rd, ReadStep(cfg, slices, buckets), executor, progress_every=every)
+    rows = [int(s["rows"]) for s in read]
+    offsets = [0]
+    for n in rows:
+        offsets.append(offsets[-1] + n)
+    if offsets[-1] == 0:
+        raise InputError(f"{cfg.urls}: no rows")
+    if not record.get("input_columns"):
+        record["input_columns"] = combine_digests([s["digests"] for s in read])
+        record["input_rows"] = offsets[-1]
+        rd.write_run(record)
+    plan = Plan(slices, rows, offsets, buckets, cfg.rows_per_task)
+    width = key_width(plan.n_rows)
+    log.info("%d input rows in %d slices, %d download tasks of up to %d rows, %d dedup buckets; executor %s",
+             plan.n_rows, len(slices), len(plan.download_tasks()), cfg.rows_per_task, buckets, executor.name)
+    keys = [rd.url_of("_keys", f"url-{s:05d}.parquet") for s in range(len(slices))]
+    run_step(rd, DedupStep("url_dedup", keys, rd.url_of("_dups", "url"), buckets), executor, progress_every=every)
+    run_step(rd, GatherStep("url_gather", "url", len(slices), buckets), executor, progress_every=every)
+    shared = executor.put(matcher) if matcher is not None else None
+    t_download = time.monotonic()
+    downloads = run_step(rd, DownloadStep(cfg, plan, width, matcher is not None), executor, shared=shared,
+                         progress_every=every)
+    download_seconds = time.monotonic() - t_download
+    run_step(rd, ShaKeysStep(plan), executor, progress_every=every)
+    keys = [rd.url_of("_keys", f"sha-{s:05d}.parquet") for s in range(len(slices))]
+    run_step(rd, DedupStep("sha_dedup", keys, rd.url_of("_dups", "sha"), buckets), executor, progress_every=every)
+    settled = run_step(rd, SettleStep(plan), executor, progress_every=every)
+    kept: dict[int, int] = {}
+    for s in settled:
+        kept.update({int(t): int(n) for t, n in s["kept"].items()})
+    parts = plan.download_tasks()
+    if sorted(kept) != [p[0] for p in parts]:
+        raise AccountingError(f"{rd.url_of('_steps', 'settle')}: kept counts for {len(kept)} parts, "
+                              f"{len(parts)} planned")
+    sources = [Source(rd.url_of("parts", f"{t:05d}.tar"), rd.url_of("_final", f"{t:05d}.parquet"), kept[t],
+                      rd.url_of("manifest", f"{t:05d}.parquet")) for t, *_ in parts]
+    writer = WriteShardsStep(sources, cfg.samples_per_shard, rd.url_of("shards"), SHARDS_PER_TASK)
+    written = run_step(rd, writer, executor, progress_every=every)
+    result = finish_shards(rd, written, plan.n_rows, writer.prefix[-1], cfg.samples_per_shard)
     if matcher is not None:
-        matcher.finish(cfg.out)
+        from dedup.removal import merge_overlap
+
+        merge_overlap(rd, executor, shared, [rd.url_of("parts", f"{t:05d}.matches.parquet") for t, *_ in parts],
+                      [rd.url_of("parts", f"{t:05d}.tar") for t, *_ in parts],
+                      {"input": cfg.urls, "rows": result.rows_in, WRITTEN: result.written,
+                       DROPPED: result.dropped, FAILED: result.failed})
     elapsed = time.monotonic() - t0
     # Rates count this run's work only: a resumed run did not write what earlier runs did.
-    result.rows_this_run, result.images_this_run = progress.done_this_run, progress.ok
+    this_run = [s for s in downloads if s.get("seconds") is not None and s.get("this_run", True)]
+    result.rows_this_run = sum(int(s["rows"]) for s in this_run if s.get("fresh"))
+    result.images_this_run = sum(int(s["candidates"]) for s in this_run if s.get("fresh"))
+    stage_totals: Counter[str] = Counter()
+    for s in downloads:
+        stage_totals.update(s.get("stage_stats", {}))
     stats = {
         "rows_in": result.rows_in, "written": result.written, "dropped": result.dropped, "failed": result.failed,
         "shards": result.shards, "reasons": dict(result.reasons.most_common()),
-        "stages": dict(sorted(stage_totals(fs, root, n_tasks).items())),
+        "stages": dict(sorted(stage_totals.items())),
         "seconds": {"download": round(download_seconds, 3), "total": round(elapsed, 3)},
         "rows_this_run": result.rows_this_run,
         "images_this_run": result.images_this_run,
         "rows_per_second": round(result.rows_this_run / max(1e-9, elapsed), 2),
         "images_per_second": round(result.images_this_run / max(1e-9, elapsed), 2),
+        "nodes": sorted({s["node"] for s in downloads if s.get("node")}),
     }
-    atomic_write_json(fs, join(root, "stats.json"), stats)  # written last: the run is complete
-    result.elapsed, result.root = elapsed, root
+    atomic_write_json(rd.fs, rd.path("stats.json"), stats)  # written last: the run is complete
+    if not cfg.keep_parts:
+        for sub in SCRATCH:
+            rd.remove_own_files(sub, OWN_NAMES[sub])
+    result.elapsed, result.root = elapsed, rd.url_of()
     return result
 
 
-def finalize(cfg: BuildConfig, n_tasks: int, n_rows: int, matcher: Matcher | None = None,
-             rd: RunDir | None = None) -> BuildResult:
-    """Cut the shards from the parts; every one of the `n_rows` input rows must appear exactly once."""
-    rd = rd or open_output(cfg)
-    fs, root = rd.fs, rd.root
-    shards_dir = join(root, "shards")
-    # rows_in is the input's row count, not a count of what the parts hold: the check
-    # that rows in = written + dropped + failed must be able to fail.
-    result = BuildResult(n_rows, 0, 0, 0)
-    seen_sha: set[str] = set()
-    seen_rows = bytearray(n_rows)
-    with ShardSetWriter(fs, shards_dir, cfg.samples_per_shard) as writer:
-        for i in range(n_tasks):
-            redo = f"delete {part_path(root, i, '.done.json')} and rerun to redo that task"
-            try:
-                # Closed here, not by the garbage collector: pyarrow reading a Python file that is
-                # finalised during interpreter exit aborted the process ("terminate called without
-                # an active exception") about one exit in 40 after an accounting error.
-                with fs.open(part_path(root, i, ".parquet"), "rb") as fh:
-                    records = pq.read_table(fh).to_pylist()
-                members_by_key = dict(read_tar(fs, part_path(root, i, ".tar")))
-            except FileNotFoundError as exc:
-                raise AccountingError(f"{exc.filename or part_path(root, i, '')}: part file missing; {redo}") from None
-            except (pa.ArrowInvalid, ShardError) as exc:
-                raise AccountingError(f"{part_path(root, i, '.parquet')}: unreadable part "
-                                      f"({str(exc).splitlines()[0][:160]}); {redo}") from None
-            lo, hi = i * cfg.rows_per_task, min(n_rows, (i + 1) * cfg.rows_per_task)
-            for rec in records:
-                r = rec["row"]
-                if r is None or not lo <= r < hi or seen_rows[r]:
-                    what = "twice" if r is not None and lo <= r < hi else f"outside the task's rows {lo}..{hi - 1}"
-                    raise AccountingError(f"{part_path(root, i, '.parquet')}: input row {r} appears {what}; {redo}")
-                seen_rows[r] = 1
-                if rec["status"] == CANDIDATE:
-                    members = members_by_key.pop(rec["key"], None)
-                    if members is None:
-                        raise AccountingError(f"{part_path(root, i, '.tar')}: sample {rec['key']} missing; {redo}")
-                    reason = None
-                    if rec["sha256"] in seen_sha:
-                        reason = "duplicate_image"
-                    elif matcher is not None:
-                        image = next(v for k, v in members.items() if k in ("jpg", "webp", "png", "jpeg"))
-                        reason = matcher(rec["key"], members["txt"].decode(), image, json.loads(members["json"]))
-                    if reason:
-                        rec["status"], rec["reason"] = DROPPED, reason
-                    else:
-                        seen_sha.add(rec["sha256"])
-                        rec["shard"] = writer.add(rec["key"], members)
-                        rec["status"] = WRITTEN
-                if rec["status"] == WRITTEN:
-                    result.written += 1
-                elif rec["status"] == DROPPED:
-                    result.dropped += 1
-                    result.reasons[f"dropped:{rec['reason']}"] += 1
-                elif rec["status"] == FAILED:
-                    result.failed += 1
-                    result.reasons[f"failed:{rec['reason']}"] += 1
-                else:
-                    raise AccountingError(f"{part_path(root, i, '.parquet')}: row {r} has status {rec['status']}; {redo}")
-            if sum(seen_rows[lo:hi]) != hi - lo:
-                missing = next(r for r in range(lo, hi) if not seen_rows[r])
-                raise AccountingError(f"{part_path(root, i, '.parquet')}: {hi - lo - sum(seen_rows[lo:hi])} input "
-                                      f"row(s) missing, first {missing}; {redo}")
-            with atomic_open(fs, join(root, "manifest", f"{i:05d}.parquet")) as f:
-                pq.write_table(pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA), f)
-    sizes = writer.sizes
-    result.shards = len(sizes)
-    # Shards left by an earlier, different finalize (cannot happen with the settings
-    # check, but a stale file must never be mistaken for part of this corpus): only our
-    # own numbered names are candidates, never anything else in the folder.
-    rd.remove_own("shards", SHARD_RE, keep=sizes)
-    rd.remove_own("manifest", MANIFEST_RE, keep={f"{i:05d}.parquet" for i in range(n_tasks)})
-    counted = verify_shards(fs, shards_dir, cfg.samples_per_shard)
-    if counted != result.written:
-        raise AccountingError(f"{shards_dir}: shards hold {counted} samples, the manifest says {result.written}")
+def finish_shards(rd: RunDir, written: list[dict[str, Any]], n_rows: int, n_kept: int,
+                  samples_per_shard: int) -> BuildResult:
+    """sizes.json from the writers' summaries, and the checks that everything adds up (both jobs)."""
+    sizes: dict[str, int] = {}
+    counts: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    for s in written:
+        sizes.update(s["sizes"])
+        counts.update(s["counts"])
+        reasons.update(s["reasons"])
+    names = [shard_name(i) for i in range(len(sizes))]
+    if sorted(sizes) != names:
+        raise ShardError(f"{rd.url_of('shards')}: the writers wrote shards {sorted(sizes)[:3]}..., not a contiguous "
+                         "run from 00000.tar; delete the folder's _steps/write_shards* and rerun")
+    full = [n for i, n in enumerate(sizes[k] for k in names) if i < len(names) - 1 and n != samples_per_shard]
+    if full or sum(sizes.values()) != n_kept:
+        raise ShardError(f"{rd.url_of('shards')}: shard sizes do not add up to the {n_kept} kept samples")
+    on_disk = sorted(n for n in rd.names("shards") if re.fullmatch(r"\d{5,}\.tar", n))
+    if on_disk != names:
+        raise ShardError(f"{rd.url_of('shards')}: holds {len(on_disk)} tars, the writers wrote {len(names)}")
+    atomic_write_json(rd.fs, rd.path("shards", SIZES_FILE), {k: sizes[k] for k in names})
+    result = BuildResult(n_rows, counts[WRITTEN], counts[DROPPED], counts[FAILED], reasons, len(names))
+    if result.written != n_kept:
+        raise AccountingError(f"{rd.url_of('manifest')}: the manifests say {result.written} written, the shards "
+                              f"hold {n_kept}")
+    other = set(counts) - {WRITTEN, DROPPED, FAILED}
+    if other:
+        raise AccountingError(f"{rd.url_of('manifest')}: rows with status {sorted(other)}")
     return result
 
 
 def print_summary(result: BuildResult) -> None:
     """The end-of-run summary; its last line is the accounting line."""
     elapsed, root = result.elapsed, result.root
-    print(f"corpus written to {root}/shards: {result.shards} shards, {result.written} samples; this run: "
-          f"{result.rows_this_run} rows in {fmt_duration(elapsed)} "
-          f"({result.images_this_run / max(1e-9, elapsed):.1f} images/s)")
+    if result.already_complete:
+        print(f"corpus in {root}/shards is complete ({result.shards} shards, {result.written} samples); "
+              "nothing to do")
+    else:
+        print(f"corpus written to {root}/shards: {result.shards} shards, {result.written} samples; this run: "
+              f"{result.rows_this_run} rows in {fmt_duration(elapsed)} "
+              f"({result.images_this_run / max(1e-9, elapsed):.1f} images/s)")
     top = result.reasons.most_common(10)
     if top:
         print("most common reasons a row was not written:")
         for reason, count in top:
             print(f"  {count:8d}  {reason}")
     print(result.accounting_line(), flush=True)
+
+
+__all__ += ["ConfigError"]

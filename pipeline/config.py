@@ -212,6 +212,8 @@ class BuildConfig:
     """--eval: captions with fewer words are never text-matched."""
     progress_every: float = 5.0
     """Seconds between progress lines."""
+    keep_parts: bool = False
+    """Keep the scratch folders (parts/, _input/, ...) after success; by default they are removed."""
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -288,7 +290,7 @@ class BuildConfig:
 
     # Settings that change what is written; a resume with any of them changed is refused.
     RUNTIME_ONLY: typing.ClassVar[frozenset[str]] = frozenset(
-        {"threads", "num_cpus", "ray_address", "executor", "progress_every", "out"}
+        {"threads", "num_cpus", "ray_address", "executor", "progress_every", "out", "keep_parts"}
     )
 
     def output_settings(self) -> dict[str, Any]:

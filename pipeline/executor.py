@@ -27,18 +27,51 @@ class TaskFailed(RuntimeError):
     """One or more tasks failed after Ray's retries; rerunning the job resumes."""
 
 
-def input_error(exc: BaseException) -> ConfigError | None:
-    """The bad-input error a task raised (Ray wraps it; `.cause` is the original), else None.
+def input_error(exc: BaseException) -> Exception | None:
+    """The error a task raised that no retry can mend (Ray wraps it; `.cause` is the original), else None.
 
-    Bad input (a damaged input shard, say) is the user's to fix, not a task failure that a
-    rerun would mend: the job stops at once and prints it as one line with exit code 2.
+    Bad input (a damaged input shard, say: ConfigError) is the user's to fix, and a damaged
+    output (AccountingError) needs its task redone by hand: the job stops at once and prints
+    it as one line (exit 2 or 1), instead of retrying and reporting a task failure.
     """
+    from pipeline.job import AccountingError
+
     cause = getattr(exc, "cause", None) or exc
-    return cause if isinstance(cause, ConfigError) else None
+    return cause if isinstance(cause, (ConfigError, AccountingError)) else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1][:300] if text else type(exc).__name__
 
 
 class LocalExecutor:
     name = "local"
+
+    def run_tasks(self, step: Any, tasks: Sequence[tuple[int, Any]], out: str, job: str, shared: Any,
+                  on_result: Callable[[int, Any], None], on_report: Callable[[str, int, int, int], None],
+                  on_tick: Callable[[], None] | None = None, tick_seconds: float = 5.0,
+                  task_retries: int = 1) -> None:
+        """Run `step`'s tasks in this process, in order (pipeline.job.run_step calls this)."""
+        from pipeline.job import run_task
+
+        failures = []
+        for index, spec in tasks:
+            for attempt in range(task_retries + 1):
+                try:
+                    on_result(index, run_task(step, index, spec, out, job, shared, report=on_report))
+                    break
+                except Exception as exc:  # noqa: BLE001 - retried, then collected and raised below
+                    if input_error(exc) is not None:
+                        raise
+                    log.error("%s task %05d failed (attempt %d): %s", step.name, index, attempt + 1, exc)
+                    if attempt == task_retries:
+                        failures.append((index, exc))
+            if on_tick:
+                on_tick()
+        if failures:
+            raise TaskFailed(f"{step.name}: {len(failures)} task(s) failed, first: {failures[0][0]:05d}: "
+                             f"{_first_line(failures[0][1])}; rerun the same command to resume")
 
     def __enter__(self) -> LocalExecutor:
         return self
@@ -121,6 +154,68 @@ class RayExecutor:
 
         return ray.put(obj)
 
+    def run_tasks(self, step: Any, tasks: Sequence[tuple[int, Any]], out: str, job: str, shared: Any,
+                  on_result: Callable[[int, Any], None], on_report: Callable[[str, int, int, int], None],
+                  on_tick: Callable[[], None] | None = None, tick_seconds: float = 5.0,
+                  task_retries: int = 1) -> None:
+        """Run `step`'s tasks as Ray tasks, a bounded number in flight (pipeline.job.run_step calls this).
+
+        The step object and `shared` (an eval index, say) go to the object store once; every
+        task gets references. Tasks report progress to a small actor that the driver drains
+        every tick, so the progress line moves while tasks run.
+        """
+        import ray
+
+        options: dict[str, Any] = {"num_cpus": getattr(step, "num_cpus", 1), "max_retries": self.max_retries}
+        if getattr(step, "on_driver_node", False):
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        remote = ray.remote(**options)(_ray_task)
+        sink = _progress_sink().remote()
+        step_ref = ray.put(step)
+        shared_ref = shared if isinstance(shared, ray.ObjectRef) or shared is None else ray.put(shared)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        max_inflight = 2 * cpus + 2  # arguments of queued tasks sit in the object store
+        pending = list(tasks)[::-1]
+        attempts: dict[int, int] = {}
+        inflight: dict[Any, tuple[int, Any]] = {}
+        failures: list[tuple[int, BaseException]] = []
+        while pending or inflight:
+            while pending and len(inflight) < max_inflight:
+                index, spec = pending.pop()
+                inflight[remote.remote(step_ref, index, spec, out, job, shared_ref, sink)] = (index, spec)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=tick_seconds)
+            for ref in ready:
+                index, spec = inflight.pop(ref)
+                try:
+                    summary = ray.get(ref)
+                except (ray.exceptions.RayError, Exception) as exc:  # noqa: BLE001
+                    bad_input = input_error(exc)
+                    if bad_input is not None:
+                        for other in inflight:
+                            ray.cancel(other)
+                        raise type(bad_input)(*bad_input.args) from None
+                    attempts[index] = attempts.get(index, 0) + 1
+                    log.error("%s task %05d failed (attempt %d): %s", step.name, index, attempts[index],
+                              _first_line(exc))
+                    if attempts[index] <= task_retries:
+                        pending.append((index, spec))
+                    else:
+                        failures.append((index, exc))
+                    continue
+                on_result(index, summary)
+            for update in ray.get(sink.drain.remote()):
+                on_report(*update)
+            if on_tick:
+                on_tick()
+        ray.kill(sink)
+        if failures:
+            first_index, first_exc = failures[0]
+            raise TaskFailed(f"{step.name}: {len(failures)} task(s) failed, first: {first_index:05d}: "
+                             f"{_first_line(first_exc)}; rerun the same command to resume")
+
     def map(
         self,
         fn: Callable[..., Any],
@@ -174,3 +269,45 @@ def make_executor(kind: str, address: str | None = None, num_cpus: int | None = 
     if kind == "local":
         return LocalExecutor()
     return RayExecutor(address=address, num_cpus=num_cpus)
+
+
+def _ray_task(step: Any, index: int, spec: Any, out: str, job: str, shared: Any, sink: Any) -> dict[str, Any]:
+    """A Ray task: pipeline.job.run_task with progress reports to `sink` and the node id in the summary."""
+    import ray
+
+    from pipeline.job import run_task
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+    def report(step_name: str, i: int, rows: int, ok: int) -> None:
+        sink.report.remote(step_name, i, rows, ok)  # fire and forget
+
+    return run_task(step, index, spec, out, job, shared, report=report,
+                    node=lambda: ray.get_runtime_context().get_node_id())
+
+
+_SINK: Any = None
+
+
+def _progress_sink() -> Any:
+    """The Ray actor class that collects running task counts (defined once, on first use)."""
+    global _SINK
+    if _SINK is None:
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class ProgressSink:
+            def __init__(self) -> None:
+                self.latest: dict[tuple[str, int], tuple[int, int]] = {}
+
+            def report(self, step: str, index: int, rows: int, ok: int) -> None:
+                self.latest[(step, index)] = (rows, ok)
+
+            def drain(self) -> list[tuple[str, int, int, int]]:
+                out = [(s, i, r, o) for (s, i), (r, o) in self.latest.items()]
+                self.latest.clear()
+                return out
+
+        _SINK = ProgressSink
+    return _SINK

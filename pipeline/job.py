@@ -108,7 +108,8 @@ def run_task(step: Step, index: int, spec: Any, out: str, job: str, shared: Any 
     summary = {**summary, "task": index, "seconds": round(time.monotonic() - t0, 3)}
     if node is not None:
         summary["node"] = node()
-    atomic_write_json(ctx.rd.fs, marker_path(ctx.rd, step.name, index), summary)
+    if getattr(step, "markers", True):
+        atomic_write_json(ctx.rd.fs, marker_path(ctx.rd, step.name, index), summary)
     return summary
 
 
@@ -140,7 +141,7 @@ def run_step(rd: RunDir, step: Step, executor: Any, shared: Any = None,
         summaries = _read_json(rd, whole)
         if isinstance(summaries, list) and len(summaries) == len(specs):
             log.info("%s: done in an earlier run (%d tasks)", step.name, len(specs))
-            return summaries
+            return [{**s, "fresh": False} for s in summaries]
     done = done_summaries(rd, step.name)
     done = {i: s for i, s in done.items() if i < len(specs)}
     todo = [i for i in range(len(specs)) if i not in done]
@@ -164,12 +165,15 @@ def run_step(rd: RunDir, step: Step, executor: Any, shared: Any = None,
             progress.task_running(index, rows, ok)
 
     if todo:
+        t0 = time.monotonic()
+        progress._last = time.monotonic()  # the first line after `progress_every`, not at once
         executor.run_tasks(step, [(i, specs[i]) for i in todo], rd.url, rd.job, shared, on_result, on_report,
                            on_tick=progress.tick, tick_seconds=min(progress_every, 1.0))
-        progress.tick(force=True)
+        log.info("%s: %d tasks done in %.1fs", step.name, len(todo), time.monotonic() - t0)
     ordered = [summaries[i] for i in range(len(specs))]
     atomic_write_json(rd.fs, whole, ordered)
-    return ordered
+    # "fresh": run by this call (rates count this run's work only); not recorded in the markers.
+    return [{**s, "fresh": i in set(todo)} for i, s in enumerate(ordered)]
 
 
 def job_main(name: str, body: Callable[[], int]) -> int:
@@ -186,7 +190,7 @@ def job_main(name: str, body: Callable[[], int]) -> int:
         print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except TaskFailed as exc:
-        print(f"{name}: {_one_line(exc)}", file=sys.stderr)
+        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{name}: interrupted; finished tasks are kept, rerun the same command to resume", file=sys.stderr)

@@ -34,12 +34,18 @@ class Progress:
     def task_running(self, index: int, rows: int, ok: int) -> None:
         if not hasattr(self, "_running"):
             self._running: dict[int, tuple[int, int]] = {}
+            self._finished: set[int] = set()
+        if index in self._finished:
+            return  # a report that arrived after the task's result
         old_rows, old_ok = self._running.get(index, (0, 0))
         self._running[index] = (rows, ok)
         self.update(rows - old_rows, ok - old_ok)
 
     def finish_task(self, index: int, rows: int, ok: int) -> None:
-        old_rows, old_ok = getattr(self, "_running", {}).pop(index, (0, 0))
+        if not hasattr(self, "_running"):
+            self._running, self._finished = {}, set()
+        self._finished.add(index)
+        old_rows, old_ok = self._running.pop(index, (0, 0))
         self.update(rows - old_rows, ok - old_ok)
 
     def rate(self) -> float:

@@ -196,14 +196,76 @@ class RunDir:
         except FileNotFoundError:
             return []
 
+    def url_of(self, *parts: str) -> str:
+        """A path below the root as a URL that fsspec opens anywhere (tasks, other machines)."""
+        return self.display(*parts)
+
+    def walk(self, sub: str) -> list[tuple[str, str]]:
+        """(relative path, kind) of everything below OUT/sub: kind is file, dir or link; links are
+        listed, never followed."""
+        top = self.path(sub)
+        out: list[tuple[str, str]] = []
+        if _is_local(self.fs):
+            if os.path.islink(top):
+                return [("", "link")]
+            for dirpath, dirnames, filenames in os.walk(top):
+                rel = os.path.relpath(dirpath, top)
+                rel = "" if rel == "." else rel + "/"
+                for d in list(dirnames):
+                    if os.path.islink(os.path.join(dirpath, d)):
+                        out.append((rel + d, "link"))
+                        dirnames.remove(d)
+                    else:
+                        out.append((rel + d, "dir"))
+                for f in filenames:
+                    out.append((rel + f, "link" if os.path.islink(os.path.join(dirpath, f)) else "file"))
+            return out
+        self.fs.invalidate_cache(top)
+        try:
+            found = self.fs.find(top, withdirs=False, detail=False)
+        except FileNotFoundError:
+            return []
+        return [(p[len(top) + 1:], "file") for p in found if p.startswith(top + "/")]
+
     def check_foreign(self, own: dict[str, re.Pattern[str]]) -> None:
-        """Refuse files in our sub-folders that this job never writes (one line naming the first):
-        someone else's file must never be mistaken for ours, nor deleted as stale."""
+        """Refuse files in our sub-folders that this job never writes, and links (one line naming
+        the first): someone else's file must never be mistaken for ours, nor deleted as stale.
+        `own`: sub-folder -> a pattern its files' paths (relative to it) fully match."""
         for sub, pattern in own.items():
-            for name in self.names(sub):
-                if not (pattern.fullmatch(name) or TMP_RE.fullmatch(name)):
-                    raise OutputError(f"{self.display(sub, name)}: not a file {self.job} writes, inside its "
+            for rel, kind in self.walk(sub):
+                if kind == "link":
+                    p = self.path(sub, rel) if rel else self.path(sub)
+                    raise OutputError(f"{p}: is a symbolic link to {os.path.realpath(p)}; clipforge never writes or "
+                                      "deletes through links inside --out: replace it with a real folder")
+                if kind == "dir":
+                    continue
+                if not (pattern.fullmatch(rel) or TMP_RE.fullmatch(rel.rsplit("/", 1)[-1])):
+                    raise OutputError(f"{self.display(sub, rel)}: not a file {self.job} writes, inside its "
                                       "output folder; move it out of --out (nothing was changed)")
+
+    def remove_own_files(self, sub: str, pattern: re.Pattern[str]) -> list[str]:
+        """Delete the files below OUT/sub whose relative paths fully match `pattern` (and our
+        temporaries), never through a link; then the folders left empty. Returns what was deleted."""
+        removed = []
+        entries = self.walk(sub)
+        if any(kind == "link" for _, kind in entries):
+            self.check_foreign({sub: pattern})  # raises, naming the link
+        for rel, kind in entries:
+            if kind == "file" and (pattern.fullmatch(rel) or TMP_RE.fullmatch(rel.rsplit("/", 1)[-1])):
+                self.fs.rm(self.path(sub, rel))
+                removed.append(rel)
+        if _is_local(self.fs):
+            for rel, kind in sorted(entries, key=lambda e: -e[0].count("/")):
+                if kind == "dir":
+                    try:
+                        os.rmdir(self.path(sub, rel))
+                    except OSError:
+                        pass  # not empty: something that is not ours stays, and so does its folder
+            try:
+                os.rmdir(self.path(sub))
+            except OSError:
+                pass
+        return removed
 
     def claim(self, settings: dict[str, Any], own: dict[str, re.Pattern[str]], legacy: Iterable[str] = ()) -> None:
         """Call under lock(): refuse an --out that is not ours, holds links or foreign files where we
@@ -266,10 +328,11 @@ class RunDir:
         return removed
 
     def remove_temporaries(self, subs: Iterable[str]) -> list[str]:
-        """Our atomic writes' leftovers (a killed run) in the root and the given sub-folders."""
-        removed = []
-        for sub in ("", *subs):
-            removed += self.remove_own(sub, TMP_RE)
+        """Our atomic writes' leftovers (a killed run) in the root and below the given sub-folders."""
+        removed = self.remove_own("", TMP_RE)
+        never = re.compile(r"(?!)")
+        for sub in subs:
+            removed += self.remove_own_files(sub, never) if self.fs.exists(self.path(sub)) else []
         return removed
 
     def remove_own_tree(self, sub: str, created_marker: str) -> None:

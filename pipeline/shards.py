@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import fsspec
+import pyarrow as pa
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -231,3 +232,144 @@ def verify_shards(fs: fsspec.AbstractFileSystem, shards_dir: str, samples_per_sh
             raise ShardError(f"{path}: holds {n} samples, every shard but the last must hold {samples_per_shard}")
         total += n
     return total
+
+
+# -- writing shards in parallel (pipeline.job steps) ----------------------------------------
+
+MANIFEST_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("status", pa.string()),
+    ("reason", pa.string()), ("error", pa.string()), ("shard", pa.string()), ("sha256", pa.string()),
+    ("source", pa.string()),
+])
+"""The manifest of every job (build and audit): one row per input row, the same columns and status words."""
+WRITTEN_STATUS = "written"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A run of samples to copy into the shards, in order: the kept ones of `records`, found in `tar`."""
+
+    tar: str
+    """The tar holding the kept samples in order (it may hold others too, which are skipped)."""
+    records: str
+    """Parquet of MANIFEST_SCHEMA: every row of the source in order; status "written" marks the kept ones."""
+    kept: int
+    manifest: str
+    """Where this source's manifest goes (records with the shard of each kept sample filled in)."""
+
+
+def plan_shard_tasks(sources: list[Source], samples_per_shard: int,
+                     shards_per_task: int) -> tuple[list[int], list[tuple[int, int, list[int], list[int]]]]:
+    """The driver's only arithmetic: prefix sums of kept counts, cut into tasks of whole shards.
+
+    Returns (prefix, specs); a spec is (first shard, end shard, sources to read, sources whose
+    manifest this task writes). Source j's manifest goes to the task holding its first kept
+    sample (the one holding position prefix[j]); a source with nothing kept goes with the
+    next position, and to the last task at the end.
+    """
+    prefix = [0]
+    for s in sources:
+        prefix.append(prefix[-1] + s.kept)
+    total = prefix[-1]
+    n_shards = -(-total // samples_per_shard)
+    per_task = shards_per_task * samples_per_shard
+    n_tasks = max(1, -(-n_shards // shards_per_task))
+    specs: list[tuple[int, int, list[int], list[int]]] = []
+    j = 0
+    for t in range(n_tasks):
+        lo, hi = t * per_task, min(total, (t + 1) * per_task)
+        first, end = t * shards_per_task, min(n_shards, (t + 1) * shards_per_task)
+        reads = []
+        while j < len(sources) and prefix[j + 1] <= lo:
+            j += 1
+        k = j
+        while k < len(sources) and prefix[k] < hi:
+            if sources[k].kept:
+                reads.append(k)
+            k += 1
+        specs.append((first, end, reads, []))
+    for j in range(len(sources)):
+        owner = min(prefix[j] // per_task, n_tasks - 1)
+        specs[owner][3].append(j)
+    return prefix, specs
+
+
+def write_shard_range(fs: fsspec.AbstractFileSystem, sources: list[Source], prefix: list[int], spec: tuple,
+                      samples_per_shard: int, shards_dir: str, source_name: Any = None,
+                      on_sample: Any = None) -> dict[str, Any]:
+    """One task of the shard writer: shards [first, end) from the sources that hold them, each
+    written atomically and read back; then the manifests of the sources it owns."""
+    import pyarrow.parquet as pq
+
+    first, end, reads, owned = spec
+    lo, hi = first * samples_per_shard, min(prefix[-1], end * samples_per_shard)
+    sizes: dict[str, int] = {}
+    buffer: list[tuple[str, dict[str, bytes]]] = []
+    shard = first
+
+    def flush() -> None:
+        nonlocal buffer, shard
+        name = shard_name(shard)
+        path = join(shards_dir, name)
+        with atomic_open(fs, path) as f:
+            write_tar(f, buffer)
+        keys = [k for k, _ in read_tar(fs, path)]  # check what we wrote
+        if keys != [k for k, _ in buffer]:
+            raise ShardError(f"{path}: read back {len(keys)} samples, wrote {len(buffer)}")
+        sizes[name] = len(buffer)
+        buffer, shard = [], shard + 1
+
+    for j in reads:
+        src = sources[j]
+        with fs.open(src.records, "rb") as f:
+            t = pq.read_table(f, columns=["key", "status"])
+        kept = [k for k, st in zip(t.column("key").to_pylist(), t.column("status").to_pylist(), strict=True)
+                if st == WRITTEN_STATUS]
+        if len(kept) != src.kept:
+            raise ShardError(f"{src.records}: {len(kept)} kept samples, the plan says {src.kept}")
+        # Only the part of this source inside [lo, hi).
+        start, stop = max(0, lo - prefix[j]), min(src.kept, hi - prefix[j])
+        wanted = kept[start:stop]
+        got = 0
+        if wanted:
+            want = iter(wanted)
+            nxt = next(want)
+            for key, members in read_tar(fs, src.tar):
+                if key != nxt:
+                    continue
+                buffer.append((key, members))
+                got += 1
+                if on_sample is not None:
+                    on_sample()
+                if len(buffer) == samples_per_shard:
+                    flush()
+                nxt = next(want, None)
+                if nxt is None:
+                    break
+        if got != len(wanted):
+            raise ShardError(f"{src.tar}: {got} of the {len(wanted)} kept samples found in order "
+                             f"(first missing: {wanted[got] if got < len(wanted) else '?'})")
+    if buffer:
+        flush()
+    if shard != end:
+        raise ShardError(f"{shards_dir}: task wrote shards {first}..{shard - 1}, planned {first}..{end - 1}")
+    counts: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    for j in owned:
+        src = sources[j]
+        with fs.open(src.records, "rb") as f:
+            t = pq.read_table(f)
+        recs = t.to_pylist()
+        k = 0
+        for r in recs:
+            if r["status"] == WRITTEN_STATUS:
+                r["shard"] = shard_name((prefix[j] + k) // samples_per_shard)
+                k += 1
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+            if r["reason"]:
+                key = f"{r['status']}:{r['reason']}"
+                reasons[key] = reasons.get(key, 0) + 1
+        with atomic_open(fs, src.manifest) as f:
+            pq.write_table(pa.Table.from_pylist(recs, schema=MANIFEST_SCHEMA), f)
+    return {"sizes": sizes, "counts": counts, "reasons": reasons, "manifests": len(owned),
+            "rows": sum(sizes.values())}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,17 +253,18 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted(tmp_path, web):
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "build_corpus.py"), *kill_args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(list((out / "parts").glob("*.done.json"))) < 2:
+    while time.monotonic() < deadline and len(list((out / "_steps" / "download").glob("*.json"))) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    done = len(list((out / "parts").glob("*.done.json")))
+    done = len(list((out / "_steps" / "download").glob("*.json")))
     assert 2 <= done < 6, f"kill landed at {done} of 6 tasks"
     assert not (out / "stats.json").exists()
 
     r = run_cli(*kill_args)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"({done} done before)" in r.stderr
+    assert f"download: 6 tasks ({done} done before)" in r.stderr
+    assert "taking over a stale lock" in r.stderr  # the killed run's lock: its process is gone
     assert written_keys(out) == written_keys(ref)
     for p in (ref / "shards").iterdir():
         assert (out / "shards" / p.name).read_bytes() == p.read_bytes(), p.name
@@ -322,7 +324,7 @@ def test_csv_and_tsv_values_are_read_as_written(tmp_path, kind):
     assert list(zip(t.column("caption").to_pylist(), t.column("uid").to_pylist(), strict=True)) == expect
 
 
-def _small_build(tmp_path, web, rows_per_task: int) -> tuple[list[str], Path]:
+def _small_build(tmp_path, web, rows_per_task: int, keep_parts: bool = False) -> tuple[list[str], Path]:
     """Build 6 local-web images in tasks of `rows_per_task` rows, in-process; returns (args, out)."""
     from pipeline.localweb import populate_images
 
@@ -330,42 +332,68 @@ def _small_build(tmp_path, web, rows_per_task: int) -> tuple[list[str], Path]:
     pq.write_table(pa.Table.from_pylist(populate_images(web, 6, seed=4)), path)
     out = tmp_path / "o"
     args = ["--urls", str(path), "--out", str(out), "--allow-hosts", web.hostport, "--executor", "local",
-            "--rows-per-task", str(rows_per_task)]
+            "--rows-per-task", str(rows_per_task), *(["--keep-parts"] if keep_parts else [])]
     assert main(args) == 0
     return args, out
 
 
+def _unsettle(out: Path) -> None:
+    """Forget that the steps after the downloads ran (as if killed right after them)."""
+    (out / "stats.json").unlink()
+    for step in ("sha_keys", "sha_dedup", "settle", "write_shards"):
+        (out / "_steps" / f"{step}.json").unlink()
+        shutil.rmtree(out / "_steps" / step)
+
+
 @pytest.mark.parametrize("damage", ["row_missing", "row_twice", "part_missing"])
 def test_damaged_parts_fail_the_accounting_check_in_one_line(tmp_path, web, damage):
-    args, out = _small_build(tmp_path, web, rows_per_task=3)
+    args, out = _small_build(tmp_path, web, rows_per_task=3, keep_parts=True)
+    _unsettle(out)
     part = out / "parts" / "00001.parquet"
     records = pq.read_table(part).to_pylist()
     if damage == "part_missing":
         part.unlink()
-        expect = "part file missing"
+        expect = "00001.parquet: part file missing"
     else:
         records = records[:-1] if damage == "row_missing" else records + records[:1]
         pq.write_table(pa.Table.from_pylist(records, schema=pq.read_schema(part)), part)
-        expect = "row(s) missing, first 5" if damage == "row_missing" else "input row 3 appears twice"
+        expect = "00001.parquet: rows 3..5 are not there once each"
     r = run_cli(*args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert lines[-1].startswith("build_corpus: error: ") and expect in lines[-1] and "00001" in lines[-1]
+    assert lines[-1].startswith("build_corpus: error: ") and expect in lines[-1], lines[-1]
 
 
-def test_driver_lists_completion_markers_once(tmp_path, web, monkeypatch):
+def test_resume_reads_one_record_per_finished_step(tmp_path, web, monkeypatch):
     from fsspec.implementations.local import LocalFileSystem
 
-    from pipeline.build import done_tasks
-
-    args, out = _small_build(tmp_path, web, rows_per_task=2)
-    (out / "parts" / "00001.done.json.tmp-123-0123abcd").write_text("{}")  # a killed write of ours
-    assert done_tasks(LocalFileSystem(), str(out)) == {0, 1, 2}
-    calls = []
-    real_exists = LocalFileSystem.exists
-    monkeypatch.setattr(LocalFileSystem, "exists", lambda self, p, **kw: calls.append(p) or real_exists(self, p, **kw))
+    args, out = _small_build(tmp_path, web, rows_per_task=2, keep_parts=True)
+    _unsettle(out)
+    (out / "_steps" / "settle").mkdir()
+    (out / "_steps" / "settle" / "00000.json.tmp-123-0123abcd").write_text("{}")  # a killed write of ours
+    opened = []
+    real_open = LocalFileSystem._open
+    monkeypatch.setattr(LocalFileSystem, "_open",
+                        lambda self, p, *a, **kw: opened.append(str(p)) or real_open(self, p, *a, **kw))
     assert main(args) == 0
-    assert not [p for p in calls if str(p).endswith(".done.json")]
+    reads = [p for p in opened if "/_steps/download" in p]
+    assert reads == [str(out / "_steps" / "download.json")], reads  # not one per task
+    assert not (out / "_steps" / "settle" / "00000.json.tmp-123-0123abcd").exists()
+
+
+def test_scratch_is_removed_after_success_and_a_rerun_is_a_no_op(tmp_path, web, capsys):
+    args, out = _small_build(tmp_path, web, rows_per_task=2)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "manifest", "run.json", "shards", "stats.json"]
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    hits = sum(web.hits.values())
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "is complete" in printed and "nothing to do" in printed
+    assert printed.strip().splitlines()[-1] == "rows in 6 = written 6 + dropped 0 + failed 0"
+    assert sum(web.hits.values()) == hits
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != "run.json"} == {
+        p: m for p, m in before.items() if p.name != "run.json"}
 
 
 def test_stats_count_this_run_and_sum_stage_counters(tmp_path, web):

@@ -114,7 +114,7 @@ def test_killed_ray_worker_and_killed_driver_resume_exactly(tmp_path, web):
     deadline = time.monotonic() + 120
     while killed is None and time.monotonic() < deadline and proc.poll() is None:
         pids = _ray_task_pids()
-        if pids and list((out / "parts").glob("*.done.json")):
+        if pids and list((out / "_steps" / "download").glob("*.json")):
             os.kill(pids[0], signal.SIGKILL)
             killed = pids[0]
         time.sleep(0.05)
@@ -131,11 +131,11 @@ def test_killed_ray_worker_and_killed_driver_resume_exactly(tmp_path, web):
            "--num-cpus", "2"]
     proc = subprocess.Popen(cli, env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list((out / "parts").glob("*.done.json"))) < 2:
+    while time.monotonic() < deadline and len(list((out / "_steps" / "download").glob("*.json"))) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    done = len(list((out / "parts").glob("*.done.json")))
+    done = len(list((out / "_steps" / "download").glob("*.json")))
     assert 2 <= done < 8
     r = subprocess.run(cli, env=ray_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

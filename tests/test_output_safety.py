@@ -370,7 +370,7 @@ def test_killed_driver_leaves_no_ray_process_behind(tmp_path, web):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         ray_pids |= _descendants(proc.pid)
-        if list((tmp_path / "out" / "parts").glob("*.done.json")):
+        if list((tmp_path / "out" / "_steps" / "download").glob("*.json")):
             break
         time.sleep(0.2)
     ray_pids |= _descendants(proc.pid)
