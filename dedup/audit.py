@@ -1,76 +1,65 @@
 """The data-overlap audit: find training samples that overlap eval sets, write the corpus without them.
 
-Two phases, so that the expensive part runs in parallel and the output keeps
-build_corpus's layout (contiguous shard numbering, full shards):
+Steps of the one job layer (pipeline.job), as build_corpus's:
 
-1. `run_task(task_index, n_tasks)` (parallel, one process per task, the eval
-   index shared read-only): for each of its input shards, fingerprint every
-   sample and look it up; write `OUT/_work/<shard>.parquet` (one row per
-   sample) and `<shard>.matches.parquet`, then a completion marker
-   `<shard>.done.json` last. A rerun skips shards whose marker carries the
-   same fingerprint; a half-finished shard is redone. The fingerprint covers
-   what the results depend on (thresholds; the corpus's path, sizes.json and
-   its shards' sizes and mtimes; each eval set's items with their files' sizes
-   and mtimes), and
-   `OUT/run.json` keeps it in readable form: a rerun into the same --out with
-   another corpus, eval set or thresholds is refused with what changed, as
-   build_corpus does, instead of reusing results of the other input.
-2. `finalize()` (one process, I/O only): copies the kept samples' bytes in
-   input order through `ShardSetWriter` into `OUT/shards/`, writes
-   `OUT/manifest/*.parquet` (one row per input sample), `OUT/audit/overlap.parquet`,
-   `summary.json` and `report.html`, then reads the shards back and checks
-   that the counts add up.
+1. **match** (one task per group of input shards; the eval index goes to the object store
+   once): fingerprint every sample and look it up in batches; write
+   `OUT/_work/STEM.parquet` (every sample with its status: written, dropped with
+   `eval_overlap:<set>:<kind>`, or failed) and `STEM.matches.parquet`.
+2. **write_shards** (pipeline.shards.write_shard_range, shared with build_corpus): from
+   prefix sums of the kept counts, each task copies its range of `OUT/shards/NNNNN.tar`
+   out of the input shards, reads every shard back, and writes the manifests it owns
+   (`OUT/manifest/STEM.parquet`, the same columns and status words as build_corpus's).
+3. **overlap** (dedup.removal.merge_overlap, shared with build_corpus --eval): every
+   match file into `OUT/audit/overlap.parquet`, `summary.json` and `report.html`.
 
-The input corpus is only read. Memory: the eval index plus one shard.
+The driver checks the inputs, claims the output folder (pipeline.rundir), writes
+`shards/sizes.json` and checks that the counts add up. The input corpus (on disk or
+object storage) is only read. A rerun resumes from the steps' markers; a rerun with
+another corpus, eval set or thresholds is refused with what changed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from dedup import image as im
 from dedup.evalsets import EvalSet, EvalSetError, load_eval_set, parse_eval_arg
-from dedup.matcher import KINDS, MatchConfig, OverlapMatcher
+from dedup.matcher import MatchConfig, OverlapMatcher
+from dedup.removal import MATCH_SCHEMA, EvalOverlap, drop_reason, merge_overlap
 from pipeline.config import ConfigError
-from pipeline.rundir import RunDir
+from pipeline.job import Step, TaskContext, run_step
+from pipeline.rundir import OutputError, RunDir, resolve
 from pipeline.sample import DROPPED, FAILED, WRITTEN
 from pipeline.shards import (
     IMAGE_EXTS,
+    MANIFEST_SCHEMA,
     SIZES_FILE,
     ShardError,
-    ShardSetWriter,
-    atomic_write_bytes,
-    atomic_write_json,
-    get_fs,
-    join,
+    Source,
+    atomic_open,
+    plan_shard_tasks,
     read_tar,
-    verify_shards,
+    write_shard_range,
 )
 
 log = logging.getLogger(__name__)
 
-SAMPLE_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("reason", pa.string()),
-                           ("uid", pa.string()), ("url", pa.string()), ("caption", pa.string())])
-MATCH_SCHEMA = pa.schema([("key", pa.string()), ("uid", pa.string()), ("url", pa.string()), ("caption", pa.string()),
-                          ("eval_set", pa.string()), ("eval_item", pa.string()), ("kind", pa.string()),
-                          ("score", pa.float64()), ("similarity", pa.float64()), ("source_shard", pa.string())])
-SUMMARY_RE = re.compile(r"summary\.json")
-MANIFEST_SCHEMA = pa.schema([("key", pa.string()), ("fate", pa.string()), ("reason", pa.string()),
-                             ("shard", pa.string()), ("source_shard", pa.string())])
+__all__ = ["MATCH_SCHEMA", "AuditConfig", "AuditError", "run_audit", "summarize_counts"]
+
+MAX_MATCH_TASKS = 512
+"""Input shards are grouped into at most this many match tasks (each unpickles the eval index once)."""
+SHARDS_PER_TASK = 8
 
 
 class AuditError(ConfigError):
@@ -82,11 +71,11 @@ class AuditConfig:
     """One audit run: inputs, outputs and what counts as overlap."""
 
     corpus: str
-    """build_corpus output (CORPUS/shards/*.tar + sizes.json), or the shards folder itself."""
+    """build_corpus output (CORPUS/shards/*.tar + sizes.json), or the shards folder itself (local or URL)."""
     evals: list[str]
     """Eval sets as NAME=PATH."""
     out: str
-    """Output folder: shards/, manifest/, audit/ (and _work/ for resumable task results)."""
+    """Output folder: shards/, manifest/, audit/ (and _work/, _steps/ while it runs)."""
     match: MatchConfig = field(default_factory=MatchConfig)
     """Thresholds."""
     samples_per_shard: int | None = None
@@ -95,6 +84,8 @@ class AuditConfig:
     """Samples fingerprinted and looked up together."""
     report_max_pairs: int = 60
     """Side-by-side pairs drawn per eval set in report.html (overlap.parquet has them all)."""
+    keep_work: bool = False
+    """Keep _work/ and _steps/ after success."""
 
     def __post_init__(self) -> None:
         if not self.evals:
@@ -105,47 +96,58 @@ class AuditConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-@dataclass
-class AuditContext:
-    """Everything a task needs; pickled once per worker (the matcher is the big part)."""
-
-    cfg: AuditConfig
-    shards_dir: str
-    shards: list[str]
-    sizes: dict[str, int]
-    matcher: OverlapMatcher
-    fingerprint: str
-    eval_kinds: dict[str, str]
-    eval_sets: list[EvalSet]
-    """Item lists (ids and paths, no pixels): the report reads a few eval images back."""
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def work_dir(self) -> str:
-        return join(get_fs(self.cfg.out)[1], "_work")
+LEGACY_RUN_KEYS = ("corpus_digest", "evals")
+"""A run.json of clipforge 0.1's audit (no "job" entry) holds these."""
 
 
-def resolve_shards_dir(corpus: str) -> str:
-    fs, root = get_fs(corpus)
-    for cand in (join(root, "shards"), root):
-        if fs.exists(join(cand, SIZES_FILE)):
-            return cand
+def own_names(shards: list[str]) -> dict[str, re.Pattern[str]]:
+    """What the audit writes below each folder of --out (see pipeline.rundir): per input shard
+    STEM, _work/STEM.{parquet,matches.parquet} and manifest/STEM.parquet."""
+    stems = "|".join(re.escape(s.rsplit(".", 1)[0]) for s in shards) or "(?!)"
+    return {
+        "shards": re.compile(r"\d{5,}\.tar|sizes\.json"),
+        "manifest": re.compile(rf"({stems})\.parquet"),
+        "_work": re.compile(rf"({stems})\.(parquet|matches\.parquet)"),
+        "audit": re.compile(r"overlap\.parquet|summary\.json|config\.json|report\.html"),
+        "_steps": re.compile(r"[a-z_]+/\d{5,}\.json|[a-z_]+\.json"),
+    }
+
+
+SCRATCH = ("_work", "_steps")
+
+
+def open_output(cfg: AuditConfig) -> RunDir:
+    return RunDir(cfg.out, "audit_overlap")
+
+
+def resolve_shards_dir(corpus: str) -> tuple[Any, str]:
+    """(filesystem, shards folder) of a corpus given as CORPUS or CORPUS/shards, local or URL."""
+    try:
+        fs, root = resolve(corpus, "--corpus")
+    except OutputError as exc:
+        raise AuditError(str(exc)) from None
+    for cand in (f"{root}/shards", root):
+        if fs.exists(f"{cand}/{SIZES_FILE}"):
+            return fs, cand
     if not fs.exists(root):
         raise AuditError(f"{corpus}: corpus folder does not exist")
-    raise AuditError(f"{join(root, 'shards', SIZES_FILE)}: missing; --corpus must be a build_corpus output "
+    raise AuditError(f"{corpus.rstrip('/')}/shards/{SIZES_FILE}: missing; --corpus must be a build_corpus output "
                      "(CORPUS/shards/*.tar with sizes.json)")
 
 
-def _abs(fs: Any, path: str) -> str:
-    # Local paths resolved, so that "corpus" and "./corpus" are the same input and a moved symlink is not.
-    return str(Path(path).resolve()) if isinstance(fs, LocalFileSystem) else path
+def _url(fs: Any, path: str) -> str:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
 def _corpus_digest(fs: Any, shards_dir: str, sizes_raw: bytes, shards: list[str]) -> str:
     h = hashlib.sha256(sizes_raw)
     # One listing, not a stat per shard. Sizes alone miss a rewritten corpus whose
-    # tars pad to the same length, so the modification time counts too.
-    listed = {Path(e["name"]).name: (e.get("size"), e.get("mtime") or e.get("LastModified") or e.get("updated"))
+    # tars pad to the same length, so the modification time (or ETag) counts too.
+    fs.invalidate_cache(shards_dir)
+    listed = {e["name"].rsplit("/", 1)[-1]: (e.get("size"), e.get("mtime") or e.get("ETag") or e.get("LastModified")
+                                             or e.get("updated"))
               for e in fs.ls(shards_dir, detail=True)}
     for name in shards:
         h.update(f"{name}:{listed.get(name)}\n".encode())
@@ -153,6 +155,8 @@ def _corpus_digest(fs: Any, shards_dir: str, sizes_raw: bytes, shards: list[str]
 
 
 def _eval_digest(es: EvalSet) -> str:
+    from pathlib import Path
+
     h = hashlib.sha256()
     stats: dict[str, str] = {}
     for it in es.items:
@@ -166,48 +170,46 @@ def _eval_digest(es: EvalSet) -> str:
     return h.hexdigest()[:16]
 
 
-LEGACY_RUN_KEYS = ("corpus_digest", "evals")
-"""A run.json of clipforge 0.1's audit (no "job" entry) holds these."""
+@dataclass
+class Inputs:
+    """What the driver learned about the input: O(shards) names and counts, no samples."""
+
+    fs: Any
+    shards_dir: str
+    shards: list[str]
+    sizes: dict[str, int]
+    sizes_raw: bytes
+    eval_sets: list[EvalSet]
+
+    def url(self, shard: str) -> str:
+        return _url(self.fs, f"{self.shards_dir}/{shard}")
 
 
-def own_names(shards: list[str]) -> dict[str, re.Pattern[str]]:
-    """What the audit writes in each sub-folder of --out (see pipeline.rundir): per input shard
-    STEM, _work/STEM.{parquet,matches.parquet,done.json} and manifest/STEM.parquet."""
-    stems = "|".join(re.escape(s.rsplit(".", 1)[0]) for s in shards) or "(?!)"
-    return {
-        "shards": re.compile(r"\d{5}\.tar|sizes\.json"),
-        "manifest": re.compile(rf"({stems})\.parquet"),
-        "_work": re.compile(rf"({stems})\.(parquet|matches\.parquet|done\.json)"),
-        "audit": re.compile(r"overlap\.parquet|summary\.json|config\.json|report\.html"),
-    }
+def read_inputs(cfg: AuditConfig, rd: RunDir) -> Inputs:
+    """Check the corpus and the eval sets (bad input: AuditError, one line). Reads only metadata."""
+    fs, shards_dir = resolve_shards_dir(cfg.corpus)
+    from fsspec.implementations.local import LocalFileSystem
 
+    if isinstance(fs, LocalFileSystem) and isinstance(rd.fs, LocalFileSystem):
+        from pathlib import Path
 
-def open_output(cfg: AuditConfig) -> RunDir:
-    return RunDir(cfg.out, "audit_overlap")
-
-
-def prepare(cfg: AuditConfig, rd: RunDir | None = None) -> AuditContext:
-    """Check inputs, claim the output folder, build the eval index once. Raises AuditError on bad
-    input, OutputError (a ConfigError) on an output folder that is not ours. `rd`: the output
-    folder, locked by the caller (run_audit, the job's main) for the whole run."""
-    shards_dir = resolve_shards_dir(cfg.corpus)
-    fs, _ = get_fs(cfg.corpus)
-    rd = rd or open_output(cfg)
-    out_root = rd.root
-    if Path(out_root).resolve() in (Path(shards_dir).resolve(), Path(shards_dir).resolve().parent):
-        raise AuditError(f"{cfg.out}: --out must not be the corpus folder (the input is never modified)")
+        inside = Path(rd.root).resolve()
+        if inside in (Path(shards_dir).resolve(), Path(shards_dir).resolve().parent):
+            raise AuditError(f"{cfg.out}: --out must not be the corpus folder (the input is never modified)")
     try:
-        with fs.open(join(shards_dir, SIZES_FILE), "rb") as f:
+        with fs.open(f"{shards_dir}/{SIZES_FILE}", "rb") as f:
             sizes_raw = f.read()
         sizes: dict[str, int] = json.loads(sizes_raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AuditError(f"{join(shards_dir, SIZES_FILE)}: not valid JSON ({exc})") from exc
+        raise AuditError(f"{_url(fs, shards_dir)}/{SIZES_FILE}: not valid JSON ({exc})") from exc
     if not isinstance(sizes, dict) or not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
-        raise AuditError(f"{join(shards_dir, SIZES_FILE)}: expected a JSON object of shard name -> sample count")
+        raise AuditError(f"{_url(fs, shards_dir)}/{SIZES_FILE}: expected a JSON object of shard name -> sample count")
     shards = sorted(sizes)
+    fs.invalidate_cache(shards_dir)
+    present = {p.rsplit("/", 1)[-1] for p in fs.ls(shards_dir, detail=False)}
     for name in shards:
-        if not fs.exists(join(shards_dir, name)):
-            raise AuditError(f"{join(shards_dir, name)}: listed in {SIZES_FILE} but missing")
+        if name not in present:
+            raise AuditError(f"{_url(fs, shards_dir)}/{name}: listed in {SIZES_FILE} but missing")
     try:
         eval_sets = [load_eval_set(*parse_eval_arg(e)) for e in cfg.evals]
     except EvalSetError as exc:
@@ -215,21 +217,23 @@ def prepare(cfg: AuditConfig, rd: RunDir | None = None) -> AuditContext:
     names = [es.name for es in eval_sets]
     if len(set(names)) != len(names):
         raise AuditError(f"--eval: eval set names must be unique, got {names}")
-    settings = {
-        "corpus": _abs(fs, shards_dir),
-        "corpus_digest": _corpus_digest(fs, shards_dir, sizes_raw, shards),
+    return Inputs(fs, shards_dir, shards, sizes, sizes_raw, eval_sets)
+
+
+def settings_of(cfg: AuditConfig, inp: Inputs) -> dict[str, Any]:
+    from pathlib import Path
+
+    return {
+        "corpus": _url(inp.fs, inp.shards_dir) if "://" in _url(inp.fs, inp.shards_dir)
+        else str(Path(inp.shards_dir).resolve()),
+        "corpus_digest": _corpus_digest(inp.fs, inp.shards_dir, inp.sizes_raw, inp.shards),
         "match": cfg.match.thresholds(),
         "evals": {es.name: {"root": str(Path(es.root).resolve()), "items": len(es.items), "digest": _eval_digest(es)}
-                  for es in eval_sets},
+                  for es in inp.eval_sets},
     }
-    # Checked before the (slow) eval index is built, and recorded before any task writes results.
-    rd.claim(settings, own_names(shards), LEGACY_RUN_KEYS)
-    t0 = time.perf_counter()
-    matcher = OverlapMatcher.build(eval_sets, cfg.match)
-    build_s = time.perf_counter() - t0
-    fp_src = json.dumps(settings, sort_keys=True)
-    return AuditContext(cfg, shards_dir, shards, sizes, matcher, hashlib.sha256(fp_src.encode()).hexdigest()[:16],
-                        {es.name: es.kind for es in eval_sets}, eval_sets, {"eval_index_s": round(build_s, 3)})
+
+
+# -- step 1: match --------------------------------------------------------------------------------
 
 
 def _decode_json(data: bytes | None) -> dict[str, Any]:
@@ -242,257 +246,210 @@ def _decode_json(data: bytes | None) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
 
-def write_parquet(fs: Any, path: str, rows: list[dict], schema: pa.Schema) -> None:
-    table = pa.Table.from_pylist(rows, schema=schema)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    atomic_write_bytes(fs, path, buf.getvalue())
+def _str(v: Any) -> str | None:
+    return None if v is None else str(v)
 
 
-def audit_shard(ctx: AuditContext, shard: str) -> int:
-    """Fingerprint and look up every sample of one input shard; write its results. Returns rows."""
-    fs, _ = get_fs(ctx.cfg.corpus)
-    out_fs, _ = get_fs(ctx.cfg.out)
-    stem = shard.rsplit(".", 1)[0]
-    samples: list[dict] = []
-    matches: list[dict] = []
-    batch: list[tuple[dict, str | None, im.ImageFeatures | None, list[str]]] = []
-
-    def flush() -> None:
-        found = ctx.matcher.match_features([b[1] for b in batch], [b[2] for b in batch], [b[3] for b in batch])
-        for (row, _, _, _), ms in zip(batch, found, strict=True):
-            for m in ms:
-                matches.append({"key": row["key"], "uid": row["uid"], "url": row["url"], "caption": row["caption"],
-                                **asdict(m), "source_shard": shard})
-        batch.clear()
-
-    for key, members in _read_input_shard(fs, join(ctx.shards_dir, shard)):
-        meta = _decode_json(members.get("json"))
-        caption = members["txt"].decode("utf-8", "replace").strip() if "txt" in members else None
-        row = {"key": key, "status": "ok", "reason": None, "uid": _str(meta.get("uid")), "url": _str(meta.get("url")),
-               "caption": caption}
-        img_ext = next((e for e in IMAGE_EXTS if e in members), None)
-        feats = None
-        if img_ext is None:
-            row.update(status=FAILED, reason="missing_image")
-        elif caption is None:
-            row.update(status=FAILED, reason="missing_txt")
-        elif "image" in ctx.cfg.match.kinds:
-            feats = im.features(members[img_ext], ctx.cfg.match.crop)
-            if feats is None:
-                # Cannot be checked for overlap, so it cannot go into a corpus that claims to be clean.
-                row.update(status=FAILED, reason="undecodable_image")
-        samples.append(row)
-        extra_sha = [meta["sha256"]] if isinstance(meta.get("sha256"), str) else []
-        batch.append((row, caption, feats, extra_sha))
-        if len(batch) >= ctx.cfg.batch_size:
-            flush()
-    if batch:
-        flush()
-    base = join(ctx.work_dir, stem)
-    write_parquet(out_fs, base + ".parquet", samples, SAMPLE_SCHEMA)
-    write_parquet(out_fs, base + ".matches.parquet", matches, MATCH_SCHEMA)
-    atomic_write_json(out_fs, base + ".done.json", {"fingerprint": ctx.fingerprint, "rows": len(samples),
-                                                    "matches": len(matches)})
-    return len(samples)
-
-
-def _read_input_shard(fs: Any, path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def read_input_shard(fs: Any, url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """The samples of one corpus shard; a truncated or garbage tar is bad input to the audit
     (one line naming the shard, exit 2), not a crash."""
     try:
-        yield from read_tar(fs, path)
+        yield from read_tar(fs, url)
     except ShardError as exc:
         raise AuditError(f"{exc}; the corpus is damaged: rebuild that shard, or drop it from "
                          f"{SIZES_FILE} to audit the rest") from None
 
 
-def _str(v: Any) -> str | None:
-    return None if v is None else str(v)
+class MatchStep(Step):
+    name = "match"
+    what = "samples"
+
+    def __init__(self, cfg: AuditConfig, inp: Inputs):
+        self.cfg = cfg
+        self.shards = inp.shards
+        self.urls = [inp.url(s) for s in inp.shards]
+        self.sizes = inp.sizes
+        self.first_row = {}
+        n = 0
+        for s in inp.shards:
+            self.first_row[s] = n
+            n += inp.sizes[s]
+        self.n_rows = n
+        per_task = max(1, -(-len(inp.shards) // MAX_MATCH_TASKS))
+        self.groups = [list(range(i, min(len(inp.shards), i + per_task))) for i in range(0, len(inp.shards), per_task)]
+
+    def tasks(self) -> list[list[int]]:
+        return self.groups
+
+    def total(self, specs: list[Any]) -> int:
+        return self.n_rows
+
+    def run(self, ctx: TaskContext, group: list[int], shared: Any = None) -> dict[str, Any]:
+        import cv2
+
+        cv2.setNumThreads(1)  # one task per core; OpenCV's own threads would oversubscribe
+        overlap: EvalOverlap = shared
+        fs = ctx.rd.fs
+        kept: dict[str, int] = {}
+        done = ok = 0
+        for i in group:
+            shard = self.shards[i]
+            base_done, base_ok = done, ok
+            n, k = self._shard(ctx, fs, overlap, shard, self.urls[i],
+                               lambda d, o, bd=base_done, bo=base_ok: ctx.progress(bd + d, bo + o))
+            done += n
+            ok += k
+            kept[shard] = k
+        return {"kept": kept, "rows": done, "progress_rows": done, "progress_ok": ok}
+
+    def _shard(self, ctx: TaskContext, fs: Any, overlap: EvalOverlap, shard: str, url: str,
+               progress: Any) -> tuple[int, int]:
+        cfg = self.cfg
+        matcher = overlap.matcher
+        stem = shard.rsplit(".", 1)[0]
+        records: list[dict[str, Any]] = []
+        task_matcher = overlap.task_matcher()
+        batch: list[tuple[dict, dict, str | None, im.ImageFeatures | None, list[str], bytes | None]] = []
+        row0 = self.first_row[shard]
+
+        def flush() -> None:
+            found = matcher.match_features([b[2] for b in batch], [b[3] for b in batch], [b[4] for b in batch])
+            for (rec, info, caption, _, _, image), ms in zip(batch, found, strict=True):
+                if not ms:
+                    continue
+                rows = [{"key": rec["key"], "uid": info["uid"], "url": rec["url"], "caption": caption, **asdict(m),
+                         "source_shard": shard} for m in ms]
+                task_matcher.add(rows, image)
+                if rec["status"] == WRITTEN:
+                    rec["status"], rec["reason"] = DROPPED, drop_reason(rows, overlap.order)
+            batch.clear()
+
+        # One shard at a time from the store: a tar is read as a stream, never whole.
+        for key, members in read_input_shard(fs, url):
+            meta = _decode_json(members.get("json"))
+            caption = members["txt"].decode("utf-8", "replace").strip() if "txt" in members else None
+            rec = {"row": row0 + len(records), "key": key, "url": _str(meta.get("url")), "status": WRITTEN,
+                   "reason": None, "error": None, "shard": None, "sha256": _str(meta.get("sha256")), "source": shard}
+            img_ext = next((e for e in IMAGE_EXTS if e in members), None)
+            feats = None
+            if img_ext is None:
+                rec.update(status=FAILED, reason="missing_image")
+            elif caption is None:
+                rec.update(status=FAILED, reason="missing_txt")
+            elif "image" in cfg.match.kinds:
+                feats = im.features(members[img_ext], cfg.match.crop)
+                if feats is None:
+                    # Cannot be checked for overlap, so it cannot go into a corpus that claims to be clean.
+                    rec.update(status=FAILED, reason="undecodable_image")
+            records.append(rec)
+            extra_sha = [meta["sha256"]] if isinstance(meta.get("sha256"), str) else []
+            batch.append((rec, {"uid": _str(meta.get("uid"))}, caption, feats, extra_sha,
+                          members[img_ext] if img_ext else None))
+            if len(batch) >= cfg.batch_size:
+                flush()
+                progress(len(records), sum(r["status"] == WRITTEN for r in records))
+        if batch:
+            flush()
+        if len(records) != self.sizes[shard]:
+            raise AuditError(f"{url}: holds {len(records)} samples, its {SIZES_FILE} says {self.sizes[shard]}; "
+                             "the corpus is damaged")
+        rd = ctx.rd
+        task_matcher.write(rd.fs, rd.path("_work", f"{stem}.matches.parquet"))
+        with atomic_open(rd.fs, rd.path("_work", f"{stem}.parquet")) as f:
+            pq.write_table(pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA), f)
+        return len(records), sum(r["status"] == WRITTEN for r in records)
 
 
-def _done(ctx: AuditContext, shard: str) -> bool:
-    out_fs, _ = get_fs(ctx.cfg.out)
-    marker = join(ctx.work_dir, shard.rsplit(".", 1)[0] + ".done.json")
-    if not out_fs.exists(marker):
-        return False
-    with out_fs.open(marker, "rb") as f:
-        return json.load(f).get("fingerprint") == ctx.fingerprint
+class AuditShardsStep(Step):
+    """build_corpus's shard writer over the input shards (the kept samples of each)."""
+
+    name = "write_shards"
+    what = "samples"
+
+    def __init__(self, sources: list[Source], samples_per_shard: int, shards_dir: str):
+        self.sources, self.samples_per_shard, self.shards_dir = sources, samples_per_shard, shards_dir
+        self.prefix, self.specs = plan_shard_tasks(sources, samples_per_shard, SHARDS_PER_TASK)
+
+    def tasks(self) -> list[tuple]:
+        return self.specs
+
+    def total(self, specs: list[Any]) -> int:
+        return self.prefix[-1]
+
+    def run(self, ctx: TaskContext, spec: tuple, shared: Any = None) -> dict[str, Any]:
+        done = [0]
+
+        def on_sample() -> None:
+            done[0] += 1
+            ctx.progress(done[0], done[0])
+
+        try:
+            s = write_shard_range(ctx.rd.fs, self.sources, self.prefix, spec, self.samples_per_shard,
+                                  self.shards_dir, on_sample=on_sample)
+        except ShardError as exc:
+            raise AuditError(f"{exc}; an input shard changed since it was audited: rerun with a new --out") from None
+        return {**s, "progress_rows": s["rows"], "progress_ok": s["rows"]}
 
 
-def run_task(task_index: int, n_tasks: int, ctx: AuditContext) -> dict[str, float]:
-    """Audit input shards task_index, task_index + n_tasks, ...; skips shards already done."""
-    import cv2
-
-    cv2.setNumThreads(1)  # one task per core; OpenCV's own threads would oversubscribe
-    mine = ctx.shards[task_index::n_tasks]
-    todo = [s for s in mine if not _done(ctx, s)]
-    total = sum(ctx.sizes[s] for s in todo)
-    t0 = time.perf_counter()
-    rows = 0
-    for shard in todo:
-        rows += audit_shard(ctx, shard)
-        el = time.perf_counter() - t0
-        rate = rows / el if el else 0.0
-        log.info("task %d/%d: %s done, %d/%d rows, %.0f rows/s, ETA %.0fs", task_index, n_tasks, shard, rows, total,
-                 rate, (total - rows) / rate if rate else 0.0)
-    return {"rows": rows, "shards": len(todo), "skipped": len(mine) - len(todo), "seconds": time.perf_counter() - t0}
+# -- the driver -------------------------------------------------------------------------------------
 
 
-MapFn = Callable[[AuditContext, int], list[dict[str, float]]]
-
-
-def map_local(ctx: AuditContext, n_tasks: int) -> list[dict[str, float]]:
-    """Run every task in this process, one after the other (tests, small corpora)."""
-    return [run_task(i, n_tasks, ctx) for i in range(n_tasks)]
-
-
-def drop_reason(ms: list[dict], order: dict[str, int]) -> str:
-    """The manifest reason for a sample with matches `ms`: the first eval set (in --eval order), image before text."""
-    first = min(ms, key=lambda m: (order[m["eval_set"]], KINDS.index(m["kind"])))
-    return f"eval_overlap:{first['eval_set']}:{first['kind']}"
-
-
-def finalize(ctx: AuditContext) -> dict[str, Any]:
-    """Write the clean shards, manifest, overlap table, summary and report. Returns the summary."""
-    from dedup.report import write_report
-
-    t0 = time.perf_counter()
-    cfg = ctx.cfg
-    fs, _ = get_fs(cfg.corpus)
-    out_fs, out_root = get_fs(cfg.out)
-    missing = [s for s in ctx.shards if not _done(ctx, s)]
-    if missing:
-        raise AuditError(f"{join(ctx.work_dir, missing[0])}: task results missing for {len(missing)} shards; rerun")
-    order = {name: i for i, name in enumerate(ctx.eval_kinds)}
-    all_matches: list[dict] = []
-    # An empty corpus (every download failed) is audited to an empty one, not a crash.
-    samples_per_shard = cfg.samples_per_shard or max(ctx.sizes[ctx.shards[0]] if ctx.shards else 1, 1)
-    shards_out = join(out_root, "shards")
-    audit_dir = join(out_root, "audit")
-    # summary.json says "this corpus is clean" (the trainer reads it): it must not outlive the shards
-    # it described while new ones are written. It is written again last, once everything checks out.
-    rd = open_output(cfg)
-    rd.remove_own("audit", SUMMARY_RE)
-    # Our own earlier output (stale tars would break numbering): our numbered names only.
-    rd.remove_own("shards", own_names([])["shards"])
-    counts = {WRITTEN: 0, DROPPED: 0, FAILED: 0}
-    removed: set[str] = set()
-    # Which training images to keep for the report: the first pairs of each eval set.
-    report_keys: dict[str, set[str]] = defaultdict(set)
-    train_images: dict[str, bytes] = {}
-    with ShardSetWriter(out_fs, shards_out, samples_per_shard) as writer:
-        for shard in ctx.shards:
-            base = join(ctx.work_dir, shard.rsplit(".", 1)[0])
-            with out_fs.open(base + ".parquet", "rb") as f:
-                rows = pq.read_table(f).to_pylist()
-            with out_fs.open(base + ".matches.parquet", "rb") as f:
-                ms = pq.read_table(f).to_pylist()
-            all_matches.extend(ms)
-            by_key: dict[str, list[dict]] = defaultdict(list)
-            for m in ms:
-                by_key[m["key"]].append(m)
-                if len(report_keys[m["eval_set"]]) < cfg.report_max_pairs:
-                    report_keys[m["eval_set"]].add(m["key"])
-            wanted = set().union(*report_keys.values()) if report_keys else set()
-            manifest: list[dict] = []
-            it = iter(rows)
-            for key, members in _read_input_shard(fs, join(ctx.shards_dir, shard)):
-                row = next(it, None)
-                if row is None or row["key"] != key:
-                    raise AuditError(f"{join(ctx.shards_dir, shard)}: changed since it was audited "
-                                     f"(sample {key} vs {row and row['key']}); delete {ctx.work_dir} and rerun")
-                if key in wanted:
-                    img_ext = next((e for e in IMAGE_EXTS if e in members), None)
-                    if img_ext:
-                        train_images[key] = members[img_ext]
-                if row["status"] == FAILED:
-                    fate, reason, out_shard = FAILED, row["reason"], None
-                elif key in by_key:
-                    fate, reason, out_shard = DROPPED, drop_reason(by_key[key], order), None
-                    removed.add(key)
-                else:
-                    fate, reason, out_shard = WRITTEN, None, writer.add(key, members)
-                counts[fate] += 1
-                manifest.append({"key": key, "fate": fate, "reason": reason, "shard": out_shard,
-                                 "source_shard": shard})
-            if next(it, None) is not None:
-                raise AuditError(f"{join(ctx.shards_dir, shard)}: changed since it was audited (fewer samples); "
-                                 f"delete {ctx.work_dir} and rerun")
-            write_parquet(out_fs, join(out_root, "manifest", shard.rsplit(".", 1)[0] + ".parquet"), manifest,
-                           MANIFEST_SCHEMA)
-    # Check what we wrote: the shards read back and agree with sizes.json and the manifest.
-    n_written = verify_shards(out_fs, shards_out, samples_per_shard)
-    n_rows = sum(counts.values())
-    if n_written != counts[WRITTEN] or n_rows != sum(ctx.sizes.values()):
-        raise AuditError(f"{shards_out}: wrote {n_written} samples, manifest says {counts[WRITTEN]} written; "
-                         f"input sizes.json {sum(ctx.sizes.values())} vs {n_rows} rows read")
-    write_parquet(out_fs, join(audit_dir, "overlap.parquet"), all_matches, MATCH_SCHEMA)
-    ctx.timings["finalize_s"] = round(time.perf_counter() - t0, 3)
-    summary = build_summary(ctx, all_matches, counts, removed)
-    atomic_write_json(out_fs, join(audit_dir, "config.json"), asdict(cfg))
-    write_report(ctx.eval_sets, summary, all_matches, train_images, report_keys, join(audit_dir, "report.html"))
-    atomic_write_json(out_fs, join(audit_dir, "summary.json"), summary)
-    return summary
-
-
-def build_summary(ctx: AuditContext, matches: list[dict], counts: dict[str, int],
-                  removed: set[str] | None = None) -> dict[str, Any]:
-    rows = sum(counts.values())
-    return summarize(ctx.matcher, matches,
-                     {"input": ctx.cfg.corpus, "rows": rows, **counts, "input_shards": len(ctx.shards)}, ctx.timings,
-                     removed)
-
-
-def summarize(matcher: OverlapMatcher, matches: list[dict], corpus: dict[str, Any],
-              timings: dict[str, float], removed: set[str] | None = None) -> dict[str, Any]:
-    """summary.json's content (shared by the audit job and removal during build_corpus).
-
-    `corpus` needs at least input, rows, written, dropped and failed (report.html shows them).
-    `removed`: keys of the samples actually dropped for overlap; a matched sample that failed
-    for another reason (say its image does not decode but its sha256 matched) was not removed
-    by the audit. None: every matched sample was removed.
-    """
-    sets: dict[str, Any] = {}
-    mc = matcher.cfg
-    thresholds = {"text_jaccard": mc.text_threshold, "ngram": mc.ngram, "num_perm": mc.num_perm,
-                  "image_max_distance": mc.image_max_distance, "image_min_similarity": mc.image_min_similarity,
-                  "kinds": list(mc.kinds), "min_caption_words": mc.min_caption_words}
-    for s in matcher.sets:
-        ms = [m for m in matches if m["eval_set"] == s.name]
-        items = sorted({m["eval_item"] for m in ms})
-        n = len(s.item_ids)
-        sets[s.name] = {
-            "kind": s.kind,
-            "layout": s.layout,
-            "items": n,
-            "items_with_overlap": len(items),
-            "overlap_pct": round(100.0 * len(items) / n, 4) if n else 0.0,
-            "train_samples_removed": len({m["key"] for m in ms if removed is None or m["key"] in removed}),
-            "matches": {k: sum(1 for m in ms if m["kind"] == k) for k in KINDS},
-            "overlapping_items": items,
-            "unreadable_items": len(s.unreadable),
-            "thresholds": dict(thresholds),
-            "timings": s.timings,
-        }
-    return {"eval_sets": sets, "corpus": corpus, "timings": timings}
-
-
-def count_line(summary: dict[str, Any]) -> str:
+def summarize_counts(summary: dict[str, Any]) -> str:
     c = summary["corpus"]
     return f"rows in {c['rows']} = written {c[WRITTEN]} + dropped {c[DROPPED]} + failed {c[FAILED]}"
 
 
-def run_audit(cfg: AuditConfig, map_fn: MapFn = map_local, n_tasks: int | None = None) -> dict[str, Any]:
-    """prepare -> tasks (via map_fn) -> finalize, holding the output folder's lock. Returns summary.json's content."""
+count_line = summarize_counts
+
+
+def run_audit(cfg: AuditConfig, executor: Any = None) -> dict[str, Any]:
+    """The whole audit with `executor` (default: in this process), holding the output folder's
+    lock from the first write to summary.json. Returns summary.json's content."""
+    from pipeline.build import finish_shards
+    from pipeline.executor import LocalExecutor
+
+    executor = executor or LocalExecutor()
     rd = open_output(cfg)
     rd.check_ours(LEGACY_RUN_KEYS)  # before the lock file: a foreign folder gets nothing written
+    inp = read_inputs(cfg, rd)
+    settings = settings_of(cfg, inp)
+    own = own_names(inp.shards)
     with rd.lock():
-        ctx = prepare(cfg, rd)
+        # Checked before the (slow) eval index is built, and recorded before any task writes results.
+        rd.claim(settings, own, LEGACY_RUN_KEYS)
+        if rd.fs.exists(rd.path("audit", "summary.json")) and rd.fs.exists(rd.path("shards", SIZES_FILE)):
+            with rd.fs.open(rd.path("audit", "summary.json"), "rb") as f:
+                summary = json.load(f)
+            for sub in SCRATCH:
+                rd.remove_own_files(sub, own[sub])
+            log.info("%s holds a finished audit of this corpus, eval sets and thresholds: nothing to do", rd.url_of())
+            return summary
         t0 = time.perf_counter()
-        map_fn(ctx, n_tasks or len(ctx.shards) or 1)
-        ctx.timings["match_s"] = round(time.perf_counter() - t0, 3)
-        return finalize(ctx)
+        eval_sets = inp.eval_sets
+        matcher = OverlapMatcher.build(eval_sets, cfg.match)
+        overlap = EvalOverlap(eval_sets, matcher, cfg.report_max_pairs,
+                              {"eval_index_s": round(time.perf_counter() - t0, 3)})
+        shared = executor.put(overlap)
+        step = MatchStep(cfg, inp)
+        matched = run_step(rd, step, executor, shared=shared)
+        kept: dict[str, int] = {}
+        for s in matched:
+            kept.update(s["kept"])
+        samples_per_shard = cfg.samples_per_shard or max(inp.sizes[inp.shards[0]] if inp.shards else 1, 1)
+        stems = [s.rsplit(".", 1)[0] for s in inp.shards]
+        sources = [Source(inp.url(s), rd.url_of("_work", f"{stem}.parquet"), kept[s],
+                          rd.url_of("manifest", f"{stem}.parquet")) for s, stem in zip(inp.shards, stems, strict=True)]
+        writer = AuditShardsStep(sources, samples_per_shard, rd.url_of("shards"))
+        written = run_step(rd, writer, executor)
+        result = finish_shards(rd, written, step.n_rows, writer.prefix[-1], samples_per_shard)
+        corpus = {"input": cfg.corpus, "rows": result.rows_in, WRITTEN: result.written, DROPPED: result.dropped,
+                  FAILED: result.failed, "input_shards": len(inp.shards)}
+        summary = merge_overlap(rd, executor, shared, [rd.url_of("_work", f"{st}.matches.parquet") for st in stems],
+                                corpus, removed_files=[rd.url_of("_work", f"{st}.parquet") for st in stems])
+        if not cfg.keep_work:
+            for sub in SCRATCH:
+                rd.remove_own_files(sub, own[sub])
+        return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -503,15 +460,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def demo(corpus: str, evals: dict[str, str], out: str, **match_kwargs: Any) -> dict[str, Any]:
+def demo(corpus: str, evals: dict[str, str], out: str, executor: Any = None, **match_kwargs: Any) -> dict[str, Any]:
     """For `make demo`: audit the demo corpus against eval set folders, print the per-set summary.
 
     demo("demo-out/corpus", {"shapes": "demo-out/evalsets/shapes"}, "demo-out/audited")
     """
     cfg = AuditConfig(corpus=corpus, evals=[f"{k}={v}" for k, v in evals.items()], out=out,
                       match=MatchConfig(**match_kwargs))
-    summary = run_audit(cfg)
+    summary = run_audit(cfg, executor)
     print(format_summary(summary))
-    print(f"report: {join(get_fs(out)[1], 'audit', 'report.html')}")
+    print(f"report: {open_output(cfg).url_of('audit', 'report.html')}")
     print(count_line(summary))
     return summary

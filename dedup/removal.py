@@ -11,8 +11,8 @@ and writes the task's match rows to a parquet file of its own.
 `merge_overlap` then runs one task (on the driver's node, where the eval files are)
 that streams every task's match file into `OUT/audit/overlap.parquet`, sums them into
 `summary.json` without holding all matches at once, and draws `report.html` from the
-first `report_max_pairs` pairs per eval set (training images read back from the tasks'
-tars). Both jobs write the same three files.
+first `report_max_pairs` pairs per eval set (thumbnails of the training images, which the
+tasks keep for those pairs only). Both jobs write the same three files.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dedup.matcher import KINDS, MatchConfig, OverlapMatcher
 from pipeline.config import ConfigError
 from pipeline.job import Step, TaskContext, run_step
 from pipeline.rundir import RunDir
-from pipeline.shards import IMAGE_EXTS, atomic_open, atomic_write_json, read_tar
+from pipeline.shards import atomic_open, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,43 @@ class EvalOverlap:
         return TaskMatcher(self)
 
 
+def small_jpeg(data: bytes, side: int = 160) -> bytes | None:
+    """A thumbnail of an image for the report (the training image itself is not kept)."""
+    import cv2
+    import numpy as np
+
+    from dedup.image import decode
+
+    img = decode(data) if data else None
+    if img is None:
+        return None
+    h, w = img.shape[:2]
+    scale = min(1.0, side / max(h, w))
+    if scale < 1.0:
+        img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return np.asarray(buf).tobytes() if ok else None
+
+
 class TaskMatcher:
-    """One task's matcher: (key, caption, image, meta) -> drop reason or None; keeps the task's match rows."""
+    """One task's matcher: (key, caption, image, meta) -> drop reason or None; keeps the task's match
+    rows, and a thumbnail of the first `report_max_pairs` matched images per eval set (the report's)."""
 
     def __init__(self, overlap: EvalOverlap):
         self.overlap = overlap
         self.rows: list[dict[str, Any]] = []
+        self.thumbs: dict[str, bytes | None] = {}
+        self._drawn: dict[str, set[str]] = defaultdict(set)
         self.checked = 0
         self.seconds = 0.0
+
+    def _thumb(self, rows: list[dict[str, Any]], image: bytes | None) -> None:
+        for r in rows:
+            drawn = self._drawn[r["eval_set"]]
+            if r["key"] in drawn or len(drawn) < self.overlap.report_max_pairs:
+                drawn.add(r["key"])
+                if r["key"] not in self.thumbs and image:
+                    self.thumbs[r["key"]] = small_jpeg(image)
 
     def __call__(self, key: str, caption: str, image: bytes, meta: dict[str, Any],
                  source_shard: str | None = None) -> str | None:
@@ -118,15 +147,25 @@ class TaskMatcher:
         rows = [{"key": key, "uid": _str(meta.get("uid")), "url": _str(meta.get("url")), "caption": caption,
                  **asdict(m), "source_shard": source_shard} for m in found]
         self.rows.extend(rows)
+        self._thumb(rows, image)
         return drop_reason(rows, self.overlap.order)
 
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        """Match rows found elsewhere (the audit's batched lookup)."""
+    def add(self, rows: list[dict[str, Any]], image: bytes | None = None) -> None:
+        """Match rows found elsewhere (the audit's batched lookup) and the training image they matched."""
         self.rows.extend(rows)
+        self._thumb(rows, image)
 
     def write(self, fs: Any, path: str) -> None:
+        """The task's match rows plus a THUMB_COLUMN (the report's thumbnails, null for most rows)."""
+        table = pa.Table.from_pylist(self.rows, schema=_match_schema(self.rows))
+        thumbs = [self.thumbs.get(r["key"]) for r in self.rows]
+        table = table.append_column(pa.field(THUMB_COLUMN, pa.binary()), pa.array(thumbs, pa.binary()))
         with atomic_open(fs, path) as f:
-            pq.write_table(pa.Table.from_pylist(self.rows, schema=_match_schema(self.rows)), f)
+            pq.write_table(table, f)
+
+
+THUMB_COLUMN = "train_thumb"
+"""In a task's match file only: the report's thumbnail of the training image (not in overlap.parquet)."""
 
 
 def _match_schema(rows: list[dict[str, Any]]) -> pa.Schema:
@@ -189,9 +228,8 @@ class OverlapMergeStep(Step):
     on_driver_node = True
     """The report reads eval images from the paths the driver loaded them from."""
 
-    def __init__(self, match_files: list[str], tars: list[str], corpus: dict[str, Any],
-                 removed_files: list[str | None] | None = None):
-        self.match_files, self.tars, self.corpus = match_files, tars, corpus
+    def __init__(self, match_files: list[str], corpus: dict[str, Any], removed_files: list[str | None] | None = None):
+        self.match_files, self.corpus = match_files, corpus
         self.removed_files = removed_files
 
     def tasks(self) -> list[int]:
@@ -206,7 +244,7 @@ class OverlapMergeStep(Step):
         acc = OverlapSummary(overlap)
         report_keys: dict[str, set[str]] = defaultdict(set)
         report_rows: list[dict[str, Any]] = []
-        wanted: dict[int, set[str]] = defaultdict(set)
+        train_images: dict[str, bytes] = {}
         n_rows = 0
         out_path = rd.path("audit", "overlap.parquet")
         writer = None
@@ -214,6 +252,12 @@ class OverlapMergeStep(Step):
             for i, path in enumerate(self.match_files):
                 with rd.fs.open(path, "rb") as f:
                     t = pq.read_table(f)
+                if THUMB_COLUMN in t.column_names:
+                    for key, thumb in zip(t.column("key").to_pylist(), t.column(THUMB_COLUMN).to_pylist(),
+                                          strict=True):
+                        if thumb is not None and key not in train_images and len(train_images) < self._max_thumbs(overlap):
+                            train_images[key] = thumb
+                    t = t.drop_columns([THUMB_COLUMN])
                 if writer is None:
                     # The first file's schema (MATCH_SCHEMA plus the matcher's evidence columns).
                     writer = pq.ParquetWriter(out, t.schema if t.num_columns else MATCH_SCHEMA)
@@ -227,18 +271,12 @@ class OverlapMergeStep(Step):
                     if r["key"] in drawn or len(drawn) < overlap.report_max_pairs:
                         drawn.add(r["key"])
                         report_rows.append(r)
-                        wanted[i].add(r["key"])
                 ctx.progress(i + 1, i + 1)
             if writer is None:
                 writer = pq.ParquetWriter(out, MATCH_SCHEMA)
             writer.close()
-        train_images: dict[str, bytes] = {}
-        for i, keys in wanted.items():
-            for key, members in read_tar(rd.fs, self.tars[i]):
-                if key in keys:
-                    ext = next((e for e in IMAGE_EXTS if e in members), None)
-                    if ext:
-                        train_images[key] = members[ext]
+        drawn = {r["key"] for r in report_rows}
+        train_images = {k: v for k, v in train_images.items() if k in drawn}
         timings = {**overlap.timings, "merge_s": round(time.perf_counter() - t0, 3)}
         summary = acc.summary(self.corpus, timings)
         atomic_write_json(rd.fs, rd.path("audit", "config.json"),
@@ -252,6 +290,10 @@ class OverlapMergeStep(Step):
         atomic_write_json(rd.fs, rd.path("audit", "summary.json"), summary)  # last: the audit is complete
         return {"matches": n_rows, "summary": {n: s["items_with_overlap"] for n, s in summary["eval_sets"].items()}}
 
+    @staticmethod
+    def _max_thumbs(overlap: EvalOverlap) -> int:
+        return max(1, overlap.report_max_pairs) * max(1, len(overlap.eval_sets)) * 4
+
     def _removed(self, rd: RunDir, i: int) -> set[str] | None:
         if not self.removed_files or self.removed_files[i] is None:
             return None
@@ -261,11 +303,11 @@ class OverlapMergeStep(Step):
                 if r and r.startswith("eval_overlap:")}
 
 
-def merge_overlap(rd: RunDir, executor: Any, overlap: Any, match_files: list[str], tars: list[str],
-                  corpus: dict[str, Any], removed_files: list[str | None] | None = None) -> dict[str, Any]:
+def merge_overlap(rd: RunDir, executor: Any, overlap: Any, match_files: list[str], corpus: dict[str, Any],
+                  removed_files: list[str | None] | None = None) -> dict[str, Any]:
     """Run the merge step; returns summary.json's content."""
     shared = overlap if not isinstance(overlap, EvalOverlap) else executor.put(overlap)
-    run_step(rd, OverlapMergeStep(match_files, tars, corpus, removed_files), executor, shared=shared)
+    run_step(rd, OverlapMergeStep(match_files, corpus, removed_files), executor, shared=shared)
     with rd.fs.open(rd.path("audit", "summary.json"), "rb") as f:
         summary = json.load(f)
     log.info("eval overlap: %s", json.dumps({n: s["items_with_overlap"] for n, s in summary["eval_sets"].items()}))

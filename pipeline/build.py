@@ -577,7 +577,6 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
         from dedup.removal import merge_overlap
 
         merge_overlap(rd, executor, shared, [rd.url_of("parts", f"{t:05d}.matches.parquet") for t, *_ in parts],
-                      [rd.url_of("parts", f"{t:05d}.tar") for t, *_ in parts],
                       {"input": cfg.urls, "rows": result.rows_in, WRITTEN: result.written,
                        DROPPED: result.dropped, FAILED: result.failed})
     elapsed = time.monotonic() - t0

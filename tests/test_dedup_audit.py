@@ -99,9 +99,9 @@ def test_planted_overlaps_removed_and_counts_add_up(audited, capsys):
     out = root / "audited"
     manifest = pq.read_table(out / "manifest").to_pylist()
     assert sorted(r["key"] for r in manifest) == [f"{i:09d}" for i in range(info["n"])]
-    dropped = {r["key"]: r["reason"] for r in manifest if r["fate"] == "dropped"}
+    dropped = {r["key"]: r["reason"] for r in manifest if r["status"] == "dropped"}
     assert dropped == {k: f"eval_overlap:{s}:{kind}" for k, (s, _, kind) in info["planted"].items()}
-    [failed] = [r for r in manifest if r["fate"] == "failed"]
+    [failed] = [r for r in manifest if r["status"] == "failed"]
     assert failed["key"] == info["broken"] and failed["reason"] == "undecodable_image"
 
     overlap = pq.read_table(out / "audit" / "overlap.parquet").to_pylist()
@@ -122,7 +122,7 @@ def test_planted_overlaps_removed_and_counts_add_up(audited, capsys):
     # Same layout as build_corpus: contiguous, full shards, sizes.json agreeing with the tars.
     fs, _ = get_fs(str(out))
     assert verify_shards(fs, str(out / "shards"), 30) == info["n"] - n_planted - 1
-    written = {r["key"]: r["shard"] for r in manifest if r["fate"] == "written"}
+    written = {r["key"]: r["shard"] for r in manifest if r["status"] == "written"}
     sizes = json.loads((out / "shards" / "sizes.json").read_text())
     assert sorted(sizes) == ["00000.tar", "00001.tar", "00002.tar"] and sum(sizes.values()) == len(written)
 
@@ -238,7 +238,7 @@ def test_rerun_with_other_input_is_refused(tmp_path, capsys):
         return rc, capsys.readouterr().err.strip().splitlines()
 
     assert run(tmp_path / "A")[0] == 0
-    dropped = [r["key"] for r in pq.read_table(out / "manifest").to_pylist() if r["fate"] == "dropped"]
+    dropped = [r["key"] for r in pq.read_table(out / "manifest").to_pylist() if r["status"] == "dropped"]
     assert dropped == ["000000002"]
     assert run(tmp_path / "A")[0] == 0  # the same input: fine, finished shards reused
 
@@ -256,7 +256,7 @@ def test_rerun_with_other_input_is_refused(tmp_path, capsys):
     # A new --out starts clean and sees the new input.
     out = tmp_path / "out2"
     assert run(tmp_path / "B")[0] == 0
-    dropped = [r["key"] for r in pq.read_table(out / "manifest").to_pylist() if r["fate"] == "dropped"]
+    dropped = [r["key"] for r in pq.read_table(out / "manifest").to_pylist() if r["status"] == "dropped"]
     assert dropped == ["000000007"]
 
 
@@ -272,26 +272,28 @@ def test_empty_corpus_gives_an_empty_clean_corpus(tmp_path, capsys):
     assert json.loads((out / "audit" / "summary.json").read_text())["eval_sets"]["e"]["train_samples_removed"] == 0
 
 
-def test_failed_finalize_leaves_no_summary(tmp_path, monkeypatch):
-    # The trainer reads summary.json as "this corpus is clean": a finalize that dies after
-    # deleting shards/ must not leave the previous run's summary beside half-written shards.
+def test_failed_merge_leaves_no_summary_and_a_rerun_finishes(tmp_path, monkeypatch):
+    # The trainer reads summary.json as "this corpus is clean": it is written last, after the
+    # shards and the report, so an audit that dies before it leaves none.
     import dedup.audit as audit
+    import dedup.report as report
 
     ev = tmp_path / "ev"
     write_imagefolder(ev, per_class=1, seed=3)
     _small_corpus(tmp_path / "A", sorted(ev.glob("*/*.jpg"))[0], 2, 1)
     cfg = audit.AuditConfig(corpus=str(tmp_path / "A"), evals=[f"e={ev}"], out=str(tmp_path / "out"))
-    audit.run_audit(cfg)
     summary = tmp_path / "out" / "audit" / "summary.json"
-    assert summary.exists()
 
     def broken(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(audit, "verify_shards", broken)
-    with pytest.raises(OSError, match="disk full"):
-        audit.run_audit(cfg)
-    assert not summary.exists()
+    with monkeypatch.context() as m:
+        m.setattr(report, "write_report", broken)
+        with pytest.raises(Exception, match="disk full"):
+            audit.run_audit(cfg)
+    assert not summary.exists() and (tmp_path / "out" / "shards" / "sizes.json").exists()
+    assert audit.run_audit(cfg)["corpus"]["dropped"] == 1
+    assert summary.exists() and not (tmp_path / "out" / "_work").exists()
 
 
 def test_failed_samples_matched_by_sha256_are_not_counted_removed(tmp_path):
@@ -312,7 +314,7 @@ def test_failed_samples_matched_by_sha256_are_not_counted_removed(tmp_path):
     overlap = pq.read_table(out / "audit" / "overlap.parquet").to_pylist()
     assert {(m["key"], m["eval_item"].endswith("odd.jpg")) for m in overlap} == {("000000001", False),
                                                                                  ("000000003", True)}
-    fates = {r["key"]: r["fate"] for r in pq.read_table(out / "manifest").to_pylist()}
+    fates = {r["key"]: r["status"] for r in pq.read_table(out / "manifest").to_pylist()}
     assert fates["000000001"] == "dropped" and fates["000000003"] == "failed"
     e = json.loads((out / "audit" / "summary.json").read_text())["eval_sets"]["e"]
     assert e["train_samples_removed"] == 1 and e["items_with_overlap"] == 2
@@ -332,9 +334,8 @@ def test_ray_fan_out_gives_the_same_result(audited, tmp_path, capsys, caplog):
         import ray
 
         ray.shutdown()
-    # One task per CPU, each over a stride of shards: the eval index is unpickled twice, not once per shard.
     n_shards = len(json.loads((root / "corpus" / "shards" / "sizes.json").read_text()))
-    assert n_shards > 2 and f"2 tasks over {n_shards} input shards" in caplog.text
+    assert n_shards > 2 and f"match: {n_shards} tasks (0 done before), {info['n']} samples" in caplog.text
     local = root / "audited"
     if not (local / "manifest").exists():
         assert main(argv) == 0

@@ -335,7 +335,7 @@ def test_audit_names_an_eval_file_whose_name_is_not_utf8(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,value", [("--text-threshold", "nan"), ("--image-min-similarity", "nan"),
-                                        ("--tasks", "0"), ("--min-caption-words", "-2")])
+                                        ("--num-cpus", "0"), ("--min-caption-words", "-2")])
 def test_audit_meaningless_numbers_are_refused(tmp_path, capsys, flag, value):
     corpus, ev = _corpus_and_eval(tmp_path)
     out = tmp_path / "out"
