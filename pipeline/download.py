@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from img2dataset.resizer import Resizer
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.fetch import Fetcher, FetchError, OptedOut
+from pipeline.fetch import Fetcher, FetchError, OptedOut, escape_text
 from pipeline.sample import Sample
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class ErrorLog:
         self.counts[reason] += 1
         n = self.counts[reason]
         if n == 1 or n % self.every == 0:
-            log.warning("%s (%d so far): %s %s", reason, n, url[:120], detail or "")
+            log.warning("%s (%d so far): %s %s", reason, n, escape_text(url, 120), escape_text(detail or ""))
 
 
 def sniff_image(body: bytes, max_pixels: int) -> tuple[str, int, int]:
