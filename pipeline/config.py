@@ -171,6 +171,8 @@ class BuildConfig:
     """HOST:PORT entries reachable although not public (e.g. 127.0.0.1:8000)."""
     max_image_pixels: int = 89_478_485
     """Images whose header claims more pixels are refused before decoding (PIL's bomb limit)."""
+    max_decode_bytes: int = 288 * 2**20
+    """Images whose decode and resize would allocate more bytes at once are refused before decoding."""
     image_size: int = 256
     """Output image side in pixels."""
     resize_mode: str = "center_crop"
@@ -221,6 +223,9 @@ class BuildConfig:
         check(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         check(self.executor in ("ray", "local"), f"--executor must be ray or local, got {self.executor!r}")
         check(self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}")
+        check(self.max_decode_bytes >= 16 * 2**20,
+              f"--max-decode-bytes is in bytes and must be >= {16 * 2**20} (16 MiB: the decoders' own state "
+              f"takes about 8), got {self.max_decode_bytes}")
         check(self.resize_mode in ("center_crop", "keep_ratio", "border"),
               f"--resize-mode must be center_crop, keep_ratio or border, got {self.resize_mode!r}")
         check(self.encode_format in ("jpg", "webp"), f"--encode-format must be jpg or webp, got {self.encode_format!r}")
