@@ -90,7 +90,7 @@ def run_task(index: int, rows: pa.Table, cfg: BuildConfig, width: int) -> dict[s
     if fs.exists(done_path):
         with fs.open(done_path, "rb") as f:
             return json.load(f)
-    # Worker-side imports: img2dataset (for its resizer) costs the driver 2 s it need not pay.
+    # Worker-side imports: the download stages import OpenCV, which the driver need not pay for.
     from pipeline.download import DownloadStage, ErrorLog, ResizeStage
     from pipeline.fetch import Fetcher
 
@@ -104,7 +104,8 @@ def run_task(index: int, rows: pa.Table, cfg: BuildConfig, width: int) -> dict[s
     ]
     download = DownloadStage(Fetcher(cfg.fetch_config()), cfg.threads, cfg.max_image_pixels, errors)
     size_filter = ImageSizeFilter(cfg.min_image_side, cfg.max_aspect_ratio)
-    resize = ResizeStage(cfg.image_size, cfg.resize_mode, cfg.encode_format, cfg.encode_quality, errors)
+    resize = ResizeStage(cfg.image_size, cfg.resize_mode, cfg.encode_format, cfg.encode_quality, errors,
+                         max_decode_bytes=cfg.max_decode_bytes)
     stages = [cleaner, *filters, download, size_filter, resize]
     results = sorted(run_stages(_samples(rows, width, cfg.extra_cols), stages), key=lambda s: s.row)
 
