@@ -255,7 +255,8 @@ class DownloadStep(Step):
         ]
         download = DownloadStage(Fetcher(cfg.fetch_config()), cfg.threads, cfg.max_image_pixels, errors)
         size_filter = ImageSizeFilter(cfg.min_image_side, cfg.max_aspect_ratio)
-        resize = ResizeStage(cfg.image_size, cfg.resize_mode, cfg.encode_format, cfg.encode_quality, errors)
+        resize = ResizeStage(cfg.image_size, cfg.resize_mode, cfg.encode_format, cfg.encode_quality, errors,
+                             max_decode_bytes=cfg.max_decode_bytes)
         stages = [cleaner, *filters, download, size_filter, resize]
         matcher = shared.task_matcher() if (self.with_eval and shared is not None) else None
         results = []

@@ -66,9 +66,12 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if isinstance(value, str):
             return value.lower() in ("1", "true", "yes", "on")
         return bool(value)
+    if tp is int and isinstance(value, float) and not value.is_integer():
+        # A YAML 2.5 (or .inf, .nan) for a count: int() would truncate it, or raise OverflowError.
+        raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not a valid int")
     try:
         return tp(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not a valid {tp.__name__}") from None
 
 
@@ -170,9 +173,11 @@ class BuildConfig:
     disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED
     """X-Robots-Tag directives that opt an image out."""
     allow_hosts: tuple[str, ...] = ()
-    """HOST:PORT entries reachable although not public (e.g. 127.0.0.1:8000)."""
+    """HOST:PORT or [IPV6]:PORT entries reachable although not public (e.g. 127.0.0.1:8000); no port: any port."""
     max_image_pixels: int = 89_478_485
     """Images whose header claims more pixels are refused before decoding (PIL's bomb limit)."""
+    max_decode_bytes: int = 288 * 2**20
+    """Images whose decode and resize would allocate more bytes at once are refused before decoding."""
     image_size: int = 256
     """Output image side in pixels."""
     resize_mode: str = "center_crop"
@@ -235,6 +240,10 @@ class BuildConfig:
         check(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         check(self.executor in ("ray", "local"), f"--executor must be ray or local, got {self.executor!r}")
         check(self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}")
+        check(self.max_image_pixels >= 1, f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
+        check(self.max_decode_bytes >= 16 * 2**20,
+              f"--max-decode-bytes is in bytes and must be >= {16 * 2**20} (16 MiB: the decoders' own state "
+              f"takes about 8), got {self.max_decode_bytes}")
         check(self.resize_mode in ("center_crop", "keep_ratio", "border"),
               f"--resize-mode must be center_crop, keep_ratio or border, got {self.resize_mode!r}")
         check(self.encode_format in ("jpg", "webp"), f"--encode-format must be jpg or webp, got {self.encode_format!r}")

@@ -1,32 +1,27 @@
 """Download, sniff and resize stages.
 
 The fetch runs in a thread pool (network bound); the header sniff runs in the
-same threads (cheap, no decode); resizing is img2dataset's `Resizer`, run in
-the task's main thread as img2dataset does, with OpenCV limited to one thread
-so that one task uses one core.
+same threads (cheap, no decode); resizing (pipeline.resize, img2dataset's
+geometry with the decode's memory judged first) runs in the task's main thread
+as img2dataset does, with OpenCV limited to one thread so that one task uses
+one core.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from img2dataset.resizer import Resizer
-from PIL import Image, UnidentifiedImageError
+import cv2
 
-from pipeline.fetch import Fetcher, FetchError, OptedOut
+from pipeline.fetch import Fetcher, FetchError, OptedOut, escape_text
+from pipeline.resize import DEFAULT_MAX_DECODE_BYTES, ImageError, Resizer, read_header
 from pipeline.sample import Sample
 
 log = logging.getLogger(__name__)
-
-# MPO is how Pillow names the JPEGs many phones write (a JPEG with extra frames appended):
-# valid JPEG, decoded by OpenCV like any other.
-IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
 
 
 class ErrorLog:
@@ -40,7 +35,7 @@ class ErrorLog:
         self.counts[reason] += 1
         n = self.counts[reason]
         if n == 1 or n % self.every == 0:
-            log.warning("%s (%d so far): %s %s", reason, n, url[:120], detail or "")
+            log.warning("%s (%d so far): %s %s", reason, n, escape_text(url, 120), escape_text(detail or ""))
 
 
 def sniff_image(body: bytes, max_pixels: int) -> tuple[str, int, int]:
@@ -48,32 +43,14 @@ def sniff_image(body: bytes, max_pixels: int) -> tuple[str, int, int]:
 
     The decompression-bomb guard: PIL reads dimensions without decoding pixels,
     so a 100,000 x 100,000 PNG of a few hundred bytes is refused before OpenCV
-    would try to allocate 30 GB for it.
+    would try to allocate 30 GB for it. The bytes a decode needs are judged
+    later, by the resize stage, which knows the target size.
     """
-    if not body:
-        raise FetchError("empty_body")
-    # Pillow refuses images above 2 * its own MAX_IMAGE_PIXELS in open(), before our
-    # check below could apply: raise its limit to ours so --max-image-pixels is the one
-    # that counts (Pillow's stays as a backstop at twice ours). Only ever raised, and
-    # equal from every thread of a task, so the shared setting needs no lock.
-    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(body)) as img:
-                fmt, (w, h) = img.format, img.size
-    except Image.DecompressionBombError as exc:
-        raise FetchError("decompression_bomb", str(exc)[:120]) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise FetchError("not_an_image", type(exc).__name__) from None
-    if fmt not in IMAGE_FORMATS:
-        raise FetchError("not_an_image", f"format {fmt}")
-    if w * h > max_pixels:
-        raise FetchError("decompression_bomb", f"{w}x{h} > {max_pixels} pixels")
-    if w < 1 or h < 1:
-        raise FetchError("not_an_image", f"{w}x{h}")
-    return fmt, w, h
+        header = read_header(body, max_pixels)
+    except ImageError as exc:
+        raise FetchError(exc.reason, exc.detail) from None
+    return header.format, header.width, header.height
 
 
 class DownloadStage:
@@ -131,27 +108,29 @@ class DownloadStage:
 
 
 class ResizeStage:
-    """img2dataset's Resizer, on samples that passed the header-based filters."""
+    """Decode, resize and encode samples that passed the header-based filters (pipeline.resize)."""
 
-    def __init__(self, image_size: int, resize_mode: str, encode_format: str, encode_quality: int, errors: ErrorLog):
-        self.resizer = Resizer(
-            image_size=image_size,
-            resize_mode=resize_mode,
-            resize_only_if_bigger=False,
-            encode_format=encode_format,
-            encode_quality=encode_quality,
-        )
+    def __init__(self, image_size: int, resize_mode: str, encode_format: str, encode_quality: int, errors: ErrorLog,
+                 max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES):
+        cv2.setNumThreads(1)  # one task, one core (img2dataset sets the same)
+        self.resizer = Resizer(image_size, resize_mode, encode_format, encode_quality, max_decode_bytes)
         self.ext = encode_format
         self.errors = errors
 
     def __call__(self, samples: Iterator[Sample]) -> Iterator[Sample]:
         for s in samples:
             if s.pending:
-                img, width, height, ow, oh, err = self.resizer(io.BytesIO(s.image))
-                if err is not None or img is None:
-                    self.errors("decode_error", s.url, err)
-                    s.fail("decode_error", err)
+                try:
+                    # The header again (microseconds): the download stage keeps only the bytes.
+                    image, width, height = self.resizer(s.image or b"", read_header(s.image or b""))
+                except ImageError as exc:
+                    self.errors(exc.reason, s.url, exc.detail)
+                    s.fail(exc.reason, escape_text(exc.detail))
+                except Exception as exc:  # noqa: BLE001 - one odd image must not kill the task
+                    detail = f"{type(exc).__name__}: {exc}"
+                    self.errors("decode_error", s.url, detail)
+                    s.fail("decode_error", escape_text(detail))
                 else:
-                    s.image, s.ext = img, self.ext
-                    s.meta.update(width=width, height=height, original_width=ow, original_height=oh)
+                    s.image, s.ext = image, self.ext
+                    s.meta.update(width=width, height=height)
             yield s

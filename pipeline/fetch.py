@@ -5,8 +5,8 @@ Why not call `img2dataset.downloader.download_image` directly: it uses
 a public URL can bounce the crawler into 10.x or 169.254.169.254), has only a
 per-socket-operation timeout (a URL that streams forever never finishes,
 img2dataset #437), reads the whole body with no size cap, and retries every
-error immediately, 404s included. We keep what it does well and reuse its
-X-Robots-Tag parser (`is_disallowed`) and user-agent convention, and add:
+error immediately, 404s included. We keep what it does well (its X-Robots-Tag
+semantics, `is_disallowed` below, and its user-agent convention), and add:
 
 - every hop (the first request and each redirect) is resolved, checked against
   the address policy, and then connected to *the checked IP* (no second DNS
@@ -16,7 +16,11 @@ X-Robots-Tag parser (`is_disallowed`) and user-agent convention, and add:
   http.client reads the status line and headers itself), and the body is read
   with `read1` so the deadline is also checked between reads;
 - a body-size cap, checked against Content-Length and while reading;
-- retries with exponential backoff, only for transient failures.
+- retries with exponential backoff, only for transient failures;
+- a URL that cannot be sent as written (spaces, control characters) is refused
+  as `bad_url` before any connection, and text the server controls (status
+  lines, headers, redirect targets) is escaped before it reaches a log line or
+  the manifest.
 """
 
 from __future__ import annotations
@@ -26,13 +30,17 @@ import http.client
 import ipaddress
 import itertools
 import logging
+import math
 import os
 import random
+import re
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from email.message import Message
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -42,10 +50,28 @@ REDIRECTS = (301, 302, 303, 307, 308)
 log = logging.getLogger(__name__)
 
 
+# C0 and C1 control characters and DEL: ESC and CSI start terminal escape sequences.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_text(text: str, limit: int = 200) -> str:
+    """`text` with control characters written as \\xNN escapes, cut to `limit` characters.
+
+    For text a remote server controls (status lines, headers, redirect targets):
+    written raw into a log or the manifest, an escape sequence could rewrite what
+    an operator's terminal shows.
+    """
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text[:limit])
+
+
 class FetchError(Exception):
-    """A URL could not be fetched. `reason` is a short code used as the manifest reason."""
+    """A URL could not be fetched. `reason` is a short code used as the manifest reason.
+
+    `detail` is escaped here, once, whatever produced it: it goes to the log and the manifest.
+    """
 
     def __init__(self, reason: str, detail: str = "", transient: bool = False):
+        detail = escape_text(detail)
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
@@ -74,19 +100,25 @@ class FetchConfig:
     disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED
     """X-Robots-Tag directives that opt an image out (img2dataset's defaults)."""
     allow_hosts: tuple[str, ...] = ()
-    """`host:port` or `host` entries reachable even if their address is not public (tests, demo)."""
+    """`HOST:PORT`, `[IPV6]:PORT`, `HOST` or `[IPV6]` entries reachable even if their address is not public."""
 
     def __post_init__(self) -> None:
-        if self.timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
-        if self.retries < 0:
-            raise ValueError(f"retries must be >= 0, got {self.retries}")
-        if self.max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        # The messages name the flags: BuildConfig turns them into one-line errors.
+        # Upper bounds keep the arithmetic finite (a deadline past threading's limit
+        # would kill the watchdog thread; 2**retries overflows a float).
+        def number(name: str, value: float, low: float, high: float, low_ok: bool, what: str) -> None:
+            if not (isinstance(value, (int, float)) and math.isfinite(value)
+                    and (value >= low if low_ok else value > low) and value <= high):
+                bound = f">= {low:g}" if low_ok else f"> {low:g}"
+                raise ValueError(f"--{name.replace('_', '-')} must be {what} {bound} and <= {high:g}, got {value!r}")
+
+        number("timeout", self.timeout, 0, 86400, False, "a number of seconds")
+        number("retries", self.retries, 0, 100, True, "a count")
+        number("retry_backoff", self.retry_backoff, 0, 3600, True, "a number of seconds")
+        number("max_body_bytes", self.max_body_bytes, 1, 2**40, True, "a byte count")
+        number("max_redirects", self.max_redirects, 0, 100, True, "a count")
         for entry in self.allow_hosts:
-            host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-            if port and not port.isdigit():
-                raise ValueError(f"allow_hosts entry {entry!r} must be HOST or HOST:PORT")
+            parse_allow_host(entry)
 
     @property
     def user_agent(self) -> str:
@@ -94,12 +126,90 @@ class FetchConfig:
         return f"{ua} ({self.user_agent_token})" if self.user_agent_token else ua
 
 
+def parse_allow_host(entry: str) -> tuple[str, int | None]:
+    """(host, port or None for any port) of an --allow-hosts entry; ValueError says how to write it.
+
+    IPv6 addresses go in brackets, as in URLs: `[::1]:8080`. A bare IPv6 address is
+    refused: in `::1:8080` nothing tells the port from the last group of the address.
+    """
+    usage = "write HOST, HOST:PORT, [IPV6] or [IPV6]:PORT"
+    if entry.startswith("["):
+        addr, sep, rest = entry[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"--allow-hosts entry {entry!r}: {usage}")
+        try:
+            host = ipaddress.IPv6Address(addr).compressed
+        except ValueError:
+            raise ValueError(f"--allow-hosts entry {entry!r}: {addr!r} is not an IPv6 address") from None
+        port_text = rest[1:] if rest else None
+    elif entry.count(":") > 1:
+        raise ValueError(f"--allow-hosts entry {entry!r}: an IPv6 address needs brackets, "
+                         f"e.g. [{entry}] for any port or [{entry}]:8080 for one; {usage}")
+    else:
+        host, sep, port_text = entry.partition(":")
+        if not sep:
+            port_text = None
+        try:
+            host = ipaddress.ip_address(host).compressed
+        except ValueError:
+            host = host.lower()
+        if not host:
+            raise ValueError(f"--allow-hosts entry {entry!r}: no host; {usage}")
+    if port_text is None:
+        return host, None
+    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        raise ValueError(f"--allow-hosts entry {entry!r}: port must be 1..65535; {usage}")
+    return host, int(port_text)
+
+
+# Ranges that embed an IPv4 address: judged by that address (a public IPv4 behind
+# NAT64 or 6to4 is public; 10.0.0.1 behind it is not).
+_EMBEDS_IPV4 = (
+    (ipaddress.IPv6Network("64:ff9b::/96"), lambda a: ipaddress.IPv4Address(int(a) & 0xFFFFFFFF)),  # NAT64
+    (ipaddress.IPv6Network("2002::/16"), lambda a: ipaddress.IPv4Address((int(a) >> 80) & 0xFFFFFFFF)),  # 6to4
+)
+# Special ranges that Python's ipaddress tables call global on some versions (3.11 among them).
+_NEVER_PUBLIC = tuple(ipaddress.ip_network(n) for n in (
+    "192.0.0.0/24",  # IETF protocol assignments (3.11 calls 192.0.0.9 and .10 global)
+    "fec0::/10",  # deprecated site-local
+    "2001::/32",  # Teredo: a tunnel to an IPv4 address obfuscated in the last 32 bits
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
+))
+
+
 def address_is_public(ip: str) -> bool:
     """False for loopback, private, link-local, multicast, reserved, shared and unspecified addresses."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        else:
+            for net, embedded in _EMBEDS_IPV4:
+                if addr in net:
+                    addr = embedded(addr)
+                    break
+    if any(addr in net for net in _NEVER_PUBLIC if net.version == addr.version):
+        return False
     return addr.is_global and not (addr.is_multicast or addr.is_reserved or addr.is_loopback)
+
+
+def is_disallowed(headers: Message, user_agent_token: str | None, disallowed: Collection[str]) -> bool:
+    """True if an X-Robots-Tag header opts the response out: img2dataset's `is_disallowed`.
+
+    Reimplemented with the same answers (a test compares the two on a table of
+    headers) because importing `img2dataset.downloader` imports the whole package:
+    torch, albumentations and wandb, seconds and about 900 MB per worker. Each header
+    is `directives` or `token: directives`; the token is compared lowercased and
+    unstripped, as img2dataset does, with the caller's (already lowercased) token.
+    """
+    for value in headers.get_all("X-Robots-Tag", []):
+        parts = value.split(":", 1)
+        token = parts[0].lower() if len(parts) == 2 else None
+        if (token is None or token == user_agent_token) and any(
+            d.strip().lower() in disallowed for d in parts[-1].split(",")
+        ):
+            return True
+    return False
 
 
 class Watchdog:
@@ -266,23 +376,17 @@ class Fetcher:
     _ssl: ssl.SSLContext = field(default_factory=ssl.create_default_context, repr=False)
 
     def __post_init__(self) -> None:
-        # Imported here, in the worker: importing img2dataset pulls in torch, webdataset and
-        # wandb (2 s), which the driver (it only builds the config) need not pay.
-        from img2dataset.downloader import is_disallowed
-
-        self._is_disallowed = is_disallowed
         self._watchdogs = Watchdogs()
         # is_disallowed lowercases the header's token and compares it as is with ours.
         self._ua_token = self.cfg.user_agent_token.lower() if self.cfg.user_agent_token else None
-        self._allowed: set[tuple[str, int | None]] = set()
-        for entry in self.cfg.allow_hosts:
-            if entry.count(":") == 1:
-                host, port = entry.rsplit(":", 1)
-                self._allowed.add((host.lower(), int(port)))
-            else:
-                self._allowed.add((entry.lower().strip("[]"), None))
+        self._disallowed = frozenset(self.cfg.disallowed_header_directives)
+        self._allowed = {parse_allow_host(entry) for entry in self.cfg.allow_hosts}
 
     def _is_allowed(self, host: str, ip: str, port: int) -> bool:
+        try:
+            ip = ipaddress.ip_address(ip.split("%", 1)[0]).compressed
+        except ValueError:
+            pass
         for name in (host.lower(), ip):
             if (name, port) in self._allowed or (name, None) in self._allowed:
                 return True
@@ -323,13 +427,7 @@ class Fetcher:
     def _fetch_once(self, url: str, deadline: float) -> bytes:
         current = url
         for _hop in range(self.cfg.max_redirects + 1):
-            parts = urlsplit(current)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise FetchError("bad_url", current[:200])
-            try:
-                port = parts.port or (443 if parts.scheme == "https" else 80)
-            except ValueError:
-                raise FetchError("bad_url", current[:200]) from None
+            parts, port = _split_url(current)
             ips = self.resolve(parts.hostname, port, deadline)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -356,15 +454,18 @@ class Fetcher:
                     location = resp.getheader("Location")
                     if not location:
                         raise FetchError(f"http_{resp.status}", "redirect without Location")
-                    current = urljoin(current, location)
+                    # http.client decodes header bytes as latin-1: back to the bytes the
+                    # server sent, so a UTF-8 path is percent-encoded as UTF-8.
+                    try:
+                        current = urljoin(current, _percent_encode_bytes(location.encode("latin-1", "replace")))
+                    except ValueError as exc:  # e.g. brackets that are not an IPv6 address
+                        raise FetchError("bad_url", f"redirect to {location}: {exc}") from None
                     continue
                 if resp.status == 429 or 500 <= resp.status < 600:
                     raise FetchError(f"http_{resp.status}", transient=True)
                 if resp.status != 200:
                     raise FetchError(f"http_{resp.status}")
-                if self.cfg.disallowed_header_directives and self._is_disallowed(
-                    resp.headers, self._ua_token, set(self.cfg.disallowed_header_directives)
-                ):
+                if self._disallowed and is_disallowed(resp.headers, self._ua_token, self._disallowed):
                     raise OptedOut("opted_out", ", ".join(resp.headers.get_all("X-Robots-Tag", [])))
                 body = self._read_body(sock, resp, deadline)
                 if watchdog.expired:  # a body without Content-Length looks complete when shut down
@@ -412,6 +513,40 @@ class Fetcher:
         if length and length.isdigit() and size < int(length):
             raise FetchError("truncated_body", f"got {size} of {length} bytes", transient=True)
         return b"".join(chunks)
+
+
+# What http.client refuses to put in a request line (it raises InvalidURL), and what
+# urlsplit silently deletes (tab, CR, LF: the request would go to another URL).
+_UNSENDABLE = re.compile("[\x00-\x20\x7f-\x9f]")
+_NON_ASCII = re.compile("[^\x00-\x7f]+")
+
+
+def _percent_encode_bytes(raw: bytes) -> str:
+    """ASCII text of `raw` with every non-ASCII byte percent-encoded (what browsers send)."""
+    return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in raw)
+
+
+def _split_url(url: str) -> tuple[Any, int]:
+    """(urlsplit result, port) of a URL that can be sent as written, else FetchError('bad_url').
+
+    Non-ASCII characters in the path and query are percent-encoded as UTF-8, as a
+    browser does; a non-ASCII host name is left to IDNA (getaddrinfo, Host, SNI).
+    Spaces and control characters are refused: they are not part of any URL.
+    """
+    bad = _UNSENDABLE.search(url)
+    if bad:
+        raise FetchError("bad_url", f"character {bad.group()!r} at {bad.start()} in {url}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise FetchError("bad_url", f"{exc}: {url}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FetchError("bad_url", url)
+    if not (parts.path + parts.query).isascii():
+        parts = parts._replace(path=_NON_ASCII.sub(lambda m: _percent_encode_bytes(m.group().encode()), parts.path),
+                               query=_NON_ASCII.sub(lambda m: _percent_encode_bytes(m.group().encode()), parts.query))
+    return parts, port or (443 if parts.scheme == "https" else 80)
 
 
 def _getaddrinfo(host: str, port: int, deadline: float | None) -> list:

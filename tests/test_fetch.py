@@ -356,3 +356,203 @@ def test_no_descriptor_leaks_across_fetches_timeouts_and_close(web, faults):
     while open_fds() > before and time.monotonic() < end:
         time.sleep(0.05)
     assert open_fds() <= before, {k: v for k, v in fd_targets().items() if targets.get(k) != v}
+
+
+# --- X-Robots-Tag: our parser gives img2dataset's answers -------------------------------------
+
+ROBOTS_HEADERS = [
+    [], ["noai"], ["NOAI"], ["  noimageai  "], ["noindex, nofollow"], ["nofollow"], ["none"], ["all"], [""],
+    ["clipforge: noai"], ["ClipForge: noimageindex"], ["otherbot: noai"], ["clipforge : noai"], ["clipforge:"],
+    ["clipforge:noai,nofollow"], ["otherbot: noai", "noimageindex"], ["otherbot: noai", "clipforge: nofollow"],
+    ["unavailable_after: 25 Jun 2010 15:00:00 PST"], ["noindex, unavailable_after: 25 Jun 2010 15:00:00 PST"],
+    ["nosnippet, noai"], ["noai;"], ["no ai"], ["clipforge: otherbot: noai"], ["caf\xe9: noai"], ["NoIndex"],
+]
+
+
+def test_x_robots_tag_parser_answers_as_img2dataset():
+    import http.client
+    import io
+
+    from img2dataset.downloader import is_disallowed as img2dataset_is_disallowed  # imports torch: seconds
+
+    from pipeline.fetch import DEFAULT_DISALLOWED, is_disallowed
+
+    checked = 0
+    for values in ROBOTS_HEADERS:
+        raw = "".join(f"X-Robots-Tag: {v}\r\n" for v in values) + "Content-Type: image/jpeg\r\n\r\n"
+        headers = http.client.parse_headers(io.BytesIO(raw.encode("latin-1")))
+        for token in ("clipforge", "otherbot", None):
+            for directives in (set(DEFAULT_DISALLOWED), {"nosnippet"}, set()):
+                ours = is_disallowed(headers, token, directives)
+                assert ours == img2dataset_is_disallowed(headers, token, directives), (values, token, directives)
+                checked += ours
+    assert checked > 10  # the table has opt-outs, not only passes
+
+
+def test_fetch_imports_no_img2dataset():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys; from pipeline.fetch import Fetcher, FetchConfig; Fetcher(FetchConfig()).close(); "
+            "print(sorted({'img2dataset', 'torch', 'albumentations'} & set(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-1000:])
+
+
+# --- URLs that cannot be sent -------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/a b.jpg", "/ok.jpg\r\nX-Injected: 1", "/ok\n.jpg", "/ok\t.jpg", "/ok\x00.jpg",
+                                  "/ok\x1b[2J.jpg", "/ok\x7f.jpg", "/ok\x85.jpg"])
+def test_unsendable_url_is_bad_url_at_once(web, path):
+    web.add("/ok.jpg", Resource(b"x", "image/jpeg"))
+    f = fetcher(web, retries=3, retry_backoff=5.0)  # a retry would sleep seconds
+    t = time.monotonic()
+    with pytest.raises(FetchError) as info:
+        f.fetch(web.url(path))
+    assert info.value.reason == "bad_url" and not info.value.transient
+    assert time.monotonic() - t < 1.0
+    assert sum(web.hits.values()) == 0  # CR/LF/tab are not silently dropped to fetch another URL
+    assert not any(c in info.value.detail for c in "\r\n\t\x00\x1b\x7f\x85")
+
+
+def test_redirect_to_unsendable_url_is_bad_url(web):
+    url = web.add("/hop", Resource(b"", status=302, headers={"Location": "/a b.jpg"}))
+    assert reason(fetcher(web), url) == "bad_url"
+    assert web.hits["/hop"] == 1
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x.jpg", "http://h:99999/x.jpg", "http://h:port/x.jpg", "http:///x.jpg"])
+def test_malformed_url_is_bad_url(web, url):
+    assert reason(fetcher(web), url) == "bad_url"
+
+
+def test_non_ascii_path_is_percent_encoded(web):
+    body = encode(make_image("circle", "red", (64, 64), random.Random(0)), "jpg")
+    web.add("/caf%C3%A9.jpg", Resource(body, "image/jpeg"))
+    web.add("/hop%C3%A9", Resource(b"", status=302, headers={"Location": "/caf\xc3\xa9.jpg"}))  # raw UTF-8 bytes
+    assert fetcher(web).fetch(web.url("/café.jpg")) == body
+    assert fetcher(web).fetch(web.url("/hopé")) == body
+
+
+# --- Special address ranges ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("ip, public", [
+    ("2002:a00:1::1", False), ("2002:7f00:1::", False), ("2002:c0a8:101::", False),  # 6to4 of 10/8, 127/8, 192.168/16
+    ("2002:808:808::1", True),  # 6to4 of 8.8.8.8
+    ("fec0::1", False), ("feff::1", False),  # site-local (fec0::/10)
+    ("192.0.0.1", False), ("192.0.0.9", False), ("192.0.0.10", False), ("192.0.0.170", False),  # 192.0.0.0/24
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False), ("2001::1", False),  # Teredo
+    ("64:ff9b::a00:1", False), ("64:ff9b::7f00:1", False), ("64:ff9b::a9fe:a9fe", False),  # NAT64 of private
+    ("64:ff9b::808:808", True),  # NAT64 of 8.8.8.8
+    ("64:ff9b:1::808:808", False),  # local-use NAT64
+])
+def test_special_ranges(ip, public):
+    assert address_is_public(ip) is public
+
+
+def test_name_resolving_to_a_special_range_is_blocked(web, monkeypatch):
+    import socket as socket_mod
+
+    url = web.add("/x.jpg", Resource(b"x", "image/jpeg"))
+    f = fetcher(web)
+    monkeypatch.setattr(socket_mod, "getaddrinfo", lambda *a, **kw: [
+        (socket_mod.AF_INET6, socket_mod.SOCK_STREAM, 6, "", ("2002:a00:1::1", 80, 0, 0))])
+    assert reason(f, url.replace("127.0.0.1", "sixtofour.invalid")) == "blocked_address"
+
+
+# --- --allow-hosts and IPv6 ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry, parsed", [
+    ("127.0.0.1:8080", ("127.0.0.1", 8080)), ("Example.COM", ("example.com", None)),
+    ("[::1]:8080", ("::1", 8080)), ("[::1]", ("::1", None)), ("[0:0::1]:80", ("::1", 80)),
+])
+def test_allow_hosts_entries(entry, parsed):
+    from pipeline.fetch import parse_allow_host
+
+    assert parse_allow_host(entry) == parsed
+    FetchConfig(allow_hosts=(entry,))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("::1", "needs brackets"), ("::1:8080", "needs brackets"), ("fe80::1", "needs brackets"),
+    ("[::1]:99999", "port must be 1..65535"), ("[::1]:", "port must be 1..65535"), ("h:0", "port must be 1..65535"),
+    ("h:x", "port must be 1..65535"), ("[::1]x", "write HOST"), ("[::1", "write HOST"),
+    ("[example.com]:80", "not an IPv6 address"), (":80", "no host"),
+])
+def test_bad_allow_hosts_entries_are_refused(entry, message):
+    with pytest.raises(ValueError, match=message):
+        FetchConfig(allow_hosts=(entry,))
+
+
+def ipv6_loopback_server(body: bytes):
+    import http.server
+    import threading
+
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    try:
+        server = Server(("::1", 0), Handler)
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_bracketed_ipv6_allow_host_with_port():
+    body = encode(make_image("circle", "red", (64, 64), random.Random(0)), "jpg")
+    server = ipv6_loopback_server(body)
+    try:
+        port = server.server_address[1]
+        url = f"http://[::1]:{port}/x.jpg"
+        cfg = dict(timeout=2.0, retries=0)
+        assert Fetcher(FetchConfig(allow_hosts=(f"[::1]:{port}",), **cfg)).fetch(url) == body
+        assert Fetcher(FetchConfig(allow_hosts=("[::1]",), **cfg)).fetch(url) == body  # explicit: any port
+        other = port + 1 if port < 65535 else port - 1
+        with pytest.raises(FetchError) as info:
+            Fetcher(FetchConfig(allow_hosts=(f"[::1]:{other}",), **cfg)).fetch(url)
+        assert info.value.reason == "blocked_address"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --- Text the server controls is escaped --------------------------------------------------------
+
+EVIL = "\x1b[2J\x1b]0;pwned\x07\x9b31m"
+
+
+def test_server_text_reaches_log_and_manifest_escaped(web, caplog):
+    from pipeline.download import DownloadStage, ErrorLog
+
+    urls = {
+        "robots": web.add("/robots.jpg", Resource(b"x", "image/jpeg", headers={"X-Robots-Tag": f"noai, {EVIL}"})),
+        "robots_token": web.add("/t.jpg", Resource(b"x", "image/jpeg", headers={"X-Robots-Tag": f"clipforge: noai,{EVIL}"})),
+        "location": web.add("/hop", Resource(b"", status=302, headers={"Location": f"/next{EVIL}.jpg"})),
+        "location_host": web.add("/hop2", Resource(b"", status=302,
+                                                   headers={"Location": f"http://evil{EVIL}.invalid/x.jpg"})),
+    }
+    samples = [Sample(key=str(i), row=i, url=u, caption="c") for i, u in enumerate(urls.values())]
+    samples.append(Sample(key="9", row=9, url=web.url(f"/input{EVIL}.jpg"), caption="c"))  # the input's own URL
+    stage = DownloadStage(fetcher(web, retries=0), threads=4, max_pixels=10**8, errors=ErrorLog())
+    with caplog.at_level("WARNING"):
+        out = {s.row: s for s in stage(iter(samples))}
+    assert out[0].reason == "opted_out" and out[1].reason == "opted_out"
+    assert all(s.error for s in out.values()), {s.row: (s.reason, s.error) for s in out.values()}
+    for s in out.values():
+        assert not any(c in s.error for c in "\x1b\x07\x9b"), (s.reason, s.error)
+        assert "\\x1b" in s.error, (s.reason, s.error)  # escaped, not dropped: the operator sees what came
+    assert caplog.records and not any(c in caplog.text for c in "\x1b\x07\x9b"), caplog.text
