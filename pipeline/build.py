@@ -33,19 +33,20 @@ from __future__ import annotations
 import json
 import logging
 import re
+import resource
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import BuildConfig, ConfigError, to_yaml
 from pipeline.exact_dedup import DedupStep, gather_dups, n_buckets, write_keys
-from pipeline.filters import CaptionCleaner, CaptionFilter, DuplicateUrlFilter, ImageSizeFilter
+from pipeline.filters import CaptionCleaner, CaptionFilter, DuplicateUrlFilter, ImageSizeFilter, decide_captions
 from pipeline.job import AccountingError, Step, TaskContext, run_step
 from pipeline.progress import fmt_duration
 from pipeline.readers import (
@@ -206,16 +207,6 @@ def _dup_rows(rd: RunDir, kind: str, s: int) -> np.ndarray:
 # -- step 3: download --------------------------------------------------------------------------
 
 
-def _samples(table: pa.Table, first_row: int, width: int, dup: np.ndarray,
-             extra_cols: tuple[str, ...]) -> Iterator[Sample]:
-    for i, r in enumerate(table.to_pylist()):
-        row = first_row + i
-        s = Sample(key=f"{row:0{width}d}", row=row, url=r["url"] or "", caption=r["caption"],
-                   extra={c: r.get(c) for c in extra_cols})
-        s.meta["duplicate_url"] = bool(dup[i])
-        yield s
-
-
 class DownloadStep(Step):
     name = "download"
 
@@ -248,20 +239,31 @@ class DownloadStep(Step):
         dup = np.isin(np.arange(lo - base, hi - base), dups)
         errors = ErrorLog()
         cleaner = CaptionCleaner(cfg.max_caption_chars, truncate=cfg.long_captions == "truncate")
-        filters = [
-            DuplicateUrlFilter(),
-            CaptionFilter(cfg.min_caption_words, cfg.min_caption_chars, cfg.max_caption_chars,
-                          drop_long=cfg.long_captions == "drop"),
-        ]
+        dup_filter = DuplicateUrlFilter()
+        cap_filter = CaptionFilter(cfg.min_caption_words, cfg.min_caption_chars, cfg.max_caption_chars,
+                                   drop_long=cfg.long_captions == "drop")
+        # Most rows of a web list are decided by their caption or URL alone: whole columns at once,
+        # the same decisions and counters as the per-sample stages; only the rest become Samples.
+        captions, reasons = decide_captions(table.column("caption").to_pylist(), dup.tolist(), cleaner, dup_filter,
+                                            cap_filter)
+        n = hi - lo
+        urls = [u or "" for u in table.column("url").to_pylist()]
+        status = [PENDING if r is None else DROPPED for r in reasons]
+        error: list[str | None] = [None] * n
+        sha: list[str | None] = [None] * n
+        pending = [i for i in range(n) if reasons[i] is None]
+        ctx.progress(n - len(pending), 0, force=True)
         download = DownloadStage(Fetcher(cfg.fetch_config()), cfg.threads, cfg.max_image_pixels, errors)
         size_filter = ImageSizeFilter(cfg.min_image_side, cfg.max_aspect_ratio)
         resize = ResizeStage(cfg.image_size, cfg.resize_mode, cfg.encode_format, cfg.encode_quality, errors,
                              max_decode_bytes=cfg.max_decode_bytes)
-        stages = [cleaner, *filters, download, size_filter, resize]
         matcher = shared.task_matcher() if (self.with_eval and shared is not None) else None
+        extras = table.select(list(cfg.extra_cols)).take(pending).to_pylist() if cfg.extra_cols else [{}] * len(pending)
+        samples = (Sample(key=f"{lo + i:0{self.width}d}", row=lo + i, url=urls[i], caption=captions[i], extra=e)
+                   for i, e in zip(pending, extras, strict=True))
         results = []
         ok = 0
-        for sample in run_stages(_samples(table, lo, self.width, dup, cfg.extra_cols), stages):
+        for sample in run_stages(samples, [download, size_filter, resize]):
             if matcher is not None and sample.status == PENDING:
                 meta = {**sample.extra, "url": sample.url, **sample.meta}
                 reason = matcher(sample.key, sample.caption or "", sample.image or b"", meta)
@@ -269,36 +271,42 @@ class DownloadStep(Step):
                     sample.drop(reason)
             results.append(sample)
             ok += sample.status == PENDING
-            ctx.progress(len(results), ok)
+            ctx.progress(n - len(pending) + len(results), ok)
         results.sort(key=lambda x: x.row)
 
-        tar_samples, records = [], []
+        tar_samples = []
         for smp in results:
-            status = CANDIDATE if smp.status == PENDING else smp.status
-            if status == CANDIDATE:
+            i = smp.row - lo
+            status[i] = CANDIDATE if smp.status == PENDING else smp.status
+            reasons[i], error[i], sha[i] = smp.reason, smp.error, smp.meta.get("sha256")
+            if status[i] == CANDIDATE:
                 meta = {**smp.extra, "url": smp.url, "caption": smp.caption, "key": smp.key, **smp.meta}
                 members = {smp.ext or cfg.encode_format: smp.image or b"", "txt": (smp.caption or "").encode(),
                            "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()}
                 tar_samples.append((smp.key, members))
-            records.append({"row": smp.row, "key": smp.key, "url": smp.url, "status": status, "reason": smp.reason,
-                            "error": smp.error, "shard": None, "sha256": smp.meta.get("sha256"), "source": None})
-        if [r["row"] for r in records] != list(range(lo, hi)):
+        if len(results) != len(pending) or PENDING in status:
             raise AccountingError(f"download task {t}: rows out do not cover rows {lo}..{hi - 1} once each")
+        rows = np.arange(lo, hi, dtype=np.int64)
+        records = pa.table({
+            "row": rows, "key": [f"{r:0{self.width}d}" for r in range(lo, hi)], "url": urls, "status": status,
+            "reason": reasons, "error": error, "shard": pa.nulls(n, pa.string()), "sha256": sha,
+            "source": pa.nulls(n, pa.string())}, schema=PART_SCHEMA)
         with atomic_open(rd.fs, rd.path("parts", f"{t:05d}.tar")) as f:
             write_tar(f, tar_samples)
         with atomic_open(rd.fs, rd.path("parts", f"{t:05d}.parquet")) as f:
-            pq.write_table(pa.Table.from_pylist(records, schema=PART_SCHEMA), f)
+            pq.write_table(records, f)
         if matcher is not None:
             matcher.write(rd.fs, rd.path("parts", f"{t:05d}.matches.parquet"))
-        counts = Counter(r["status"] for r in records)
-        reasons = Counter(f"{r['status']}:{r['reason']}" for r in records if r["reason"])
+        counts = Counter(status)
+        why = Counter(f"{st}:{r}" for st, r in zip(status, reasons, strict=True) if r)
         stage_stats: Counter[str] = Counter()
         # Prefixed by stage: every filter counts "seen" and "kept", which summed together mean nothing.
-        for name, st in (("caption_cleaner", cleaner), *((f.name, f) for f in filters), (size_filter.name, size_filter)):
+        for name, st in (("caption_cleaner", cleaner), (dup_filter.name, dup_filter), (cap_filter.name, cap_filter),
+                         (size_filter.name, size_filter)):
             stage_stats.update({f"{name}:{k}": v for k, v in st.stats.items()})
-        return {"rows": len(records), "candidates": counts[CANDIDATE], "dropped": counts[DROPPED],
-                "failed": counts[FAILED], "reasons": dict(reasons), "stage_stats": dict(stage_stats),
-                "progress_rows": len(records), "progress_ok": counts[CANDIDATE]}
+        return {"rows": n, "candidates": counts[CANDIDATE], "dropped": counts[DROPPED],
+                "failed": counts[FAILED], "reasons": dict(why), "stage_stats": dict(stage_stats),
+                "progress_rows": n, "progress_ok": counts[CANDIDATE]}
 
 
 # -- step 4: sha keys, sha dedup, settle ---------------------------------------------------------
@@ -322,15 +330,15 @@ class ShaKeysStep(Step):
         for t, ps, _g, _first in self.parts:
             if ps != s:
                 continue
-            for r in _part_records(rd, self.plan, (t, ps, _g, _first)):
-                if r["status"] == CANDIDATE:
-                    shas.append(r["sha256"])
-                    rows.append(r["row"] - base)
+            recs = _part_records(rd, self.plan, (t, ps, _g, _first))
+            cand = recs.filter(pc.equal(recs.column("status"), CANDIDATE))
+            shas += cand.column("sha256").to_pylist()
+            rows += (cand.column("row").to_numpy() - base).tolist()
         n = write_keys(rd.fs, rd.path("_keys", f"sha-{s:05d}.parquet"), shas, rows, self.plan.buckets)
         return {"keys": n}
 
 
-def _part_records(rd: RunDir, plan: Plan, part: tuple[int, int, int, int]) -> list[dict[str, Any]]:
+def _part_records(rd: RunDir, plan: Plan, part: tuple[int, int, int, int]) -> pa.Table:
     """A download task's records, checked: its rows, each once, in order (else a damaged output)."""
     t = part[0]
     path = rd.path("parts", f"{t:05d}.parquet")
@@ -338,15 +346,16 @@ def _part_records(rd: RunDir, plan: Plan, part: tuple[int, int, int, int]) -> li
     redo = f"delete {rd.url_of('_steps', 'download', f'{t:05d}.json')} and rerun to redo that task"
     try:
         with rd.fs.open(path, "rb") as f:
-            recs = pq.read_table(f).to_pylist()
+            recs = pq.read_table(f)
     except FileNotFoundError:
         raise AccountingError(f"{rd.url_of('parts', f'{t:05d}.parquet')}: part file missing; {redo}") from None
     except pa.ArrowInvalid as exc:
         raise AccountingError(f"{rd.url_of('parts', f'{t:05d}.parquet')}: unreadable part "
                               f"({str(exc).splitlines()[0][:160]}); {redo}") from None
-    if [r["row"] for r in recs] != list(range(lo, hi)):
+    rows = recs.column("row").to_numpy()
+    if len(rows) != hi - lo or not np.array_equal(rows, np.arange(lo, hi)):
         raise AccountingError(f"{rd.url_of('parts', f'{t:05d}.parquet')}: rows {lo}..{hi - 1} are not there once "
-                              f"each ({len(recs)} records); {redo}")
+                              f"each ({recs.num_rows} records); {redo}")
     return recs
 
 
@@ -367,24 +376,24 @@ class SettleStep(Step):
     def run(self, ctx: TaskContext, s: int, shared: Any = None) -> dict[str, Any]:
         rd = ctx.rd
         base = self.plan.slice_offsets[s]
-        dups = set((gather_dups(rd.fs, rd.path("_dups", "sha"), self.plan.buckets, s) + base).tolist())
+        dups = gather_dups(rd.fs, rd.path("_dups", "sha"), self.plan.buckets, s) + base
         kept: dict[str, int] = {}
         for part in self.parts:
             t, ps, _g, _first = part
             if ps != s:
                 continue
             recs = _part_records(rd, self.plan, part)
-            n = 0
-            for r in recs:
-                if r["status"] == CANDIDATE:
-                    if r["row"] in dups:
-                        r["status"], r["reason"] = DROPPED, "duplicate_image"
-                    else:
-                        r["status"] = WRITTEN
-                        n += 1
+            cand = pc.equal(recs.column("status"), CANDIDATE).to_numpy(zero_copy_only=False)
+            dup = cand & np.isin(recs.column("row").to_numpy(), dups)
+            status = np.array(recs.column("status").to_pylist(), dtype=object)
+            reason = np.array(recs.column("reason").to_pylist(), dtype=object)
+            status[cand & ~dup] = WRITTEN
+            status[dup], reason[dup] = DROPPED, "duplicate_image"
+            recs = recs.set_column(recs.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+            recs = recs.set_column(recs.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
             with atomic_open(rd.fs, rd.path("_final", f"{t:05d}.parquet")) as f:
-                pq.write_table(pa.Table.from_pylist(recs, schema=MANIFEST_SCHEMA), f)
-            kept[str(t)] = n
+                pq.write_table(recs.cast(MANIFEST_SCHEMA), f)
+            kept[str(t)] = int((cand & ~dup).sum())
         return {"kept": kept, "duplicates": len(dups)}
 
 
@@ -598,6 +607,8 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
         "rows_per_second": round(result.rows_this_run / max(1e-9, elapsed), 2),
         "images_per_second": round(result.images_this_run / max(1e-9, elapsed), 2),
         "nodes": sorted({s["node"] for s in downloads if s.get("node")}),
+        # The driver's own high-water mark: it holds O(tasks) state, so this must not grow with rows.
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     atomic_write_json(rd.fs, rd.path("stats.json"), stats)  # written last: the run is complete
     if not cfg.keep_parts:

@@ -42,15 +42,11 @@ def n_buckets(rows_estimate: int, rows_per_bucket: int = 4_000_000) -> int:
 
 def hash_keys(values: list[str | bytes | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(h1, h2, valid) per value: the two halves of a 128-bit BLAKE2b digest; None is not a key."""
-    n = len(values)
-    h = np.zeros((n, 2), dtype=np.uint64)
-    valid = np.zeros(n, dtype=bool)
-    for i, v in enumerate(values):
-        if v is None:
-            continue
-        data = v if isinstance(v, bytes) else v.encode("utf-8", "surrogatepass")
-        h[i] = np.frombuffer(hashlib.blake2b(data, digest_size=16).digest(), dtype=np.uint64)
-        valid[i] = True
+    valid = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+    blake = hashlib.blake2b
+    digests = b"".join(blake(v if isinstance(v, bytes) else v.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+                       if v is not None else bytes(16) for v in values)
+    h = np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2) if values else np.zeros((0, 2), dtype=np.uint64)
     return h[:, 0], h[:, 1], valid
 
 

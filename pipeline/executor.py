@@ -166,7 +166,9 @@ class RayExecutor:
         """
         import ray
 
-        options: dict[str, Any] = {"num_cpus": getattr(step, "num_cpus", 1), "max_retries": self.max_retries}
+        # Named after the step: `ps` on a worker shows ray::download, ray::write_shards, ...
+        options: dict[str, Any] = {"num_cpus": getattr(step, "num_cpus", 1), "max_retries": self.max_retries,
+                                   "name": step.name}
         if getattr(step, "on_driver_node", False):
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -71,13 +71,16 @@ class CaptionCleaner:
                 if cleaned != (s.caption or "").strip():
                     self.stats["caption_cleaned"] += 1
                 if self.truncate and len(cleaned) > self.max_chars:
-                    cut = cleaned[: self.max_chars]
-                    # Cut at a word boundary when there is one in the last fifth.
-                    space = cut.rfind(" ")
-                    cleaned = cut[:space] if space > self.max_chars * 0.8 else cut
-                    self.stats["caption_truncated"] += 1
+                    cleaned = self.truncated(cleaned)
                 s.caption = cleaned
             yield s
+
+    def truncated(self, cleaned: str) -> str:
+        """A cleaned caption cut to max_chars, at a word boundary when there is one in the last fifth."""
+        self.stats["caption_truncated"] += 1
+        cut = cleaned[: self.max_chars]
+        space = cut.rfind(" ")
+        return cut[:space] if space > self.max_chars * 0.8 else cut
 
 
 class DuplicateUrlFilter(Filter):
@@ -124,3 +127,85 @@ class ImageSizeFilter(Filter):
         if max(w, h) / max(1, min(w, h)) > self.max_aspect_ratio:
             return "aspect_ratio_too_large"
         return True
+
+
+# -- the same decisions over a whole column at once (build_corpus's rows that need no download) -----
+
+# ASCII control characters other than the tab family: removed, as clean_caption removes category Cc.
+_ASCII_CONTROL = r"[\x00-\x08\x0e-\x1f\x7f]"
+
+
+def clean_captions(captions: list[str | None], cleaner: CaptionCleaner) -> list[str]:
+    """clean_caption (and the cleaner's truncation) over a column, with the cleaner's counters.
+
+    ASCII captions are cleaned by Arrow kernels in one pass (the same rules: tab family to a
+    space, other control characters out, whitespace folded, ends stripped); any other caption
+    goes through clean_caption itself, so the result equals the per-sample stage exactly
+    (a test compares them on random text).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = pa.array([c or "" for c in captions], pa.string())
+    ascii_mask = pc.string_is_ascii(arr).to_numpy(zero_copy_only=False)
+    fast = pc.replace_substring_regex(arr, r"[\t\n\r\x0b\x0c]", " ")
+    fast = pc.replace_substring_regex(fast, _ASCII_CONTROL, "")
+    fast = pc.replace_substring_regex(fast, " {2,}", " ")
+    fast = pc.utf8_trim(fast, " ").to_pylist()
+    # What "changed" compares with: the caption with its ends stripped (Python's str.strip()).
+    stripped = pc.utf8_trim(arr, " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f").to_pylist()
+    out = []
+    for i, cap in enumerate(captions):
+        if ascii_mask[i]:
+            cleaned, before = fast[i], stripped[i]
+        else:
+            cleaned, before = clean_caption(cap), (cap or "").strip()
+        if cleaned != before:
+            cleaner.stats["caption_cleaned"] += 1
+        if cleaner.truncate and len(cleaned) > cleaner.max_chars:
+            cleaned = cleaner.truncated(cleaned)
+        out.append(cleaned)
+    return out
+
+
+def decide_captions(captions: list[str | None], duplicate: list[bool], cleaner: CaptionCleaner,
+                    dup_filter: DuplicateUrlFilter, cap_filter: CaptionFilter) -> tuple[list[str], list[str | None]]:
+    """CaptionCleaner, DuplicateUrlFilter and CaptionFilter over whole columns: (cleaned captions,
+    drop reason or None per row), with the three stages' counters exactly as the per-sample chain
+    would count them."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cleaned = clean_captions(captions, cleaner)
+    dup = np.asarray(duplicate, dtype=bool)
+    n = len(cleaned)
+    dup_filter.stats["seen"] += n
+    dup_filter.stats["kept"] += int(n - dup.sum())
+    if dup.any():
+        dup_filter.stats[f"dropped:{dup_filter.name}"] += int(dup.sum())
+    arr = pa.array(cleaned, pa.string())
+    length = pc.utf8_length(arr).to_numpy()
+    # Cleaned captions hold single spaces between words and none at the ends.
+    words = np.where(length > 0, pc.count_substring(arr, " ").to_numpy() + 1, 0)
+    reasons: list[str | None] = [None] * n
+    f = cap_filter
+    for i in np.flatnonzero(~dup):
+        if length[i] == 0:
+            r: str | None = "empty_caption"
+        elif words[i] < f.min_words or length[i] < f.min_chars:
+            r = "caption_too_short"
+        elif f.drop_long and length[i] > f.max_chars:
+            r = "caption_too_long"
+        else:
+            r = None
+        reasons[i] = r
+    for i in np.flatnonzero(dup):
+        reasons[i] = dup_filter.name
+    seen = int((~dup).sum())
+    dropped = [r for r, d in zip(reasons, dup, strict=True) if r is not None and not d]
+    f.stats["seen"] += seen
+    f.stats["kept"] += seen - len(dropped)
+    for r in dropped:
+        f.stats[f"dropped:{r}"] += 1
+    return cleaned, reasons

@@ -289,21 +289,29 @@ def column_digests(table: pa.Table) -> dict[str, str]:
     """Per column: a hash of its values, to refuse resuming into an output built from other input,
     naming the column that changed.
 
-    Unambiguous: each value is length-prefixed and null is distinct from "" (joining with a
-    separator made ["a\\0b", "c"] and ["a", "b\\0c"] collide).
+    Unambiguous: the values' lengths (-1 for null, so null is distinct from "") and their
+    concatenated bytes are hashed as two streams (joining with a separator made
+    ["a\\0b", "c"] and ["a", "b\\0c"] collide). Read from Arrow's buffers, not value by value.
     """
+    import numpy as np
+
     out = {}
     for name in table.column_names:
-        h = hashlib.sha256()
-        h.update(f"{table.num_rows}\n".encode())
+        lengths, data = hashlib.sha256(), hashlib.sha256()
         for chunk in table.column(name).chunks:
-            for v in chunk.to_pylist():
-                if v is None:
-                    h.update(b"\x00")
-                else:
-                    data = str(v).encode("utf-8", "surrogatepass")
-                    h.update(b"\x01" + len(data).to_bytes(8, "little") + data)
-        out[name] = h.hexdigest()[:16]
+            arr = chunk.cast(pa.large_binary()) if not pa.types.is_large_binary(chunk.type) else chunk
+            n = len(arr)
+            if n == 0:
+                continue
+            _, offsets_buf, data_buf = arr.buffers()
+            offsets = np.frombuffer(offsets_buf, dtype=np.int64)[arr.offset:arr.offset + n + 1]
+            lens = np.diff(offsets)
+            if arr.null_count:
+                lens = np.where(arr.is_null().to_numpy(zero_copy_only=False), -1, lens)
+            lengths.update(lens.astype("<i8").tobytes())
+            if data_buf is not None:
+                data.update(memoryview(data_buf)[offsets[0]:offsets[-1]])
+        out[name] = hashlib.sha256(f"{table.num_rows}\n".encode() + lengths.digest() + data.digest()).hexdigest()[:16]
     return out
 
 

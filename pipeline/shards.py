@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -358,18 +359,19 @@ def write_shard_range(fs: fsspec.AbstractFileSystem, sources: list[Source], pref
     for j in owned:
         src = sources[j]
         with fs.open(src.records, "rb") as f:
-            t = pq.read_table(f)
-        recs = t.to_pylist()
-        k = 0
-        for r in recs:
-            if r["status"] == WRITTEN_STATUS:
-                r["shard"] = shard_name((prefix[j] + k) // samples_per_shard)
-                k += 1
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-            if r["reason"]:
-                key = f"{r['status']}:{r['reason']}"
+            t = pq.read_table(f).cast(MANIFEST_SCHEMA)
+        status = t.column("status").to_pylist()
+        written = np.array([st == WRITTEN_STATUS for st in status], dtype=bool)
+        pos = prefix[j] + np.cumsum(written) - 1
+        shard_col = [shard_name(int(p) // samples_per_shard) if w else None
+                     for p, w in zip(pos.tolist(), written.tolist(), strict=True)]
+        t = t.set_column(t.schema.get_field_index("shard"), "shard", pa.array(shard_col, pa.string()))
+        for st, reason in zip(status, t.column("reason").to_pylist(), strict=True):
+            counts[st] = counts.get(st, 0) + 1
+            if reason:
+                key = f"{st}:{reason}"
                 reasons[key] = reasons.get(key, 0) + 1
         with atomic_open(fs, src.manifest) as f:
-            pq.write_table(pa.Table.from_pylist(recs, schema=MANIFEST_SCHEMA), f)
+            pq.write_table(t, f)
     return {"sizes": sizes, "counts": counts, "reasons": reasons, "manifests": len(owned),
             "rows": sum(sizes.values())}

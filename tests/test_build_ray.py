@@ -94,7 +94,7 @@ def _ray_task_pids() -> list[int]:
                 cmd = (proc / "cmdline").read_bytes()
             except OSError:
                 continue
-            if cmd.startswith(b"ray::run_task"):
+            if cmd.startswith(b"ray::download"):
                 pids.append(int(proc.name))
     return pids
 
