@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,6 +43,39 @@ def ray_env(token: str | None = None) -> dict[str, str]:
     return env
 
 
+def start_head(env: dict[str, str], dash: int) -> subprocess.Popen:
+    """`ray start --head --block` as a child: stopping it stops this cluster only (`ray stop`
+    would end every Ray on the machine, other people's included)."""
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise AssertionError(f"ray start failed: {head.stderr.read()[-3000:]}")
+        try:  # the jobs API answers once the dashboard is up
+            with urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        stop_head(head)
+        raise AssertionError("the Ray dashboard did not come up")
+    return head
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    head.send_signal(signal.SIGTERM)  # `ray start --block` ends the processes it started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
 def slow_input(tmp_path: Path, web, n: int = 80, every: int = 10, delay: float = 0.7) -> Path:
     rows = populate_images(web, n, seed=21)
     for i in range(n // every):
@@ -57,11 +91,7 @@ def test_ray_job_submit(tmp_path, web, internal, corpus_input):
     out = tmp_path / "corpus"
     dash = free_port()
     env = ray_env(token=secrets.token_hex(16))
-    start = subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--num-cpus=2", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stderr[-3000:]
+    head = start_head(env, dash)
     try:
         r = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
@@ -73,7 +103,7 @@ def test_ray_job_submit(tmp_path, web, internal, corpus_input):
              "--", "python", "jobs/build_corpus.py", "--urls", str(path), "--out", "corpus-rel"],
             env=env, capture_output=True, text=True, timeout=300)
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_head(head)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert rel.returncode != 0 and "build_corpus: error: --out: 'corpus-rel' is relative" in rel.stdout + rel.stderr, \
         (rel.stdout + rel.stderr)[-3000:]
