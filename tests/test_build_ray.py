@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -55,10 +56,11 @@ def start_head(env: dict[str, str], dash: int) -> subprocess.Popen:
     while time.monotonic() < deadline:
         if head.poll() is not None:
             raise AssertionError(f"ray start failed: {head.stderr.read()[-3000:]}")
-        try:  # the jobs API answers once the dashboard is up
-            with urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2) as resp:
-                if resp.status == 200:
-                    break
+        try:  # the jobs API answers once the dashboard is up (401 without the token: up too)
+            with urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2):
+                break
+        except urllib.error.HTTPError:
+            break
         except OSError:
             time.sleep(0.5)
     else:
