@@ -105,7 +105,7 @@ def own_names(shards: list[str]) -> dict[str, re.Pattern[str]]:
     STEM, _work/STEM.{parquet,matches.parquet} and manifest/STEM.parquet."""
     stems = "|".join(re.escape(s.rsplit(".", 1)[0]) for s in shards) or "(?!)"
     return {
-        "shards": re.compile(r"\d{5,}\.tar|sizes\.json"),
+        "shards": re.compile(r"\d{5,}\.(tar|parquet)|sizes\.json"),
         "manifest": re.compile(rf"({stems})\.parquet"),
         "_work": re.compile(rf"({stems})\.(parquet|matches\.parquet)"),
         "audit": re.compile(r"overlap\.parquet|summary\.json|config\.json|report\.html"),
@@ -121,7 +121,8 @@ def open_output(cfg: AuditConfig) -> RunDir:
 
 
 def resolve_shards_dir(corpus: str) -> tuple[Any, str]:
-    """(filesystem, shards folder) of a corpus given as CORPUS or CORPUS/shards, local or URL."""
+    """(filesystem, shards folder) of a corpus given as CORPUS or CORPUS/shards, local or URL:
+    a build_corpus output (sizes.json) or an img2dataset webdataset output (NNNNN_stats.json)."""
     try:
         fs, root = resolve(corpus, "--corpus")
     except OutputError as exc:
@@ -129,6 +130,8 @@ def resolve_shards_dir(corpus: str) -> tuple[Any, str]:
     for cand in (f"{root}/shards", root):
         if fs.exists(f"{cand}/{SIZES_FILE}"):
             return fs, cand
+    if fs.exists(root) and fs.glob(f"{root}/*_stats.json"):
+        return fs, root
     if not fs.exists(root):
         raise AuditError(f"{corpus}: corpus folder does not exist")
     raise AuditError(f"{corpus.rstrip('/')}/shards/{SIZES_FILE}: missing; --corpus must be a build_corpus output "
@@ -197,8 +200,11 @@ def read_inputs(cfg: AuditConfig, rd: RunDir) -> Inputs:
         if inside in (Path(shards_dir).resolve(), Path(shards_dir).resolve().parent):
             raise AuditError(f"{cfg.out}: --out must not be the corpus folder (the input is never modified)")
     try:
-        with fs.open(f"{shards_dir}/{SIZES_FILE}", "rb") as f:
-            sizes_raw = f.read()
+        if fs.exists(f"{shards_dir}/{SIZES_FILE}"):
+            with fs.open(f"{shards_dir}/{SIZES_FILE}", "rb") as f:
+                sizes_raw = f.read()
+        else:
+            sizes_raw = json.dumps(img2dataset_sizes(fs, shards_dir), sort_keys=True).encode()
         sizes: dict[str, int] = json.loads(sizes_raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AuditError(f"{_url(fs, shards_dir)}/{SIZES_FILE}: not valid JSON ({exc})") from exc
@@ -218,6 +224,26 @@ def read_inputs(cfg: AuditConfig, rd: RunDir) -> Inputs:
     if len(set(names)) != len(names):
         raise AuditError(f"--eval: eval set names must be unique, got {names}")
     return Inputs(fs, shards_dir, shards, sizes, sizes_raw, eval_sets)
+
+
+def img2dataset_sizes(fs: Any, folder: str) -> dict[str, int]:
+    """Shard name -> samples of an img2dataset webdataset output, which has no sizes.json: each
+    NNNNN.tar holds the successes its NNNNN_stats.json counts (failed rows are only in its parquet)."""
+    sizes = {}
+    for path in sorted(fs.glob(f"{folder}/*_stats.json")):
+        stem = path.rsplit("/", 1)[-1][: -len("_stats.json")]
+        if not fs.exists(f"{folder}/{stem}.tar"):
+            continue
+        try:
+            with fs.open(path, "rb") as f:
+                stats = json.load(f)
+            sizes[f"{stem}.tar"] = int(stats["successes"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuditError(f"{_url(fs, path)}: not an img2dataset shard stats file ({exc})") from None
+    if not sizes:
+        raise AuditError(f"{_url(fs, folder)}: no NNNNN.tar beside its NNNNN_stats.json (img2dataset output) "
+                         f"and no {SIZES_FILE}")
+    return sizes
 
 
 def settings_of(cfg: AuditConfig, inp: Inputs) -> dict[str, Any]:

@@ -90,7 +90,7 @@ _N = r"\d{5,}"
 # cleanup deletes nothing else, and anything else found there is refused.
 OWN_NAMES = {
     "parts": re.compile(rf"{_N}\.(tar|parquet|matches\.parquet)"),
-    "shards": re.compile(rf"{_N}\.tar|sizes\.json"),
+    "shards": re.compile(rf"{_N}\.(tar|parquet)|sizes\.json"),
     "manifest": re.compile(rf"{_N}\.parquet"),
     "audit": re.compile(r"overlap\.parquet|summary\.json|config\.json|report\.html"),
     "_input": re.compile(rf"{_N}\.parquet"),
@@ -156,7 +156,7 @@ class ReadStep(Step):
 
     def run(self, ctx: TaskContext, s: int, shared: Any = None) -> dict[str, Any]:
         cfg = self.cfg
-        table = read_slice(self.slices[s], cfg.url_col, cfg.caption_col, cfg.extra_cols)
+        table = read_slice(self.slices[s], cfg.url_col, cfg.caption_col, cfg.extra_cols, not cfg.header)
         digests = column_digests(table)
         if self.write:
             rd = ctx.rd
@@ -280,9 +280,11 @@ class DownloadStep(Step):
             status[i] = CANDIDATE if smp.status == PENDING else smp.status
             reasons[i], error[i], sha[i] = smp.reason, smp.error, smp.meta.get("sha256")
             if status[i] == CANDIDATE:
-                meta = {**smp.extra, "url": smp.url, "caption": smp.caption, "key": smp.key, **smp.meta}
+                # img2dataset's fields with its meanings (tools written for its corpora read ours), then ours.
+                meta = {**smp.extra, "url": smp.url, "caption": smp.caption, "key": smp.key, "status": "success",
+                        "error_message": None, "exif": None, **smp.meta}
                 members = {smp.ext or cfg.encode_format: smp.image or b"", "txt": (smp.caption or "").encode(),
-                           "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()}
+                           "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode()}
                 tar_samples.append((smp.key, members))
         if len(results) != len(pending) or PENDING in status:
             raise AccountingError(f"download task {t}: rows out do not cover rows {lo}..{hi - 1} once each")
@@ -491,7 +493,7 @@ def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildR
     rd = open_output(cfg)
     rd.check_ours(LEGACY_RUN_KEYS)  # before the lock file: a foreign folder gets nothing written
     files = list_inputs(cfg.urls)
-    if check_columns(files, cfg.url_col, cfg.caption_col, cfg.extra_cols) == 0:
+    if check_columns(files, cfg.url_col, cfg.caption_col, cfg.extra_cols, not cfg.header) == 0:
         raise InputError(f"{cfg.urls}: no rows")
     slices = plan_slices(files)
     with rd.lock():

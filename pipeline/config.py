@@ -129,7 +129,7 @@ def to_yaml(cfg: Any) -> str:
 
 # Names the builder writes into each sample's json or uses in its task table.
 RESERVED_FIELDS = ("url", "caption", "key", "row", "duplicate_url", "sha256", "width", "height",
-                   "original_width", "original_height")
+                   "original_width", "original_height", "status", "error_message", "exif")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -145,7 +145,9 @@ class BuildConfig:
     caption_col: str = "caption"
     """Column holding the caption."""
     extra_cols: tuple[str, ...] = ()
-    """Comma-separated extra columns carried into each sample's json (e.g. uid)."""
+    """Comma-separated extra columns carried into each sample's json with their types (e.g. uid,similarity)."""
+    header: bool = True
+    """csv/tsv files start with a header line; --no-header: columns are named by position (--url-col 1 --caption-col 0)."""
     samples_per_shard: int = 1000
     """Samples in every shard but the last."""
     rows_per_task: int = 1000

@@ -110,7 +110,8 @@ def list_inputs(spec: str) -> list[InputFile]:
     return sorted(files, key=lambda f: f.url)
 
 
-def check_columns(files: list[InputFile], url_col: str, caption_col: str, extra_cols: tuple[str, ...]) -> int:
+def check_columns(files: list[InputFile], url_col: str, caption_col: str, extra_cols: tuple[str, ...],
+                  no_header: bool = False) -> int:
     """Before anything is written: every file has the columns the job reads (parquet: its footer;
     csv/tsv: the header line; jsonl: the first record). One small read per file. Returns a lower
     bound of the input's rows (parquet's row counts; one per text file with a row)."""
@@ -132,9 +133,9 @@ def check_columns(files: list[InputFile], url_col: str, caption_col: str, extra_
         else:
             with fsspec.open(f.url, "rb") as fh:
                 head = fh.readline()
-                if f.fmt != "jsonl":
+                if f.fmt != "jsonl" and not no_header:
                     head += fh.readline()  # the header and one row: enough to see the columns and types
-            table = read_table(InputSlice(f.url, f.fmt, 0, len(head)), wanted) if head.strip() else None
+            table = read_table(InputSlice(f.url, f.fmt, 0, len(head)), wanted, no_header) if head.strip() else None
             if table is None:
                 raise InputError(f"{f.url}: empty file")
             rows += min(1, table.num_rows)
@@ -176,10 +177,10 @@ def _first(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:160]
 
 
-def _text_bytes(sl: InputSlice) -> tuple[bytes, bytes]:
+def _text_bytes(sl: InputSlice, no_header: bool = False) -> tuple[bytes, bytes]:
     """(header line or b"", the slice's whole lines) of a text slice."""
     with fsspec.open(sl.url, "rb") as f:
-        header = f.readline() if sl.fmt in ("csv", "tsv") else b""
+        header = f.readline() if sl.fmt in ("csv", "tsv") and not no_header else b""
         if sl.start == 0:
             f.seek(len(header))
         else:
@@ -194,8 +195,9 @@ def _text_bytes(sl: InputSlice) -> tuple[bytes, bytes]:
     return header, body.getvalue()
 
 
-def read_table(sl: InputSlice, columns: tuple[str, ...] = ()) -> pa.Table:
-    """The rows of one slice as Arrow, every column; in csv/tsv, `columns` are read as text exactly as written."""
+def read_table(sl: InputSlice, columns: tuple[str, ...] = (), no_header: bool = False) -> pa.Table:
+    """The rows of one slice as Arrow, every column; in csv/tsv, `columns` are read as text exactly as
+    written. `no_header`: csv/tsv files without a header line; their columns are named 0, 1, ..."""
     kind = sl.fmt
     try:
         if kind == "parquet":
@@ -205,11 +207,21 @@ def read_table(sl: InputSlice, columns: tuple[str, ...] = ()) -> pa.Table:
                 pf = pq.ParquetFile(fh)
                 groups = list(range(sl.start, sl.stop))
                 return pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
-        header, body = _text_bytes(sl)
+        header, body = _text_bytes(sl, no_header)
         if kind in ("csv", "tsv"):
             import pyarrow.csv as pcsv
 
-            if not header.strip():
+            if no_header:
+                if not body.strip():
+                    if sl.start == 0:
+                        raise InputError(f"{sl.url}: empty file")
+                    return pa.table({})
+                first = body.split(b"\n", 1)[0].rstrip(b"\r")
+                # Names 0..n-1 from the first row's field count (csv quoting aside: the parser checks).
+                sep = b"\t" if kind == "tsv" else b","
+                names = [str(i) for i in range(first.count(sep) + 1)]
+                header = (("\t" if kind == "tsv" else ",").join(names) + "\n").encode()
+            elif not header.strip():
                 raise InputError(f"{sl.url}: empty file")
             # Typed as strings up front: inferring types and casting back turns uid 000123
             # into 123 and caption 1.50 into 1.5. TSV has no quoting (the IANA text/tab-separated-values
@@ -235,9 +247,28 @@ def read_table(sl: InputSlice, columns: tuple[str, ...] = ()) -> pa.Table:
         raise InputError(f"{sl.url}: cannot read as {kind} ({_first(exc)})") from None
 
 
+def _column(t: pa.Table, name: str) -> pa.ChunkedArray | None:
+    """A column by name, or a dotted path into struct columns (`image.url`); None if absent."""
+    if name in t.column_names:
+        return t.column(name)
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:cut])
+        if head in t.column_names:
+            col = t.column(head)
+            for field_name in parts[cut:]:
+                if not pa.types.is_struct(col.type) or col.type.get_field_index(field_name) < 0:
+                    return None
+                col = pc.struct_field(col, field_name)
+            return col
+    return None
+
+
 def select_columns(t: pa.Table, where: str, url_col: str, caption_col: str,
                    extra_cols: tuple[str, ...]) -> pa.Table:
-    """Columns url, caption and the extra columns, as strings; bad columns are one-line errors."""
+    """Columns url and caption as strings, and the extra columns with their own types (numbers stay
+    numbers, nulls stay null; as img2dataset keeps them). Names may be dotted paths into structs
+    (`--url-col image.url`). Bad columns are one-line errors."""
     wanted = {"url": url_col, "caption": caption_col, **{c: c for c in extra_cols}}
     twice = sorted({c for c in t.column_names if t.column_names.count(c) > 1})
     if twice:
@@ -246,7 +277,7 @@ def select_columns(t: pa.Table, where: str, url_col: str, caption_col: str,
                          "header; rename one of them")
     if t.num_columns == 0 and t.num_rows == 0:
         return pa.table({name: pa.array([], pa.string()) for name in wanted})
-    missing = [c for c in wanted.values() if c not in t.column_names]
+    missing = [c for c in wanted.values() if _column(t, c) is None]
     if missing:
         raise InputError(
             f"{where}: missing column(s) {', '.join(missing)} (has: {', '.join(t.column_names[:12])}); "
@@ -254,11 +285,17 @@ def select_columns(t: pa.Table, where: str, url_col: str, caption_col: str,
         )
     cols = {}
     for out_name, src in wanted.items():
-        col = t.column(src)
+        col = _column(t, src)
+        assert col is not None
         if pa.types.is_nested(col.type):
             # A list or struct has no one text form to carry into the json (Arrow cannot cast it).
             raise InputError(f"{where}: column {src!r} holds {col.type} values; only scalar columns "
-                             "(text, numbers, booleans, dates) can be read")
+                             "(text, numbers, booleans, dates) can be read; a field of a struct is "
+                             f"named with a dot ({src}.FIELD)")
+        if out_name not in ("url", "caption"):
+            # Extra columns keep their type: a float stays a float in each sample's json.
+            cols[out_name] = col.cast(pa.string()) if pa.types.is_large_string(col.type) else col
+            continue
         if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
             try:
                 col = pc.cast(col, pa.string())
@@ -269,16 +306,18 @@ def select_columns(t: pa.Table, where: str, url_col: str, caption_col: str,
     return pa.table(cols)
 
 
-def read_slice(sl: InputSlice, url_col: str, caption_col: str, extra_cols: tuple[str, ...]) -> pa.Table:
-    """One slice as columns url, caption and the extra columns (strings), in file order."""
+def read_slice(sl: InputSlice, url_col: str, caption_col: str, extra_cols: tuple[str, ...],
+               no_header: bool = False) -> pa.Table:
+    """One slice as columns url, caption (strings) and the extra columns, in file order."""
     wanted = (url_col, caption_col, *extra_cols)
-    return select_columns(read_table(sl, wanted), sl.url, url_col, caption_col, extra_cols)
+    return select_columns(read_table(sl, wanted, no_header), sl.url, url_col, caption_col, extra_cols)
 
 
-def read_urls(spec: str, url_col: str, caption_col: str, extra_cols: tuple[str, ...]) -> pa.Table:
+def read_urls(spec: str, url_col: str, caption_col: str, extra_cols: tuple[str, ...],
+              no_header: bool = False) -> pa.Table:
     """The whole input as one table (tests and small tools; the jobs read slices in tasks)."""
     files = list_inputs(spec)
-    tables = [read_slice(sl, url_col, caption_col, extra_cols) for sl in plan_slices(files)]
+    tables = [read_slice(sl, url_col, caption_col, extra_cols, no_header) for sl in plan_slices(files)]
     table = pa.concat_tables(tables)
     if table.num_rows == 0:
         raise InputError(f"{spec}: no rows")
@@ -299,6 +338,9 @@ def column_digests(table: pa.Table) -> dict[str, str]:
     for name in table.column_names:
         lengths, data = hashlib.sha256(), hashlib.sha256()
         for chunk in table.column(name).chunks:
+            if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)
+                    or pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type)):
+                chunk = chunk.cast(pa.string())  # an extra column of numbers, dates, ...: its text form
             arr = chunk.cast(pa.large_binary()) if not pa.types.is_large_binary(chunk.type) else chunk
             n = len(arr)
             if n == 0:

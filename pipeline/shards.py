@@ -259,6 +259,33 @@ class Source:
     """Where this source's manifest goes (records with the shard of each kept sample filled in)."""
 
 
+# img2dataset's per-sample fields and their types (downloader.py's schema), for NNNNN.parquet.
+IMG2DATASET_TYPES = {"key": pa.string(), "url": pa.string(), "caption": pa.string(), "status": pa.string(),
+                     "error_message": pa.string(), "width": pa.int32(), "height": pa.int32(),
+                     "original_width": pa.int32(), "original_height": pa.int32(), "exif": pa.string(),
+                     "sha256": pa.string()}
+
+
+def shard_metadata(samples: list[tuple[str, dict[str, bytes]]]) -> pa.Table:
+    """NNNNN.parquet beside NNNNN.tar, as img2dataset writes it: one row per sample, its json's fields
+    (img2dataset's with their types, then the rest as they come)."""
+    rows = []
+    for key, members in samples:
+        try:
+            meta = json.loads(members.get("json") or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            meta = {}
+        rows.append({"key": key, **(meta if isinstance(meta, dict) else {})})
+    table = pa.Table.from_pylist(rows)
+    for name, tp in IMG2DATASET_TYPES.items():
+        if name in table.column_names and table.schema.field(name).type != tp:
+            try:
+                table = table.set_column(table.schema.get_field_index(name), name, table.column(name).cast(tp))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass  # someone else's json: keep its own type
+    return table
+
+
 def plan_shard_tasks(sources: list[Source], samples_per_shard: int,
                      shards_per_task: int) -> tuple[list[int], list[tuple[int, int, list[int], list[int]]]]:
     """The driver's only arithmetic: prefix sums of kept counts, cut into tasks of whole shards.
@@ -312,6 +339,8 @@ def write_shard_range(fs: fsspec.AbstractFileSystem, sources: list[Source], pref
         nonlocal buffer, shard
         name = shard_name(shard)
         path = join(shards_dir, name)
+        with atomic_open(fs, path[: -len(".tar")] + ".parquet") as f:
+            pq.write_table(shard_metadata(buffer), f)
         with atomic_open(fs, path) as f:
             write_tar(f, buffer)
         keys = [k for k, _ in read_tar(fs, path)]  # check what we wrote

@@ -285,7 +285,7 @@ def test_output_through_fsspec(tmp_path, web):
     fs = fsspec.filesystem("memory")
     assert verify_shards(fs, "/fsspec-corpus/shards", 4) == 10
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/fsspec-corpus/shards", detail=False)) == [
-        "00000.tar", "00001.tar", "00002.tar", "sizes.json"]
+        "00000.parquet", "00000.tar", "00001.parquet", "00001.tar", "00002.parquet", "00002.tar", "sizes.json"]
     assert fs.exists("/fsspec-corpus/stats.json") and fs.exists("/fsspec-corpus/manifest/00000.parquet")
     fs.rm("/fsspec-corpus", recursive=True)
 
