@@ -48,6 +48,7 @@ from pipeline.shards import (
     ShardError,
     Source,
     atomic_open,
+    compare_settings,
     plan_shard_tasks,
     read_tar,
     write_shard_range,
@@ -196,9 +197,12 @@ def read_inputs(cfg: AuditConfig, rd: RunDir) -> Inputs:
     if isinstance(fs, LocalFileSystem) and isinstance(rd.fs, LocalFileSystem):
         from pathlib import Path
 
-        inside = Path(rd.root).resolve()
-        if inside in (Path(shards_dir).resolve(), Path(shards_dir).resolve().parent):
-            raise AuditError(f"{cfg.out}: --out must not be the corpus folder (the input is never modified)")
+        out = Path(rd.root).resolve()
+        corpus = Path(shards_dir).resolve()
+        corpus = corpus.parent if corpus.name == "shards" else corpus
+        if out == corpus or corpus in out.parents or out in corpus.parents:
+            raise AuditError(f"{cfg.out}: --out must lie outside the corpus folder {corpus} (the input is only "
+                             "read, never written into)")
     try:
         if fs.exists(f"{shards_dir}/{SIZES_FILE}"):
             with fs.open(f"{shards_dir}/{SIZES_FILE}", "rb") as f:
@@ -208,7 +212,8 @@ def read_inputs(cfg: AuditConfig, rd: RunDir) -> Inputs:
         sizes: dict[str, int] = json.loads(sizes_raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AuditError(f"{_url(fs, shards_dir)}/{SIZES_FILE}: not valid JSON ({exc})") from exc
-    if not isinstance(sizes, dict) or not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
+    if not isinstance(sizes, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                              for v in sizes.values()):
         raise AuditError(f"{_url(fs, shards_dir)}/{SIZES_FILE}: expected a JSON object of shard name -> sample count")
     shards = sorted(sizes)
     fs.invalidate_cache(shards_dir)
@@ -230,16 +235,23 @@ def img2dataset_sizes(fs: Any, folder: str) -> dict[str, int]:
     """Shard name -> samples of an img2dataset webdataset output, which has no sizes.json: each
     NNNNN.tar holds the successes its NNNNN_stats.json counts (failed rows are only in its parquet)."""
     sizes = {}
-    for path in sorted(fs.glob(f"{folder}/*_stats.json")):
-        stem = path.rsplit("/", 1)[-1][: -len("_stats.json")]
+    stats_files = {p.rsplit("/", 1)[-1][: -len("_stats.json")]: p for p in fs.glob(f"{folder}/*_stats.json")}
+    for tar in sorted(fs.glob(f"{folder}/*.tar")):
+        stem = tar.rsplit("/", 1)[-1][: -len(".tar")]
+        if stem not in stats_files:
+            raise AuditError(f"{_url(fs, tar)}: no {stem}_stats.json beside it (img2dataset writes one per shard, "
+                             f"and it says how many samples the tar holds); write {SIZES_FILE} for this folder")
+    for stem, path in sorted(stats_files.items()):
         if not fs.exists(f"{folder}/{stem}.tar"):
             continue
         try:
             with fs.open(path, "rb") as f:
-                stats = json.load(f)
-            sizes[f"{stem}.tar"] = int(stats["successes"])
-        except (ValueError, KeyError, TypeError) as exc:
+                n = json.load(f)["successes"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise AuditError(f"{_url(fs, path)}: not an img2dataset shard stats file ({exc})") from None
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise AuditError(f"{_url(fs, path)}: successes {n!r} is not a count of samples")
+        sizes[f"{stem}.tar"] = n
     if not sizes:
         raise AuditError(f"{_url(fs, folder)}: no NNNNN.tar beside its NNNNN_stats.json (img2dataset output) "
                          f"and no {SIZES_FILE}")
@@ -441,15 +453,25 @@ def run_audit(cfg: AuditConfig, executor: Any = None) -> dict[str, Any]:
     settings = settings_of(cfg, inp)
     own = own_names(inp.shards)
     with rd.lock():
+        done = _finished_summary(rd)
+        run = rd.check_ours(LEGACY_RUN_KEYS)
+        if run is not None and done is None:
+            changed = compare_settings({k: v for k, v in run.items() if k != "job"}, settings)
+            if changed and all(c.startswith("corpus_digest:") for c in changed):
+                # An unfinished audit of a corpus that changed since (a damaged shard repaired, say):
+                # nothing of it was published, so start it over rather than refuse the folder.
+                log.warning("%s: the corpus changed since this unfinished audit began; starting it over",
+                            rd.url_of())
+                for sub in ("_work", "_steps", "shards", "manifest", "audit"):
+                    rd.remove_own_files(sub, own[sub])
+                rd.write_run(settings)
         # Checked before the (slow) eval index is built, and recorded before any task writes results.
         rd.claim(settings, own, LEGACY_RUN_KEYS)
-        if rd.fs.exists(rd.path("audit", "summary.json")) and rd.fs.exists(rd.path("shards", SIZES_FILE)):
-            with rd.fs.open(rd.path("audit", "summary.json"), "rb") as f:
-                summary = json.load(f)
+        if done is not None:
             for sub in SCRATCH:
                 rd.remove_own_files(sub, own[sub])
             log.info("%s holds a finished audit of this corpus, eval sets and thresholds: nothing to do", rd.url_of())
-            return summary
+            return {**done, "already_complete": True}
         t0 = time.perf_counter()
         eval_sets = inp.eval_sets
         matcher = OverlapMatcher.build(eval_sets, cfg.match)
@@ -476,6 +498,20 @@ def run_audit(cfg: AuditConfig, executor: Any = None) -> dict[str, Any]:
             for sub in SCRATCH:
                 rd.remove_own_files(sub, own[sub])
         return summary
+
+
+def _finished_summary(rd: RunDir) -> dict[str, Any] | None:
+    """summary.json of a finished audit in `rd` (written last), or None (absent or unreadable: not finished)."""
+    if not (rd.fs.exists(rd.path("audit", "summary.json")) and rd.fs.exists(rd.path("shards", SIZES_FILE))):
+        return None
+    try:
+        with rd.fs.open(rd.path("audit", "summary.json"), "rb") as f:
+            summary = json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    ok = isinstance(summary, dict) and isinstance(summary.get("corpus"), dict) and isinstance(
+        summary.get("eval_sets"), dict)
+    return summary if ok else None
 
 
 def format_summary(summary: dict[str, Any]) -> str:

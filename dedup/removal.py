@@ -157,8 +157,11 @@ class TaskMatcher:
 
     def write(self, fs: Any, path: str) -> None:
         """The task's match rows plus a THUMB_COLUMN (the report's thumbnails, null for most rows)."""
-        table = pa.Table.from_pylist(self.rows, schema=_match_schema(self.rows))
-        thumbs = [self.thumbs.get(r["key"]) for r in self.rows]
+        # In key order, not the order downloads finished: the file, and so overlap.parquet and the
+        # report's choice of pairs, are the same on every run.
+        rows = sorted(self.rows, key=lambda r: (r["key"], r["eval_set"], r["eval_item"], r["kind"]))
+        table = pa.Table.from_pylist(rows, schema=_match_schema(rows))
+        thumbs = [self.thumbs.get(r["key"]) for r in rows]
         table = table.append_column(pa.field(THUMB_COLUMN, pa.binary()), pa.array(thumbs, pa.binary()))
         with atomic_open(fs, path) as f:
             pq.write_table(table, f)

@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg, args = parse_args(argv)
         with make_executor(args.executor, num_cpus=args.num_cpus) as executor:
             summary = run_audit(cfg, executor)
+        if summary.get("already_complete"):
+            print(f"the audit in {cfg.out} is complete; nothing to do")
         print(format_summary(summary))
         print(count_line(summary))
         return 0

@@ -247,7 +247,7 @@ class DownloadStep(Step):
         captions, reasons = decide_captions(table.column("caption").to_pylist(), dup.tolist(), cleaner, dup_filter,
                                             cap_filter)
         n = hi - lo
-        urls = [u or "" for u in table.column("url").to_pylist()]
+        urls = table.column("url").to_pylist()
         status = [PENDING if r is None else DROPPED for r in reasons]
         error: list[str | None] = [None] * n
         sha: list[str | None] = [None] * n
@@ -258,8 +258,9 @@ class DownloadStep(Step):
         resize = ResizeStage(cfg.image_size, cfg.resize_mode, cfg.encode_format, cfg.encode_quality, errors,
                              max_decode_bytes=cfg.max_decode_bytes)
         matcher = shared.task_matcher() if (self.with_eval and shared is not None) else None
-        extras = table.select(list(cfg.extra_cols)).take(pending).to_pylist() if cfg.extra_cols else [{}] * len(pending)
-        samples = (Sample(key=f"{lo + i:0{self.width}d}", row=lo + i, url=urls[i], caption=captions[i], extra=e)
+        extras = (table.select(list(cfg.extra_cols)).take(pa.array(pending, pa.int64())).to_pylist()
+                  if cfg.extra_cols else [{}] * len(pending))
+        samples = (Sample(key=f"{lo + i:0{self.width}d}", row=lo + i, url=urls[i] or "", caption=captions[i], extra=e)
                    for i, e in zip(pending, extras, strict=True))
         results = []
         ok = 0
@@ -492,7 +493,8 @@ def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildR
     (dedup.removal.EvalOverlap) and goes to the tasks through the object store."""
     rd = open_output(cfg)
     rd.check_ours(LEGACY_RUN_KEYS)  # before the lock file: a foreign folder gets nothing written
-    files = list_inputs(cfg.urls)
+    # A broad glob (data/**/*.parquet) may reach --out: its own files are never input.
+    files = list_inputs(cfg.urls, exclude=rd.root)
     if check_columns(files, cfg.url_col, cfg.caption_col, cfg.extra_cols, not cfg.header) == 0:
         raise InputError(f"{cfg.urls}: no rows")
     slices = plan_slices(files)
@@ -501,23 +503,32 @@ def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildR
         rd.check_links(OWN_NAMES)
         rd.check_foreign(OWN_NAMES)
         settings = {**cfg.output_settings()}
-        input_ok = True
         if run is not None:
-            old = {k: v for k, v in run.items() if k not in ("job", "input", "input_columns", "input_rows",
-                                                               "buckets")}
-            changed = compare_settings(old, settings)
+            # The input is compared by its files' identity and content below, not by how --urls is spelled.
+            skip = ("job", "input", "input_columns", "input_rows", "buckets", "urls")
+            old = {k: v for k, v in run.items() if k not in skip}
+            changed = compare_settings(old, {k: v for k, v in settings.items() if k not in skip})
             if changed:
                 raise SettingsChanged(
                     f"{rd.url_of('run.json')}: the output folder holds a build_corpus run with other settings "
                     f"({'; '.join(changed[:4])}); use a new --out, or delete the folder to start over")
-            input_ok = _check_input(cfg, rd, run, files, slices, executor)
-            if not input_ok:
+            if not run.get("input_columns"):
+                # The read step never finished (bad input found in it, or a kill): nothing was built
+                # from the input yet, so a changed input starts the read over instead of being refused.
+                if run.get("input") != _input_identity(files):
+                    for sub in ("_input", "_keys", "_steps"):
+                        rd.remove_own_files(sub, OWN_NAMES[sub])
+            elif not _check_input(cfg, rd, run, files, slices, executor):
                 raise SettingsChanged(f"{rd.url_of('run.json')}: the output folder holds a build_corpus run of other "
                                       "input; use a new --out, or delete the folder to start over")
             if rd.fs.exists(rd.path("stats.json")):
                 return _already_complete(rd)
         rd.remove_temporaries(OWN_NAMES)
-        buckets = int(run.get("buckets")) if run and run.get("buckets") else n_buckets(_estimate_rows(files))
+        buckets = run.get("buckets") if run else None
+        if buckets is not None and not (isinstance(buckets, int) and not isinstance(buckets, bool) and buckets > 0):
+            raise AccountingError(f"{rd.url_of('run.json')}: buckets {buckets!r} is not a positive whole number; "
+                                  "the run record is damaged: use a new --out")
+        buckets = buckets or n_buckets(_estimate_rows(files))
         record = {**settings, "input": _input_identity(files), "buckets": buckets}
         if run and run.get("input_columns"):
             record["input_columns"], record["input_rows"] = run["input_columns"], run.get("input_rows")
@@ -531,13 +542,18 @@ def _estimate_rows(files: list[InputFile]) -> int:
 
 
 def _already_complete(rd: RunDir) -> BuildResult:
-    with rd.fs.open(rd.path("stats.json"), "rb") as f:
-        stats = json.load(f)
+    try:
+        with rd.fs.open(rd.path("stats.json"), "rb") as f:
+            stats = json.load(f)
+        counts = [int(stats[k]) for k in ("rows_in", "written", "dropped", "failed")]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise AccountingError(f"{rd.url_of('stats.json')}: unreadable (the mark of a finished build); delete it "
+                              "and rerun the same command to finish the build again") from None
     removed = [p for sub in SCRATCH for p in rd.remove_own_files(sub, OWN_NAMES[sub])]
     log.info("%s holds a finished build of this input and settings: nothing to do%s", rd.url_of(),
              f" (removed {len(removed)} leftover scratch files)" if removed else "")
-    result = BuildResult(stats["rows_in"], stats["written"], stats["dropped"], stats["failed"],
-                         Counter(stats.get("reasons", {})), stats.get("shards", 0), root=rd.url_of())
+    reasons = stats.get("reasons") if isinstance(stats.get("reasons"), dict) else {}
+    result = BuildResult(*counts, Counter(reasons), int(stats.get("shards") or 0), root=rd.url_of())
     result.already_complete = True
     return result
 
@@ -584,6 +600,7 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
                       rd.url_of("manifest", f"{t:05d}.parquet")) for t, *_ in parts]
     writer = WriteShardsStep(sources, cfg.samples_per_shard, rd.url_of("shards"), SHARDS_PER_TASK)
     written = run_step(rd, writer, executor, progress_every=every)
+    verify_earlier_shards(rd, writer, written, executor)
     result = finish_shards(rd, written, plan.n_rows, writer.prefix[-1], cfg.samples_per_shard)
     if matcher is not None:
         from dedup.removal import merge_overlap
@@ -618,6 +635,58 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
             rd.remove_own_files(sub, OWN_NAMES[sub])
     result.elapsed, result.root = elapsed, rd.url_of()
     return result
+
+
+class VerifyShardsStep(Step):
+    """Reads back the shards and manifests that earlier runs wrote (this run's writers checked their own)."""
+
+    name = "verify_shards"
+    what = "tasks"
+    markers = False
+
+    def __init__(self, writer: Any):
+        self.writer = writer
+
+    def run(self, ctx: TaskContext, spec: tuple, shared: Any = None) -> dict[str, Any]:
+        from pipeline.shards import read_tar
+
+        first, end, _reads, owned = spec
+        w = self.writer
+        fs = ctx.rd.fs
+        for k in range(first, end):
+            path = f"{w.shards_dir}/{shard_name(k)}"
+            lo = k * w.samples_per_shard
+            want = min(w.samples_per_shard, w.prefix[-1] - lo)
+            try:
+                got = sum(1 for _ in read_tar(fs, path))
+            except (ShardError, FileNotFoundError) as exc:
+                raise AccountingError(f"{path}: unreadable since it was written ({exc}); delete "
+                                      f"{ctx.rd.url_of('_steps', 'write_shards.json')} and rerun") from None
+            if got != want:
+                raise AccountingError(f"{path}: holds {got} samples, {want} were written; delete "
+                                      f"{ctx.rd.url_of('_steps', 'write_shards.json')} and rerun")
+        for j in owned:
+            src = w.sources[j]
+            try:
+                with fs.open(src.manifest, "rb") as f:
+                    n = pq.read_metadata(f).num_rows
+                with fs.open(src.records, "rb") as f:
+                    expect = pq.read_metadata(f).num_rows
+            except (FileNotFoundError, pa.ArrowInvalid, OSError) as exc:
+                raise AccountingError(f"{src.manifest}: unreadable since it was written ({type(exc).__name__}); "
+                                      f"delete {ctx.rd.url_of('_steps', 'write_shards.json')} and rerun") from None
+            if n != expect:
+                raise AccountingError(f"{src.manifest}: {n} rows, {expect} expected; delete "
+                                      f"{ctx.rd.url_of('_steps', 'write_shards.json')} and rerun")
+        return {"shards": end - first}
+
+
+def verify_earlier_shards(rd: RunDir, writer: Any, written: list[dict[str, Any]], executor: Any) -> None:
+    """A resumed run trusts no shard it did not write itself: the writer tasks of earlier runs are
+    read back (in tasks, like everything per byte) before success is reported."""
+    earlier = [(i, spec) for i, (spec, s) in enumerate(zip(writer.specs, written, strict=True)) if not s.get("fresh")]
+    if earlier:
+        executor.run_tasks(VerifyShardsStep(writer), earlier, rd.url, rd.job, None, lambda *_: None, lambda *_: None)
 
 
 def finish_shards(rd: RunDir, written: list[dict[str, Any]], n_rows: int, n_kept: int,

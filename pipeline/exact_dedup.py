@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.job import Step, TaskContext
@@ -41,11 +42,12 @@ def n_buckets(rows_estimate: int, rows_per_bucket: int = 4_000_000) -> int:
 
 
 def hash_keys(values: list[str | bytes | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(h1, h2, valid) per value: the two halves of a 128-bit BLAKE2b digest; None is not a key."""
-    valid = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+    """(h1, h2, valid) per value: the two halves of a 128-bit BLAKE2b digest; None and "" are not
+    keys (an empty URL is a bad URL, not a duplicate of another)."""
+    valid = np.fromiter((bool(v) for v in values), dtype=bool, count=len(values))
     blake = hashlib.blake2b
     digests = b"".join(blake(v if isinstance(v, bytes) else v.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-                       if v is not None else bytes(16) for v in values)
+                       if v else bytes(16) for v in values)
     h = np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2) if values else np.zeros((0, 2), dtype=np.uint64)
     return h[:, 0], h[:, 1], valid
 
@@ -89,7 +91,7 @@ def _read_groups(fs: Any, path: str, column: str, value: int, schema: pa.Schema)
         if not wanted:
             return schema.empty_table()
         t = pf.read_row_groups(wanted)
-    return t.filter(pa.compute.equal(t.column(column), pa.scalar(value, t.schema.field(column).type)))
+    return t.filter(pc.equal(t.column(column), pa.scalar(value, t.schema.field(column).type)))
 
 
 class DedupStep(Step):

@@ -135,8 +135,14 @@ class RayExecutor:
         """A watcher that ends this local Ray's processes if this driver is killed (pipeline/reaper.py)."""
         if sys.platform != "linux":
             return
+        try:  # Ray names its session in every worker's command line: the reaper's last sweep finds them by it
+            import ray
+
+            session = [ray._private.worker._global_node.session_name]
+        except Exception:  # noqa: BLE001 - a private attribute; without it the reaper still ends the rest
+            session = []
         self._reaper = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("reaper.py")), str(os.getpid())],
+            [sys.executable, str(Path(__file__).with_name("reaper.py")), str(os.getpid()), *session],
             stdin=subprocess.DEVNULL, start_new_session=True)
 
     def __exit__(self, *_: Any) -> None:

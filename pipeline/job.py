@@ -138,12 +138,16 @@ def run_step(rd: RunDir, step: Step, executor: Any, shared: Any = None,
     whole = rd.path(STEPS_DIR, f"{step.name}.json")
     specs = step.tasks()
     if rd.fs.exists(whole):
-        summaries = _read_json(rd, whole)
-        if isinstance(summaries, list) and len(summaries) == len(specs):
+        try:
+            summaries = _read_json(rd, whole)
+        except (ValueError, UnicodeDecodeError):
+            summaries = None  # damaged: the per-task markers say what is done
+        if (isinstance(summaries, list) and len(summaries) == len(specs)
+                and all(isinstance(s, dict) for s in summaries)):
             log.info("%s: done in an earlier run (%d tasks)", step.name, len(specs))
             return [{**s, "fresh": False} for s in summaries]
     done = done_summaries(rd, step.name)
-    done = {i: s for i, s in done.items() if i < len(specs)}
+    done = {i: s for i, s in done.items() if i < len(specs) and isinstance(s, dict)}
     todo = [i for i in range(len(specs)) if i not in done]
     total = step.total(specs)
     already = sum(int(s.get("progress_rows", s.get("rows", 0))) for s in done.values()) if total else 0
@@ -191,6 +195,10 @@ def job_main(name: str, body: Callable[[], int]) -> int:
         return 1
     except TaskFailed as exc:
         print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the storage failed us (a full disk, a lost mount): no traceback, exit 1
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"{name}: error: {where}{exc.strerror or _one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{name}: interrupted; finished tasks are kept, rerun the same command to resume", file=sys.stderr)

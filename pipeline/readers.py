@@ -69,8 +69,9 @@ def _version(info: dict[str, Any]) -> str:
     return ""
 
 
-def list_inputs(spec: str) -> list[InputFile]:
-    """The input files of `spec` (file, folder or glob; local or any fsspec URL), sorted by name."""
+def list_inputs(spec: str, exclude: str | None = None) -> list[InputFile]:
+    """The input files of `spec` (file, folder or glob; local or any fsspec URL), sorted by name.
+    Files below `exclude` (the job's own output folder, which a broad glob may reach) are left out."""
     from pipeline.rundir import OutputError, resolve
 
     try:
@@ -78,7 +79,8 @@ def list_inputs(spec: str) -> list[InputFile]:
     except OutputError as exc:
         raise InputError(str(exc)) from None
     try:
-        if any(ch in path for ch in "*?["):
+        # A name that exists is a name, even with [ or * in it; only otherwise is it a glob.
+        if any(ch in path for ch in "*?[") and not fs.exists(path):
             infos = [fs.info(p) for p in fs.glob(path)]
             infos = [i for i in infos if i.get("type") == "file" and _suffix(i["name"]) in FORMATS]
             if not infos:
@@ -105,6 +107,10 @@ def list_inputs(spec: str) -> list[InputFile]:
     from fsspec.implementations.local import LocalFileSystem
 
     local = isinstance(fs, LocalFileSystem)
+    if exclude:
+        infos = [i for i in infos if not (i["name"] + "/").startswith(exclude.rstrip("/") + "/")]
+        if not infos:
+            raise InputError(f"{spec}: the only files it names are inside --out")
     files = [InputFile(i["name"] if local else fs.unstrip_protocol(i["name"]), FORMATS[_suffix(i["name"])],
                        int(i.get("size") or 0), _version(i)) for i in infos]
     return sorted(files, key=lambda f: f.url)
@@ -130,14 +136,18 @@ def check_columns(files: list[InputFile], url_col: str, caption_col: str, extra_
                     rows += pf.metadata.num_rows
             except (pa.ArrowInvalid, OSError) as exc:
                 raise InputError(f"{f.url}: cannot read as parquet ({_first(exc)})") from None
+        elif f.fmt == "csv":
+            # The first rows through the csv parser itself: a quoted caption may span lines.
+            table = _csv_head(f.url, wanted, no_header)
         else:
             with fsspec.open(f.url, "rb") as fh:
                 head = fh.readline()
                 if f.fmt != "jsonl" and not no_header:
                     head += fh.readline()  # the header and one row: enough to see the columns and types
             table = read_table(InputSlice(f.url, f.fmt, 0, len(head)), wanted, no_header) if head.strip() else None
-            if table is None:
-                raise InputError(f"{f.url}: empty file")
+        if table is None:
+            raise InputError(f"{f.url}: empty file")
+        if f.fmt != "parquet":
             rows += min(1, table.num_rows)
         select_columns(table, f.url, url_col, caption_col, extra_cols)
     return rows
@@ -175,6 +185,45 @@ def plan_slices(files: list[InputFile], slice_bytes: int = SLICE_BYTES,
 def _first(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+
+
+def _csv_options(columns: tuple[str, ...], no_header: bool, tsv: bool) -> tuple[Any, Any, Any]:
+    import pyarrow.csv as pcsv
+
+    # Typed as strings up front: inferring types and casting back turns uid 000123 into 123 and
+    # caption 1.50 into 1.5. TSV has no quoting (the IANA text/tab-separated-values format), so a
+    # quote in a caption is text, not a delimiter. Without a header, columns are named 0, 1, ...
+    # after Arrow's f0, f1, ... (the parser counts the fields, quoting included).
+    read = pcsv.ReadOptions(autogenerate_column_names=no_header, block_size=1 << 24)
+    parse = pcsv.ParseOptions(delimiter="\t" if tsv else ",", quote_char=False if tsv else '"',
+                              newlines_in_values=not tsv)
+    types = {(f"f{c}" if no_header and c.isdigit() else c): pa.string() for c in columns}
+    convert = pcsv.ConvertOptions(strings_can_be_null=False, column_types=types)
+    return read, parse, convert
+
+
+def _positional(t: pa.Table) -> pa.Table:
+    return t.rename_columns([n[1:] if n.startswith("f") and n[1:].isdigit() else n for n in t.column_names])
+
+
+def _csv_head(url: str, columns: tuple[str, ...], no_header: bool) -> pa.Table | None:
+    """The first block of a csv file, parsed (None when the file holds nothing)."""
+    import pyarrow.csv as pcsv
+
+    read, parse, convert = _csv_options(columns, no_header, tsv=False)
+    read.block_size = 1 << 20
+    try:
+        with fsspec.open(url, "rb") as fh:
+            reader = pcsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
+            batch = next(iter(reader), None)
+            table = pa.Table.from_batches([batch] if batch is not None else [], schema=reader.schema)
+    except StopIteration:
+        return None
+    except (pa.ArrowInvalid, OSError) as exc:
+        if "Empty CSV file" in str(exc):
+            return None
+        raise InputError(f"{url}: cannot read as csv ({_first(exc)})") from None
+    return _positional(table) if no_header else table
 
 
 def _text_bytes(sl: InputSlice, no_header: bool = False) -> tuple[bytes, bytes]:
@@ -216,31 +265,20 @@ def read_table(sl: InputSlice, columns: tuple[str, ...] = (), no_header: bool = 
                     if sl.start == 0:
                         raise InputError(f"{sl.url}: empty file")
                     return pa.table({})
-                first = body.split(b"\n", 1)[0].rstrip(b"\r")
-                # Names 0..n-1 from the first row's field count (csv quoting aside: the parser checks).
-                sep = b"\t" if kind == "tsv" else b","
-                names = [str(i) for i in range(first.count(sep) + 1)]
-                header = (("\t" if kind == "tsv" else ",").join(names) + "\n").encode()
             elif not header.strip():
                 raise InputError(f"{sl.url}: empty file")
-            # Typed as strings up front: inferring types and casting back turns uid 000123
-            # into 123 and caption 1.50 into 1.5. TSV has no quoting (the IANA text/tab-separated-values
-            # format), so a quote in a caption is text, not a delimiter.
-            tsv = kind == "tsv"
-            return pcsv.read_csv(
-                io.BytesIO(header + body),
-                parse_options=pcsv.ParseOptions(delimiter="\t" if tsv else ",", quote_char=False if tsv else '"',
-                                                newlines_in_values=not tsv),
-                convert_options=pcsv.ConvertOptions(strings_can_be_null=False,
-                                                    column_types={c: pa.string() for c in columns}),
-            )
+            read, parse, convert = _csv_options(columns, no_header, tsv=kind == "tsv")
+            t = pcsv.read_csv(io.BytesIO(header + body), read_options=read, parse_options=parse,
+                              convert_options=convert)
+            return _positional(t) if no_header else t
         import pyarrow.json as pjson
 
         if not body.strip():
             if sl.start == 0:
                 raise InputError(f"{sl.url}: empty file")
             return pa.table({})
-        return pjson.read_json(io.BytesIO(body))
+        # One block for the whole slice: a record longer than the default 1 MB block is not an error.
+        return pjson.read_json(io.BytesIO(body), read_options=pjson.ReadOptions(block_size=len(body) + 1))
     except (pa.ArrowInvalid, OSError) as exc:
         if isinstance(exc, InputError):
             raise

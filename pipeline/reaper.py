@@ -62,10 +62,38 @@ def descendants(root: int) -> dict[int, int]:
     return found
 
 
+def _session_pids(session: str, me: int) -> dict[int, int]:
+    """Live processes whose command line names the Ray session (workers that started in the last
+    second before the driver died, and were reparented before a scan saw them)."""
+    found = {}
+    key = f"--session-name={session}".encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        # A worker renames itself (ray::IDLE), but its stdout and stderr stay in the session's logs.
+        logs = []
+        for fd in (1, 2):
+            try:
+                logs.append(os.readlink(f"/proc/{name}/fd/{fd}"))
+            except OSError:
+                pass
+        if key in cmd.replace(b"\0", b" ") or f"/{session}/".encode() in cmd or any(f"/{session}/" in t for t in logs):
+            st = _stat(int(name))
+            if st is not None:
+                found[int(name)] = st[1]
+    return found
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or not argv[0].isdigit() or not os.path.isdir("/proc"):
+    if not 1 <= len(argv) <= 2 or not argv[0].isdigit() or not os.path.isdir("/proc"):
         return 0
     driver = int(argv[0])
+    session = argv[1] if len(argv) == 2 and argv[1].startswith("session_") else None
     me = os.getpid()
     seen: dict[int, int] = {}
     while True:
@@ -76,6 +104,8 @@ def main(argv: list[str]) -> int:
             if pid != me and pid not in seen and _is_ray(pid):
                 seen[pid] = start
         time.sleep(1.0)
+    if session:
+        seen.update(_session_pids(session, me))
     for pid, start in seen.items():
         st = _stat(pid)
         if st is not None and st[1] == start:

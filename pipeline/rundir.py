@@ -327,12 +327,25 @@ class RunDir:
                 removed.append(e["name"])
         return removed
 
-    def remove_temporaries(self, subs: Iterable[str]) -> list[str]:
-        """Our atomic writes' leftovers (a killed run) in the root and below the given sub-folders."""
-        removed = self.remove_own("", TMP_RE)
-        never = re.compile(r"(?!)")
-        for sub in subs:
-            removed += self.remove_own_files(sub, never) if self.fs.exists(self.path(sub)) else []
+    def remove_temporaries(self, own: dict[str, re.Pattern[str]]) -> list[str]:
+        """Our atomic writes' leftovers (a killed run): NAME.tmp-PID-HEX8 whose NAME is one this job
+        writes, in the root (run.json, config.yaml, stats.json, the lock) and below its folders."""
+        removed = []
+        root_names = re.compile(r"run\.json|config\.yaml|stats\.json|" + re.escape(LOCK_FILE))
+        for name in self.names():
+            base = _tmp_base(name)
+            if base is not None and root_names.fullmatch(base) and self.fs.isfile(self.path(name)):
+                self.fs.rm(self.path(name))
+                removed.append(name)
+        for sub, pattern in own.items():
+            if not self.fs.exists(self.path(sub)):
+                continue
+            for rel, kind in self.walk(sub):
+                head, _, name = rel.rpartition("/")
+                base = _tmp_base(name)
+                if kind == "file" and base is not None and pattern.fullmatch(f"{head}/{base}" if head else base):
+                    self.fs.rm(self.path(sub, rel))
+                    removed.append(f"{sub}/{rel}")
         return removed
 
     def remove_own_tree(self, sub: str, created_marker: str) -> None:
@@ -351,7 +364,14 @@ class RunDir:
 
     def lock(self, lease_seconds: float = 300.0) -> RunLock:
         """Take the folder's lock (see RunLock); released by release() or at exit of a `with`."""
-        self.fs.makedirs(self.root, exist_ok=True)
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.display()}: cannot create --out ({type(exc).__name__}: "
+                              f"{exc.strerror or exc})") from None
+        lock_path = self.path(LOCK_FILE)
+        if _is_local(self.fs) and (os.path.islink(lock_path) or os.path.isdir(lock_path)):
+            raise OutputError(f"{lock_path}: is a link or a folder, not clipforge's lock file; remove it")
         lk = RunLock(self.fs, self.path(LOCK_FILE), self.job, lease_seconds=lease_seconds,
                      display=self.display(LOCK_FILE))
         lk.acquire()
@@ -374,6 +394,11 @@ class RunDir:
             yield self.check_ours(legacy)
         finally:
             self.release()
+
+
+def _tmp_base(name: str) -> str | None:
+    """NAME of a temporary NAME.tmp-PID-HEX8 of ours, else None."""
+    return name.rsplit(".tmp-", 1)[0] if TMP_RE.fullmatch(name) else None
 
 
 def _process_start(pid: int) -> float | None:
@@ -432,6 +457,10 @@ class RunLock:
         """Why `other`'s lock may be taken over, or None if it is held."""
         if not other:
             return "the lock file is unreadable"
+        try:
+            float(other.get("refreshed") or 0), float(other.get("started") or 0)
+        except (TypeError, ValueError):
+            return "the lock file is garbled"
         if other.get("host") == self.host and isinstance(other.get("pid"), int):
             start = _process_start(other["pid"])
             if start is None:

@@ -276,7 +276,15 @@ def shard_metadata(samples: list[tuple[str, dict[str, bytes]]]) -> pa.Table:
         except (ValueError, UnicodeDecodeError):
             meta = {}
         rows.append({"key": key, **(meta if isinstance(meta, dict) else {})})
-    table = pa.Table.from_pylist(rows)
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # A field of other types in other rows (input files that disagree): its text form, as in the json.
+        mixed = {k for k in {k for r in rows for k in r}
+                 if len({type(r[k]) for r in rows if r.get(k) is not None}) > 1}
+        rows = [{k: (json.dumps(v) if k in mixed and not isinstance(v, str) and v is not None else v)
+                 for k, v in r.items()} for r in rows]
+        table = pa.Table.from_pylist(rows)
     for name, tp in IMG2DATASET_TYPES.items():
         if name in table.column_names and table.schema.field(name).type != tp:
             try:
