@@ -515,7 +515,8 @@ def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildR
             if rd.fs.exists(rd.path("stats.json")):
                 return _already_complete(rd)
         rd.remove_temporaries(OWN_NAMES)
-        buckets = int(run.get("buckets")) if run and run.get("buckets") else n_buckets(_estimate_rows(files))
+        buckets = (int(run.get("buckets")) if run and run.get("buckets")
+                   else cfg.dedup_buckets or n_buckets(_estimate_rows(files)))
         record = {**settings, "input": _input_identity(files), "buckets": buckets}
         if run and run.get("input_columns"):
             record["input_columns"], record["input_rows"] = run["input_columns"], run.get("input_rows")
