@@ -149,7 +149,6 @@ def test_shards_do_not_depend_on_how_the_work_is_cut(tmp_path, web):
 def test_a_task_reports_progress_while_it_runs(tmp_path, web):
     from pipeline.build import DownloadStep  # noqa: F401 - the step whose progress is checked below
     from pipeline.executor import LocalExecutor
-
     from pipeline.localweb import Resource
 
     rows = populate_images(web, 12, seed=2)
