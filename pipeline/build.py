@@ -528,7 +528,7 @@ def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildR
         if buckets is not None and not (isinstance(buckets, int) and not isinstance(buckets, bool) and buckets > 0):
             raise AccountingError(f"{rd.url_of('run.json')}: buckets {buckets!r} is not a positive whole number; "
                                   "the run record is damaged: use a new --out")
-        buckets = buckets or n_buckets(_estimate_rows(files))
+        buckets = buckets or cfg.dedup_buckets or n_buckets(_estimate_rows(files))
         record = {**settings, "input": _input_identity(files), "buckets": buckets}
         if run and run.get("input_columns"):
             record["input_columns"], record["input_rows"] = run["input_columns"], run.get("input_rows")

@@ -152,6 +152,9 @@ class BuildConfig:
     """Samples in every shard but the last."""
     rows_per_task: int = 1000
     """Input rows per download task (one Ray task each)."""
+    dedup_buckets: int | None = None
+    """Hash buckets of the exact-dedup steps, one task each (default: one per 4M input rows; a resume keeps
+    the first run's); which row wins does not depend on it."""
     threads: int = 32
     """Download threads per task."""
     num_cpus: int | None = None
@@ -239,6 +242,8 @@ class BuildConfig:
                 object.__setattr__(self, name, os.path.normpath(value))
         check(self.samples_per_shard >= 1, f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
         check(self.rows_per_task >= 1, f"--rows-per-task must be >= 1, got {self.rows_per_task}")
+        check(self.dedup_buckets is None or 1 <= self.dedup_buckets <= 4096,
+              f"--dedup-buckets must be 1..4096, got {self.dedup_buckets}")
         check(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         check(self.executor in ("ray", "local"), f"--executor must be ray or local, got {self.executor!r}")
         check(self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}")
@@ -301,7 +306,8 @@ class BuildConfig:
 
     # Settings that change what is written; a resume with any of them changed is refused.
     RUNTIME_ONLY: typing.ClassVar[frozenset[str]] = frozenset(
-        {"threads", "num_cpus", "ray_address", "executor", "progress_every", "out", "keep_parts"}
+        {"threads", "num_cpus", "ray_address", "executor", "progress_every", "out", "keep_parts",
+         "dedup_buckets"}
     )
 
     def output_settings(self) -> dict[str, Any]:

@@ -173,15 +173,20 @@ class RayExecutor:
         import ray
 
         # Named after the step: `ps` on a worker shows ray::download, ray::write_shards, ...
-        options: dict[str, Any] = {"num_cpus": getattr(step, "num_cpus", 1), "max_retries": self.max_retries,
-                                   "name": step.name}
-        if getattr(step, "on_driver_node", False):
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
-                node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        on_driver_node = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        # SPREAD, as Ray Data schedules its read tasks: the default packs short tasks onto the
+        # driver's node while another node's CPUs still look leased, so a step of quick tasks
+        # (dedup buckets, settle) would use one machine's disk and network only.
+        options: dict[str, Any] = {"num_cpus": getattr(step, "num_cpus", 1), "max_retries": self.max_retries,
+                                   "name": step.name, "scheduling_strategy": "SPREAD"}
+        if getattr(step, "on_driver_node", False):
+            options["scheduling_strategy"] = on_driver_node
         remote = ray.remote(**options)(_ray_task)
-        sink = _progress_sink().remote()
+        # The sink lives beside the driver: on a node that can be lost, it would take the job with it
+        # (the driver drains it every tick), while the tasks themselves are simply re-run elsewhere.
+        sink = _progress_sink().options(scheduling_strategy=on_driver_node).remote()
         step_ref = ray.put(step)
         shared_ref = shared if isinstance(shared, ray.ObjectRef) or shared is None else ray.put(shared)
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -283,10 +288,11 @@ def _ray_task(step: Any, index: int, spec: Any, out: str, job: str, shared: Any,
     """A Ray task: pipeline.job.run_task with progress reports to `sink` and the node id in the summary."""
     import ray
 
-    from pipeline.job import run_task
+    from pipeline.job import quiet_storage_loggers, run_task
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    quiet_storage_loggers()
 
     def report(step_name: str, i: int, rows: int, ok: int) -> None:
         sink.report.remote(step_name, i, rows, ok)  # fire and forget

@@ -180,11 +180,22 @@ def run_step(rd: RunDir, step: Step, executor: Any, shared: Any = None,
     return [{**s, "fresh": i in set(todo)} for i, s in enumerate(ordered)]
 
 
+QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "fsspec", "urllib3", "huggingface_hub")
+"""Storage clients that log at INFO ("Found credentials in environment variables", one line per
+client): under our INFO root logger they would put lines before a job's one-line error."""
+
+
+def quiet_storage_loggers() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def job_main(name: str, body: Callable[[], int]) -> int:
     """Run a job's body with the one exit-code policy: bad input or settings 2 (one line), damaged
     output 1 (one line), failed tasks 1, Ctrl-C 130."""
     from pipeline.executor import TaskFailed
 
+    quiet_storage_loggers()
     try:
         return body()
     except ConfigError as exc:

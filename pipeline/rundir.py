@@ -76,7 +76,10 @@ def resolve(url: str, what: str = "--out") -> tuple[fsspec.AbstractFileSystem, s
         rest = url.split("://", 1)[1]
         if ".." in rest.split("/"):
             raise OutputError(f"{what} {url!r}: '..' is not allowed in a URL")
-        fs, path = fsspec.core.url_to_fs(url)
+        # No listings cache: tasks in other processes write here, and a cached listing then
+        # answers "no such file" for what they wrote (s3fs consults the parent's listing before
+        # asking the store). Every listing we take is meant fresh; a read is one HEAD more.
+        fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False)
         return fs, path.rstrip("/")
     # A local path: normalised before any folder is made, so a/x/../b never creates a/x.
     path = os.path.abspath(os.path.normpath(os.path.expanduser(url)))
