@@ -69,6 +69,19 @@ def start_head(env: dict[str, str], dash: int) -> subprocess.Popen:
     return head
 
 
+def job_submit(env: dict[str, str], dash: int, *args: str) -> subprocess.CompletedProcess:
+    """`ray job submit` until the head's job agent takes it (the dashboard answers before its agent is
+    up, and refuses without starting anything)."""
+    deadline = time.monotonic() + 90
+    while True:
+        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                            "--working-dir", str(ROOT), "--", "python", *args],
+                           env=env, capture_output=True, text=True, timeout=300)
+        if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr or time.monotonic() > deadline:
+            return r
+        time.sleep(1)
+
+
 def stop_head(head: subprocess.Popen) -> None:
     head.send_signal(signal.SIGTERM)  # `ray start --block` ends the processes it started
     try:
@@ -95,15 +108,9 @@ def test_ray_job_submit(tmp_path, web, internal, corpus_input):
     env = ray_env(token=secrets.token_hex(16))
     head = start_head(env, dash)
     try:
-        r = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-             "--", "python", "jobs/build_corpus.py", *build_args(path, out, web)],
-            env=env, capture_output=True, text=True, timeout=300)
+        r = job_submit(env, dash, "jobs/build_corpus.py", *build_args(path, out, web))
         # A relative --out would land in Ray's unpacked copy of the working dir: refused.
-        rel = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-             "--", "python", "jobs/build_corpus.py", "--urls", str(path), "--out", "corpus-rel"],
-            env=env, capture_output=True, text=True, timeout=300)
+        rel = job_submit(env, dash, "jobs/build_corpus.py", "--urls", str(path), "--out", "corpus-rel")
     finally:
         stop_head(head)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
