@@ -138,7 +138,7 @@ def test_shards_do_not_depend_on_how_the_work_is_cut(tmp_path, web):
                            "local", "--rows-per-task", str(rows_per_task), "--samples-per-shard", "4"]) == 0
         outs.append(out)
     ref = {p.name: p.read_bytes() for p in (outs[0] / "shards").iterdir()}
-    assert len(ref) == 1 + 6  # sizes.json + 23 written samples in shards of 4
+    assert len(ref) == 1 + 2 * 6  # sizes.json + 23 written samples in shards of 4, each tar with its parquet
     for out in outs[1:]:
         assert {p.name: p.read_bytes() for p in (out / "shards").iterdir()} == ref
     m = pq.read_table(outs[0] / "manifest").to_pylist()
