@@ -18,6 +18,7 @@ import json
 import math
 import random
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 from datasketch import MinHash  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from dedup import image as im  # noqa: E402
+from dedup.evalsets import load_eval_set  # noqa: E402
 from dedup.index import TextIndex  # noqa: E402
 from dedup.matcher import (  # noqa: E402
     EvalSetIndex,
@@ -39,7 +42,18 @@ from dedup.matcher import (  # noqa: E402
     image_candidates,
     image_index,
 )
-from dedup.synth import TRANSFORMS, random_image  # noqa: E402
+from dedup.synth import (  # noqa: E402
+    EDIT_RECALL_BAR,
+    TRANSFORMS,
+    edit_table,
+    generated,
+    generated_lookalike,
+    photos,
+    plant_edits,
+    plant_lookalikes,
+    random_image,
+    split_photos,
+)
 from dedup.text import TextSigner, jaccard, shingle_hash  # noqa: E402
 from pipeline.localweb import encode  # noqa: E402
 
@@ -134,8 +148,6 @@ def bench_text(n_train: int, n_eval: int, seed: int, cfg: MatchConfig, repeats: 
 
 
 def bench_images(n_images: int, seed: int, cfg: MatchConfig) -> dict:
-    from PIL import Image  # noqa: F401  (PIL images come from random_image)
-
     rng = random.Random(seed)
     n_eval = n_images // 2
     eval_imgs = [random_image(rng, (128, 128))[0] for _ in range(n_eval)]
@@ -185,12 +197,76 @@ def bench_images(n_images: int, seed: int, cfg: MatchConfig) -> dict:
             "recall_per_edit": {k: round(v, 4) for k, v in per_edit.items()}, "false_matches": len(got - want)}
 
 
+def bench_edits(copies: int, n_generated: int, seed: int, cfg: MatchConfig, half: str = "report") -> dict:
+    """The edit table (issue 10): eval images = one half of the packaged photographs (`split_photos`;
+    thresholds were tuned on the other) plus generated images of three generators; training side =
+    `copies` edited copies of every eval photo (one of every generated image) per edit kind, and the
+    look-alikes (stereo partner, other tiles and faces, generated images of the same kind and layout)."""
+    tune, report = split_photos(photos())
+    chosen = report if half == "report" else tune
+    rng = random.Random(seed)
+    gens = generated(n_generated, seed + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        evals: dict[str, list[tuple[str, Image.Image]]] = {"photo": [], "generated": []}
+        for fam, items in (("photo", [(p.name, p.image) for p in chosen if not p.lookalike]), ("generated", gens)):
+            for name, img in items:
+                item = f"{fam}/{name.replace('/', '_').replace('#', '_')}.jpg"
+                (Path(tmp) / item).parent.mkdir(exist_ok=True)
+                (Path(tmp) / item).write_bytes(encode(img, "jpg", 95))
+                evals[fam].append((item, img))
+        es = load_eval_set("edits", tmp)
+        t = time.perf_counter()
+        matcher = OverlapMatcher.build([es], MatchConfig(**{**cfg.__dict__, "kinds": ("image",)}), threads=1)
+        index_s = time.perf_counter() - t
+    queries = plant_edits(evals["photo"], "photo", copies, rng) + plant_edits(evals["generated"], "generated", 1, rng)
+    queries += plant_lookalikes([p.image for p in chosen if p.lookalike], "photo", rng)
+    queries += plant_lookalikes([generated_lookalike(n, img.size, seed + 1, rng) for n, img in gens], "generated", rng)
+    t = time.perf_counter()
+    feats = [im.features(q.data, cfg.crop) for q in queries]
+    hash_s = time.perf_counter() - t
+    t = time.perf_counter()
+    found = []
+    for b in range(0, len(feats), 256):
+        found += [{m.eval_item for m in ms} for ms in matcher.match_features([None] * len(feats[b:b + 256]),
+                                                                           feats[b:b + 256])]
+    match_s = time.perf_counter() - t
+    table = edit_table(queries, found)
+    return {"photos": half, "eval_photos": len(evals["photo"]), "eval_generated": len(evals["generated"]),
+            "queries": len(queries), "eval_index_s": round(index_s, 2),
+            "query_hashes_per_s": round(len(queries) / hash_s), "matches_per_s": round(len(queries) / match_s),
+            "families": table}
+
+
+def format_edit_table(r: dict) -> str:
+    fam = r["families"]
+    lines = [f"{'edit kind':<12} {'bar':>5} {'photos (' + r['photos'] + ' half)':>22} {'generated':>16}"]
+    for kind, bar in EDIT_RECALL_BAR.items():
+        cells = []
+        for f in ("photo", "generated"):
+            x = fam[f]["recall"].get(kind)
+            cells.append(f"{x['recall']:.3f} ({x['found']}/{x['planted']})" if x else "-")
+        lines.append(f"{kind:<12} {bar:>5} {cells[0]:>22} {cells[1]:>16}")
+    for key, label in (("precision", "precision"), ("lookalikes_matched", "look-alikes matched")):
+        cells = [f"{fam[f][key]}" + (f" of {fam[f]['lookalikes']}" if key == "lookalikes_matched" else
+                                     f" ({fam[f]['false_matches']} false of {fam[f]['matches']})")
+                 for f in ("photo", "generated")]
+        lines.append(f"{label:<18} {cells[0]:>22} {cells[1]:>16}")
+    lines.append(f"edit-table queries: {r['queries']}, hashed {r['query_hashes_per_s']}/s, "
+                 f"matched {r['matches_per_s']}/s (incl. verification)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--captions", type=int, default=50_000)
     p.add_argument("--eval-captions", type=int, default=5_000)
     p.add_argument("--images", type=int, default=5_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copies", type=int, default=3, help="edit table: copies of each eval photo per edit kind")
+    p.add_argument("--generated", type=int, default=120, help="edit table: generated eval images")
+    p.add_argument("--photos", choices=("report", "tune"), default="report",
+                   help="edit table: which half of the packaged photographs (thresholds were tuned on 'tune')")
+    p.add_argument("--skip", default="", help="comma list of parts to leave out: text, image, edits")
     p.add_argument("--repeats", type=int, default=3, help="caption signature timings (ours, datasketch): best of N")
     p.add_argument("--out", default=None, help="also write the figures here as JSON")
     args = p.parse_args(argv)
@@ -198,10 +274,18 @@ def main(argv: list[str] | None = None) -> int:
 
     cv2.setNumThreads(1)  # figures per core
     cfg = MatchConfig()
-    result = {"text": bench_text(args.captions, args.eval_captions, args.seed, cfg, args.repeats),
-              "image": bench_images(args.images, args.seed, cfg)}
+    skip = set(args.skip.split(","))
+    result = {}
+    if "text" not in skip:
+        result["text"] = bench_text(args.captions, args.eval_captions, args.seed, cfg, args.repeats)
+    if "image" not in skip:
+        result["image"] = bench_images(args.images, args.seed, cfg)
+    if "edits" not in skip:
+        result["edits"] = bench_edits(args.copies, args.generated, args.seed, cfg, args.photos)
     text = json.dumps(result, indent=2)
     print(text)
+    if "edits" in result:
+        print(format_edit_table(result["edits"]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
