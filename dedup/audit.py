@@ -64,7 +64,9 @@ SAMPLE_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("reas
                            ("uid", pa.string()), ("url", pa.string()), ("caption", pa.string())])
 MATCH_SCHEMA = pa.schema([("key", pa.string()), ("uid", pa.string()), ("url", pa.string()), ("caption", pa.string()),
                           ("eval_set", pa.string()), ("eval_item", pa.string()), ("kind", pa.string()),
-                          ("score", pa.float64()), ("similarity", pa.float64()), ("source_shard", pa.string())])
+                          ("score", pa.float64()), ("similarity", pa.float64()), ("source_shard", pa.string()),
+                          # image matches: which eval view/variant matched, and the precise check's evidence
+                          ("view", pa.string()), ("colour_diff", pa.float64()), ("detail", pa.float64())])
 MANIFEST_SCHEMA = pa.schema([("key", pa.string()), ("fate", pa.string()), ("reason", pa.string()),
                              ("shard", pa.string()), ("source_shard", pa.string())])
 

@@ -44,13 +44,20 @@ class MatchConfig:
     min_caption_words: int = 0
     """Captions with fewer words are never text-matched (generic captions like 'a photo' prove nothing)."""
     image_max_distance: int = 10
-    """Loose search: Hamming distance (bits of 64) between perceptual-hash variants."""
-    image_min_similarity: float = 0.96
-    """Precise check: minimum thumbnail correlation for a candidate to count as the same image."""
-    image_max_colour_diff: float = 10.0
-    """Precise check: maximum mean colour difference (grey levels, after matching brightness) of the thumbnails."""
-    crop: float = 0.03
-    """Fraction cut from each side for the crop variants of the perceptual hash."""
+    """Loose search: Hamming distance (bits of 64) between a training image's hashes and an eval view's
+    (dedup.image: crop boxes, mirrored, and the four parts of each)."""
+    image_min_similarity: float = 0.9
+    """Precise check: minimum correlation of the aligned grey thumbnails (the worst-agreeing 15% of
+    pixels, an overlay, left out). Chosen on the tuning half of the packaged photographs
+    (benchmarks/dedup.py --photos tune): true copies' 1st percentile is 0.92 to 1.0 per edit kind."""
+    image_max_colour_diff: float = 20.0
+    """Precise check: maximum chroma (grey levels, RMS) left once the eval image's chroma is scaled to the
+    training image's (grayscale, saturation and contrast scale chroma; another tint does not)."""
+    image_min_detail: float = 0.5
+    """Precise check: minimum per-block correlation of fine detail for a pair the loose search already
+    aligned (a mirrored tile of one retina photograph passes every other test at 0.98)."""
+    crop: float = 0.07
+    """Eval side: each side of an eval view is cut by 0 and by this fraction (16 crop boxes)."""
     kinds: tuple[str, ...] = KINDS
     """Which matches to look for: image, text or both."""
 
@@ -59,6 +66,8 @@ class MatchConfig:
             raise ValueError(f"text_threshold must be in (0, 1], got {self.text_threshold}")
         if not 0 <= self.image_max_distance < im.HASH_BITS:
             raise ValueError(f"image_max_distance must be in [0, {im.HASH_BITS}), got {self.image_max_distance}")
+        if not -1.0 <= self.image_min_detail <= 1.0:
+            raise ValueError(f"image_min_detail must be in [-1, 1], got {self.image_min_detail}")
         if self.image_max_colour_diff < 0:
             raise ValueError(f"image_max_colour_diff must be >= 0, got {self.image_max_colour_diff}")
         if not -1.0 <= self.image_min_similarity <= 1.0:
@@ -86,6 +95,13 @@ class Match:
     """Hamming distance (image; 0 for a byte-identical file) or Jaccard (text)."""
     similarity: float
     """Thumbnail correlation (image) or Jaccard (text)."""
+    view: str | None = None
+    """Image: which eval view and variant matched, e.g. 'center_square crop=0,0.07,0,0 mirrored part=left
+    query=content_box' (see dedup.image); None for text and sha256 matches."""
+    colour_diff: float | None = None
+    """Image: chroma the eval image does not explain (grey levels)."""
+    detail: float | None = None
+    """Image: per-block fine-detail correlation of the aligned thumbnails."""
 
 
 @dataclass
@@ -94,24 +110,33 @@ class EvalSetIndex:
     kind: str
     layout: str
     item_ids: list[str]
-    image: BandedIndex | None
-    """All hash variants of every view (the whole-image hash of a training sample is looked up here);
-    owners are view numbers."""
-    image_whole: BandedIndex | None
-    """Whole-view hashes only (the crop variants of a training sample are looked up here)."""
+    image: list[BandedIndex] | None
+    """One index per `dedup.image.REGIONS` entry over every variant's hash of that part; owners are
+    rows of `variants`."""
+    variants: np.ndarray
+    """float32 (rows, 5): crop box and mirrored flag of each indexed variant (dedup.image.ViewFeatures)."""
+    variant_view: np.ndarray
+    """int64 (rows,): the view each variant belongs to."""
     thumbs: np.ndarray
-    """uint8 (views, THUMB, THUMB, 3): one thumbnail per view, for the precise check."""
+    """uint8 (views, THUMB, THUMB): one grey thumbnail per view, for the precise check."""
+    colours: np.ndarray
+    """uint8 (views, COLOUR, COLOUR, 3): one colour thumbnail per view."""
     has_image: np.ndarray
     sha256: dict[str, int]
     text: TextIndex | None
     view_item: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     """Item of each view (an item has one view, or three when it is not square: see `dedup.image.views`)."""
+    view_kind: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+    """0: the image as it is, 1: its centre square, 2: its padded square (`dedup.image.views`)."""
     unreadable: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _set_features(es: EvalSet, crop: float, threads: int) -> list[tuple[str, list[im.ImageFeatures]] | None]:
-    feats: list[tuple[str, list[im.ImageFeatures]] | None] = [None] * len(es.items)
+VIEW_NAMES = ("as_is", "center_square", "padded_square")
+
+
+def _set_features(es: EvalSet, crop: float, threads: int) -> list[tuple[str, list[im.ViewFeatures]] | None]:
+    feats: list[tuple[str, list[im.ViewFeatures]] | None] = [None] * len(es.items)
     # cv2 decode/resize release the GIL, so threads use all cores here without pickling images.
     with ThreadPoolExecutor(threads) as pool:
         pending = {}
@@ -125,28 +150,48 @@ def _set_features(es: EvalSet, crop: float, threads: int) -> list[tuple[str, lis
     return feats
 
 
-def image_index(feats: Sequence[tuple[str, list[im.ImageFeatures]] | None], max_distance: int
-                ) -> tuple[BandedIndex | None, BandedIndex | None, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
-    """(all-variants index, whole-view index, thumbs, view_item, has_image, sha256 table) of per-item
-    `view_features` results (None: not read)."""
-    hashes, thumbs, view_item, sha = [], [], [], {}
+@dataclass
+class ImageIndex:
+    """What `image_index` builds from the views of an eval set."""
+
+    image: list[BandedIndex] | None
+    variants: np.ndarray
+    variant_view: np.ndarray
+    thumbs: np.ndarray
+    colours: np.ndarray
+    view_item: np.ndarray
+    view_kind: np.ndarray
+    has_image: np.ndarray
+    sha256: dict[str, int]
+
+
+def image_index(feats: Sequence[tuple[str, list[im.ViewFeatures]] | None], max_distance: int) -> ImageIndex:
+    """The image side of an eval set's index from per-item `view_features` results (None: not read)."""
+    hashes, variants, variant_view, thumbs, colours, view_item, view_kind, sha = [], [], [], [], [], [], [], {}
     for i, f in enumerate(feats):
         if f is None:
             continue
         sha.setdefault(f[0], i)
-        for v in f[1]:
+        for k, v in enumerate(f[1]):
             hashes.append(v.hashes)
+            variants.append(v.variants)
+            variant_view.append(np.full(len(v.variants), len(thumbs), np.int64))
             thumbs.append(v.thumb)
+            colours.append(v.colour)
             view_item.append(i)
+            view_kind.append(k)
     has_image = np.array([bool(f and f[1]) for f in feats], dtype=bool)
-    view_item_a = np.array(view_item, dtype=np.int64)
-    thumbs_a = np.stack(thumbs) if thumbs else np.zeros((0, im.THUMB, im.THUMB, 3), np.uint8)
-    if not hashes:
-        return None, None, thumbs_a, view_item_a, has_image, sha
-    views = np.arange(len(hashes))
-    image = BandedIndex(np.concatenate(hashes), np.repeat(views, im.N_VARIANTS), max_distance)
-    whole = BandedIndex(np.array([h[0] for h in hashes]), views, max_distance)
-    return image, whole, thumbs_a, view_item_a, has_image, sha
+    empty = not hashes
+    all_hashes = np.zeros((0, im.N_REGIONS), np.uint64) if empty else np.concatenate(hashes)
+    rows = np.arange(len(all_hashes))
+    return ImageIndex(
+        image=None if empty else [BandedIndex(all_hashes[:, r], rows, max_distance) for r in range(im.N_REGIONS)],
+        variants=np.zeros((0, 5), np.float32) if empty else np.concatenate(variants),
+        variant_view=np.zeros(0, np.int64) if empty else np.concatenate(variant_view),
+        thumbs=np.stack(thumbs) if thumbs else np.zeros((0, im.THUMB, im.THUMB), np.uint8),
+        colours=np.stack(colours) if colours else np.zeros((0, im.COLOUR, im.COLOUR, 3), np.uint8),
+        view_item=np.array(view_item, np.int64), view_kind=np.array(view_kind, np.int8), has_image=has_image,
+        sha256=sha)
 
 
 def build_set_index(es: EvalSet, cfg: MatchConfig, signer: TextSigner, threads: int | None = None) -> EvalSetIndex:
@@ -154,7 +199,7 @@ def build_set_index(es: EvalSet, cfg: MatchConfig, signer: TextSigner, threads: 
     n = len(es.items)
     feats = _set_features(es, cfg.crop, threads or os.cpu_count() or 1) if "image" in cfg.kinds else [None] * n
     t1 = time.perf_counter()
-    image, whole, thumbs, view_item, has_image, sha = image_index(feats, cfg.image_max_distance)
+    ii = image_index(feats, cfg.image_max_distance)
     text = None
     if "text" in cfg.kinds:
         caps, cap_owner = [], []
@@ -166,46 +211,68 @@ def build_set_index(es: EvalSet, cfg: MatchConfig, signer: TextSigner, threads: 
         if caps:
             text = TextIndex(signer, caps, cap_owner, cfg.text_threshold)
     t2 = time.perf_counter()
-    unreadable = [es.items[i].id for i in np.flatnonzero(~has_image)] if "image" in cfg.kinds else []
+    unreadable = [es.items[i].id for i in np.flatnonzero(~ii.has_image)] if "image" in cfg.kinds else []
     if unreadable:
         log.warning("eval set %s: %d images do not decode and can only match by text/sha256 (first: %s)",
                     es.name, len(unreadable), unreadable[0])
-    idx = EvalSetIndex(es.name, es.kind, es.layout, [it.id for it in es.items], image, whole, thumbs, has_image, sha, text,
-                       view_item, unreadable, {"image_features_s": round(t1 - t0, 3), "index_build_s": round(t2 - t1, 3)})
+    idx = EvalSetIndex(es.name, es.kind, es.layout, [it.id for it in es.items], ii.image, ii.variants,
+                       ii.variant_view, ii.thumbs, ii.colours, ii.has_image, ii.sha256, text, ii.view_item,
+                       ii.view_kind, unreadable,
+                       {"image_features_s": round(t1 - t0, 3), "index_build_s": round(t2 - t1, 3)})
     log.info("eval set %s: %s, %d items, %d captions indexed, built in %.1fs", es.name, es.kind, n,
              0 if text is None else len(text), t2 - t0)
     return idx
 
 
-def image_candidates(s: EvalSetIndex, hashes: Sequence[np.ndarray]) -> dict[tuple[int, int], int]:
-    """{(query, view): distance} for queries within image_max_distance of an eval image view.
-
-    The distance between two images is the minimum over variant pairs in which
-    at least one side is the whole image: the training image against the eval
-    image and its crops (the training copy is cropped), and the training
-    image's crops against the whole eval image (the eval image is a crop of
-    it). Crop-against-crop pairs add nothing but look-alike candidates.
-    """
-    hashes = np.stack(hashes)
-    best: dict[tuple[int, int], int] = dict(s.image.search(hashes[:, 0]))
-    n_var = hashes.shape[1] - 1
-    for (qi, view), dist in s.image_whole.search(hashes[:, 1:].ravel()).items():
-        key = (qi // n_var, view)
-        if dist < best.get(key, im.HASH_BITS + 1):
-            best[key] = dist
-    return best
+def _query_hashes(feats: Sequence[im.ImageFeatures]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(hashes (rows, N_REGIONS), query of each row, box of each row) over every box of every query."""
+    hashes = np.concatenate([f.hashes for f in feats])
+    owner = np.concatenate([np.full(len(f.hashes), i, np.int64) for i, f in enumerate(feats)])
+    box = np.concatenate([np.arange(len(f.hashes)) for f in feats])
+    return hashes, owner, box
 
 
-def brute_force_image_candidates(s: EvalSetIndex, hashes: Sequence[np.ndarray], max_distance: int
+def image_hints(s: EvalSetIndex, feats: Sequence[im.ImageFeatures]) -> dict[tuple[int, int], list[tuple[int, int, int]]]:
+    """{(query, view): [(distance, query box, variant row), ...] best first} for every query box and
+    variant whose hashes of the same part are within image_max_distance (whole with whole, left part
+    with left part, ...): the loose search, and how the precise check should align each pair."""
+    hashes, owner, box = _query_hashes(feats)
+    best: dict[tuple[int, int, int], int] = {}  # (query row, variant row) -> min distance over parts
+    for r, index in enumerate(s.image):
+        for (row, vrow), dist in index.search(hashes[:, r]).items():
+            if dist < best.get((row, vrow), im.HASH_BITS + 1):
+                best[(row, vrow)] = dist
+    out: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for (row, vrow), dist in best.items():
+        out.setdefault((int(owner[row]), int(s.variant_view[vrow])), []).append((dist, int(box[row]), vrow))
+    for hints in out.values():
+        hints.sort()
+    return out
+
+
+def image_candidates(s: EvalSetIndex, feats: Sequence[im.ImageFeatures]) -> dict[tuple[int, int], int]:
+    """{(query, view): distance} for queries within image_max_distance of an eval image view."""
+    return {k: v[0][0] for k, v in image_hints(s, feats).items()}
+
+
+def brute_force_image_candidates(s: EvalSetIndex, feats: Sequence[im.ImageFeatures], max_distance: int
                                  ) -> dict[tuple[int, int], int]:
     """All pairs, same distance definition as `image_candidates` (tests and benchmark)."""
-    q = np.stack(hashes)
-    ev = s.image.hashes.reshape(-1, im.N_VARIANTS)
-    views = s.image.owners.reshape(-1, im.N_VARIANTS)[:, 0]
-    d1 = im.hamming(q[:, None, 0:1], ev[None, :, :]).min(axis=2)  # whole training image vs all eval variants
-    d2 = im.hamming(q[:, None, 1:], ev[None, :, 0:1]).min(axis=2)  # training crops vs whole eval image
-    d = np.minimum(d1, d2)
-    return {(int(i), int(views[j])): int(d[i, j]) for i, j in zip(*np.nonzero(d <= max_distance), strict=True)}
+    hashes, owner, _ = _query_hashes(feats)
+    ev = np.stack([ix.hashes for ix in s.image], axis=1)  # (variant rows, N_REGIONS)
+    d = im.hamming(hashes[:, None, :], ev[None, :, :]).min(axis=2)
+    out: dict[tuple[int, int], int] = {}
+    for row, vrow in zip(*np.nonzero(d <= max_distance), strict=True):
+        key = (int(owner[row]), int(s.variant_view[vrow]))
+        out[key] = min(int(d[row, vrow]), out.get(key, im.HASH_BITS + 1))
+    return out
+
+
+def describe_variant(s: EvalSetIndex, view: int, variant: np.ndarray, query_box: int) -> str:
+    x0, y0, x1, y1, mirrored = (float(v) for v in variant)
+    cut = f"crop={x0:.2f},{y0:.2f},{1 - x1:.2f},{1 - y1:.2f}"
+    return (f"{VIEW_NAMES[int(s.view_kind[view])] if len(s.view_kind) else 'as_is'} {cut}"
+            f"{' mirrored' if mirrored else ''} query={'whole' if query_box == 0 else 'content_box'}")
 
 
 class OverlapMatcher:
@@ -243,28 +310,44 @@ class OverlapMatcher:
             self._match_text(captions, out)
         return out
 
+    def accepts(self, v: im.Verdict) -> bool:
+        """The precise check's decision on a `dedup.image.verify` verdict."""
+        c = self.cfg
+        if v.correlation < c.image_min_similarity or v.colour_diff > c.image_max_colour_diff or v.overlap < 0.8:
+            return False
+        # Fine detail is judged where the alignment is exact: a pair the loose search already had
+        # aligned. A pair that aligning improved (rotation, a crop between two boxes) is aligned to
+        # about a pixel, too coarse for detail; there the structure has to improve to count.
+        return v.detail >= c.image_min_detail or (v.aligned and v.gain >= 0.01)
+
     def _match_images(self, feats: Sequence[im.ImageFeatures | None], extra_sha: Sequence[Sequence[str]],
-                      out: list[list[Match]]) -> None:
+                      out: list[list[Match]], max_hints: int = 3) -> None:
         rows = [i for i, f in enumerate(feats) if f is not None]
         for s in self.sets:
-            found: dict[tuple[int, int], tuple[float, float]] = {}
+            found: dict[tuple[int, int], Match] = {}
             for i in range(len(feats)):
                 digests = list(extra_sha[i]) + ([feats[i].sha256] if feats[i] is not None else [])
                 for d in digests:
                     item = s.sha256.get(d)
-                    if item is not None:
-                        found[(i, item)] = (0.0, 1.0)  # the very same file
+                    if item is not None:  # the very same file
+                        found[(i, item)] = Match(s.name, s.item_ids[item], "image", 0.0, 1.0)
             if rows and s.image is not None:
-                best = image_candidates(s, [feats[i].hashes for i in rows])
-                for (r, view), dist in sorted(best.items(), key=lambda kv: kv[1]):
+                hints = image_hints(s, [feats[i] for i in rows])
+                for (r, view), hs in sorted(hints.items(), key=lambda kv: kv[1][0][0]):
                     i, item = rows[r], int(s.view_item[view])
                     if (i, item) in found:
                         continue  # sha256 match, or a closer view of the same item already passed
-                    sim, colour = im.compare(feats[i].thumb, s.thumbs[view])
-                    if sim >= self.cfg.image_min_similarity and colour <= self.cfg.image_max_colour_diff:
-                        found[(i, item)] = (float(dist), sim)
-            for (i, item), (dist, sim) in sorted(found.items()):
-                out[i].append(Match(s.name, s.item_ids[item], "image", dist, round(sim, 4)))
+                    f = feats[i]
+                    for dist, qbox, vrow in hs[:max_hints]:
+                        v = im.verify(f, f.boxes[qbox], s.thumbs[view], s.colours[view], s.variants[vrow])
+                        if self.accepts(v):
+                            found[(i, item)] = Match(s.name, s.item_ids[item], "image", float(dist),
+                                                     round(v.correlation, 4),
+                                                     describe_variant(s, view, s.variants[vrow], qbox),
+                                                     round(v.colour_diff, 2), round(v.detail, 4))
+                            break
+            for (i, _), m in sorted(found.items()):
+                out[i].append(m)
 
     def _match_text(self, captions: Sequence[str | None], out: list[list[Match]]) -> None:
         text_sets = [s for s in self.sets if s.text is not None]
