@@ -418,8 +418,9 @@ def verify(q: ImageFeatures, q_box: np.ndarray, e_thumb: np.ndarray, e_colour: n
     # Colour: both colour thumbnails into the frame at COLOUR px (pixel c of it is frame point _TO_FRAME(c)).
     qc = _resample(q.colour, _compose(_box_map(q_box, COLOUR, FRAME), _TO_FRAME), COLOUR)
     ec = _resample(e_colour, _compose(_compose(_box_map(e_variant, COLOUR, FRAME, mirrored), warp), _TO_FRAME), COLOUR)
-    qch = qc.reshape(-1, 3).astype(np.float32) @ _CHROMA.T
-    ech = ec.reshape(-1, 3).astype(np.float32) @ _CHROMA.T
+    # Blurred: colour is judged on regions, not edges, which a pixel of misalignment would dominate.
+    qch = cv2.GaussianBlur(qc.astype(np.float32), (0, 0), 1.2).reshape(-1, 3) @ _CHROMA.T
+    ech = cv2.GaussianBlur(ec.astype(np.float32), (0, 0), 1.2).reshape(-1, 3) @ _CHROMA.T
     gain = max(0.0, float((qch * ech).sum()) / max(float((ech * ech).sum()), 1e-6))
     res2 = ((qch - gain * ech) ** 2).sum(axis=1)
     n_keep = len(res2) - int(len(res2) * drop)

@@ -50,7 +50,7 @@ class MatchConfig:
     """Precise check: minimum correlation of the aligned grey thumbnails (the worst-agreeing 15% of
     pixels, an overlay, left out). Chosen on the tuning half of the packaged photographs
     (benchmarks/dedup.py --photos tune): true copies' 1st percentile is 0.92 to 1.0 per edit kind."""
-    image_max_colour_diff: float = 20.0
+    image_max_colour_diff: float = 12.0
     """Precise check: maximum chroma (grey levels, RMS) left once the eval image's chroma is scaled to the
     training image's (grayscale, saturation and contrast scale chroma; another tint does not)."""
     image_min_detail: float = 0.5
