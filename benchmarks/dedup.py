@@ -168,11 +168,9 @@ def bench_images(n_images: int, seed: int, cfg: MatchConfig) -> dict:
     feats = ef + tf
     hash_s = time.perf_counter() - t
     t = time.perf_counter()
-    ii = image_index(ef, cfg.image_max_distance)
+    ii = image_index(ef, cfg.image_max_distance, cfg.image_max_part_distance)
     build_s = time.perf_counter() - t
-    set_index = EvalSetIndex("bench", "retrieval", "pairs", [str(i) for i in range(n_eval)], ii.image, ii.variants,
-                             ii.variant_view, ii.thumbs, ii.colours, ii.has_image, ii.sha256, None, ii.view_item,
-                             ii.view_kind)
+    set_index = EvalSetIndex("bench", "retrieval", "pairs", [str(i) for i in range(n_eval)], ii, None)
     matcher = OverlapMatcher([set_index], MatchConfig(**{**cfg.__dict__, "kinds": ("image",)}))
     t = time.perf_counter()
     found = []
@@ -186,9 +184,9 @@ def bench_images(n_images: int, seed: int, cfg: MatchConfig) -> dict:
                 max(1, sum(1 for i in truth if i % len(names) == k)) for k, n in enumerate(names)}
     # Candidate stage vs brute force Hamming over all pairs (same distance threshold).
     t = time.perf_counter()
-    band = image_candidates(set_index, tf)
+    band = image_candidates(set_index, tf, cfg)
     band_s = time.perf_counter() - t
-    brute = brute_force_image_candidates(set_index, tf, cfg.image_max_distance)
+    brute = brute_force_image_candidates(set_index, tf, cfg)
     return {"images_hashed": len(feats), "hashes_per_s": round(len(feats) / hash_s),
             "eval_images": n_eval, "train_images": len(tf), "planted": len(truth),
             "banded_build_s": round(build_s, 3), "banded_queries_per_s": round(len(tf) / band_s),

@@ -202,7 +202,7 @@ class BuildConfig:
     """--eval: words per caption shingle."""
     image_max_distance: int = 10
     """--eval: perceptual-hash candidate distance in bits of 64."""
-    image_min_similarity: float = 0.9
+    image_min_similarity: float = 0.96
     """--eval: thumbnail correlation a candidate image needs to count as the same image."""
     overlap_kinds: tuple[str, ...] = ("image", "text")
     """--eval: which matches remove a sample: image, text or both (templated captions: image only)."""

@@ -66,7 +66,7 @@ def test_overlap_removed_before_sharding(tmp_path, web, internal):
     assert s["overlapping_items"] == sorted(planted.values())
     assert (s["items_with_overlap"], s["train_samples_removed"]) == (3, 3)
     assert s["overlap_pct"] == round(100 * 3 / 48, 4)
-    assert s["thresholds"]["image_min_similarity"] == 0.9 and "eval_index_s" in summary["timings"]
+    assert s["thresholds"]["image_min_similarity"] == 0.96 and "eval_index_s" in summary["timings"]
     assert summary["corpus"]["rows"] == len(rows) and summary["corpus"]["dropped"] == 3
 
     overlap = pq.read_table(out / "audit" / "overlap.parquet").to_pylist()
