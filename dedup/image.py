@@ -1,5 +1,5 @@
-"""Image fingerprints: DCT hashes of boxes and parts for the loose search, chroma for a cheap pre-check,
-aligned thumbnails for the precise check.
+"""Image fingerprints: DCT hashes of boxes and parts for the loose search, chroma codes for a cheap
+pre-check, aligned thumbnails for the precise check.
 
 What a copy on the web goes through (issue 10; the ISC 2021 / DISC21 edit family): re-encoding,
 resizing, crops of up to 10% a side, brightness, contrast, gamma and saturation changes, a mirror
@@ -12,9 +12,10 @@ Loose search (a 64-bit hash per box and part, looked up within a few bits):
 
 - The hash is the sign pattern, against their median, of the 8x8 lowest DCT frequencies of a box,
   computed from one 64x64 grey resize by projecting onto cosines stretched over the box
-  (`_axis_basis`): one resize serves every box, and a box need not fall on pixel edges. The DC term
+  (`_axis_basis`): one resize serves every box, a box need not fall on pixel edges, and all boxes
+  come from two small products over their distinct row and column intervals (`_Plan`). The DC term
   carries only mean brightness and does not set the median, so brightness, contrast, gamma and
-  saturation edits leave the hash almost unchanged (median distance 0 on the tuning photos).
+  saturation edits leave the hash almost unchanged.
 - Crops: an eval image is hashed for every box that cuts 0 or `crop` (7%) from each side (16 boxes):
   a copy cropped by up to 10% a side lies within 3.5% a side of one of them.
 - Flips: the DCT of a mirrored box is the box's DCT with the odd horizontal frequencies negated, so
@@ -32,19 +33,31 @@ Pre-check (vectorised over every pair the search returns, before any image is to
 lowest DCT frequencies of the box's (or part's) chroma, R-G and (R+G)/2-B, which a brightness shift
 leaves unchanged and contrast, saturation and grayscale scale by one factor. The training side must
 be k times the eval side (k in [0, 2]) to within `image_max_chroma` grey levels. Unrelated images of
-one shape and colour on other backgrounds pass the hash but fail here (on localweb-style images it
-leaves a fifth of the pairs; copies under every edit kind stay under 3).
+one shape and colour on other backgrounds pass the hash but mostly fail here (on localweb-style
+images four pairs in five); copies under every edit kind of the tuning photographs stay under 3.
 
-Precise check (`verify`): both images are cut to the boxes that matched and resampled to a common
-32x32 frame (mirrored and turned as the eval variant says), then compared on
+Precise check (`verify`), in stages, stopping at the first that fails (`Limits`, `Verdict`): both
+images are cut to the boxes that matched and resampled to a common frame (mirrored and turned as
+the eval variant says), then
 
-- structure: the correlation of the frames after dropping the worst-agreeing 15% of pixels (an
-  overlay covers at most 10%); below `settled` the pair is first aligned by ECC (an affine warp:
-  rotation, shift and a residual zoom are absorbed; OpenCV's `findTransformECC` maximises the
-  correlation coefficient, which ignores brightness and contrast);
-- detail: per-block correlation of band-passed 48x48 thumbnails in the same alignment, what tells a
-  copy from a near twin whose coarse layout agrees (a stereo partner, another tile of one photo);
-- colour: the aligned chroma fitted as k times the eval image's, k >= 0, RMS of what is left.
+1. structure: the correlation of 32x32 grey frames without the worst-agreeing quarter of pixels (an
+   overlay); below `min_correlation` the pair is first aligned by ECC (`findTransformECC` maximises
+   the correlation coefficient, which ignores brightness and contrast), with the warp held to what
+   an edit can do: zoom, a turn, a shift, next to no shear (`_warp_ok`);
+2. colour: chroma at 24x24, the eval image's scaled by a gain that may follow brightness (contrast,
+   gamma, saturation, grayscale), what a pixel of misalignment cannot explain (`_colour_diff`):
+   drawings of one shape on other tints fail here;
+3. residual: grey at 48x48 after a quadratic brightness fit (gamma), beyond a pixel of misalignment
+   (`_residual`): the same layout with other content fails here (generated look-alikes);
+4. detail: the correlation of band-passed 48x48 thumbnails per 12x12 block, over blocks with detail
+   on both sides and not covered (`_detail`): another tile of one photograph fails here;
+5. displacement: the share of blocks that match 2+ pixels away from where the alignment puts them
+   (`_displaced`): another view of one scene (a stereo partner, frames moments apart) moves near and
+   far things differently, a copy moves everything alike.
+
+Stages 3 to 5 need alignment to a pixel of 48; when they fail the pair is aligned again there (ECC,
+then phase correlation for a residual shift) and measured once more. Photometric copies, the common
+case, pass at the loose search's alignment without any ECC.
 
 An eval image also keeps its non-square views (`views`): img2dataset's `center_crop` cuts a 4:3
 image to its centre square and `border` pads it to a square, neither of them a small crop.
@@ -236,10 +249,6 @@ def grids(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         small = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR)
     grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY).astype(np.float32)
     return grey, (small.reshape(-1, 3).astype(np.float32) @ _CHROMA.T).reshape(GRID, GRID, 2)
-
-
-def grey_grid(img: np.ndarray) -> np.ndarray:
-    return grids(img)[0]
 
 
 def content_box(grey: np.ndarray, tol: float = 6.0, max_cut: float = 0.3) -> tuple[float, float, float, float]:
@@ -468,7 +477,6 @@ def _prefilter(thumb: np.ndarray) -> np.ndarray:
     return cv2.GaussianBlur(thumb.astype(np.float32), (0, 0), 0.6)
 
 
-_ECC_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 1e-3)
 _ONES = np.ones((FRAME, FRAME), np.float32)
 _HANN = cv2.createHanningWindow((THUMB, THUMB), cv2.CV_32F)
 _K3 = np.ones((3, 3), np.uint8)

@@ -54,7 +54,7 @@ class MatchConfig:
     leaves unexplained. Copies under every edit kind of the tuning photographs stay under 3; unrelated
     images of one shape and colour on other backgrounds mostly lie above 5."""
     image_min_similarity: float = 0.96
-    """Precise check: minimum correlation of the aligned 32x32 grey frames (the worst-agreeing 15% of
+    """Precise check: minimum correlation of the aligned 32x32 grey frames (the worst-agreeing 25% of
     pixels, an overlay, left out). Copies under every edit kind of the tuning photographs: 1st
     percentile 0.97 or more; drawings of one shape on other backgrounds reach 0.99."""
     image_max_colour_diff: float = 6.0
