@@ -118,7 +118,8 @@ class ImageFeatures:
     """float32 (boxes, 4): x0, y0, x1, y1 as fractions of the image: the whole image, then its content
     box when plain borders were trimmed."""
     chroma: np.ndarray | None = None
-    """float16 (boxes, N_REGIONS, CHROMA_DIM): low-frequency chroma of each box and part (the pre-check)."""
+    """int8 (boxes, N_REGIONS, CHROMA_DIM): low-frequency chroma of each box and part (the pre-check),
+    in steps of CHROMA_STEP grey levels."""
     size: tuple[int, int] = (1, 1)
     """Width and height of the decoded image: the thumbnails are square, an alignment is judged in
     the image's own proportions."""
@@ -140,7 +141,7 @@ class ViewFeatures:
     """uint8 (COLOUR, COLOUR, 3) BGR thumbnail of the whole view."""
     sha256: str
     chroma: np.ndarray | None = None
-    """float16 (variants, N_REGIONS, CHROMA_DIM), as `ImageFeatures.chroma`."""
+    """int8 (variants, N_REGIONS, CHROMA_DIM), as `ImageFeatures.chroma`."""
 
 
 def decode(data: bytes) -> np.ndarray | None:
@@ -239,7 +240,16 @@ def _box_codes(grey: np.ndarray, chroma: np.ndarray, boxes: list[tuple[float, ..
     hm = dct_bits((coeffs * _FLIP8).reshape(n, -1)).reshape(shape)[:, _MIRRORED_REGION]
     c = cc.reshape(*shape, CHROMA_DIM)
     c_m = (cc * _FLIP3).reshape(*shape, CHROMA_DIM)[:, _MIRRORED_REGION]
-    return h, c.astype(np.float16), hm, c_m.astype(np.float16)
+    return h, _quantise(c), hm, _quantise(c_m)
+
+
+CHROMA_STEP = 2.0
+"""Grey levels per unit of a stored chroma code (int8: +/-254 levels; a code is a mean or a cosine
+weighted mean of chroma, so the extremes of R-G are near the ends of the range)."""
+
+
+def _quantise(codes: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(codes / CHROMA_STEP), -127, 127).astype(np.int8)
 
 
 def grids(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -382,7 +392,7 @@ def chroma_residual(q: np.ndarray, e: np.ndarray, max_gain: float = 2.0) -> np.n
     Contrast, saturation and grayscale scale chroma by one factor; a brightness shift leaves it be;
     another background tint does neither.
     """
-    q, e = q.astype(np.float32), e.astype(np.float32)
+    q, e = q.astype(np.float32) * CHROMA_STEP, e.astype(np.float32) * CHROMA_STEP
     k = np.clip((q * e).sum(axis=-1) / np.maximum((e * e).sum(axis=-1), 1e-6), 0.0, max_gain)
     return np.sqrt(((q - k[..., None] * e) ** 2).mean(axis=-1))
 
@@ -551,11 +561,18 @@ def _colour_diff(qc: np.ndarray, ec: np.ndarray, drop: float = 0.2, quantile: fl
     yw, yz, yyw = y * w, y * z, y * y * w
     weight = ok.astype(np.float64)
     n_ok = int(ok.sum())
+    y_lo, y_hi = _kth(y, 0.05), _kth(y, 0.95)
     for _ in range(2):
         m00, m01, m11 = w @ weight + 1e-6, yw @ weight, yyw @ weight + 1e-6
         r0, r1 = z @ weight, yz @ weight
         det = m00 * m11 - m01 * m01
-        gain = np.clip((m11 * r0 - m01 * r1) / det + (m00 * r1 - m01 * r0) / det * y, 0.0, 2.5).astype(np.float32)
+        a, b = (m11 * r0 - m01 * r1) / det, (m00 * r1 - m01 * r0) / det
+        ends = sorted((a + b * y_lo, a + b * y_hi))
+        if ends[0] <= 0 or ends[1] > 2.5 * ends[0]:
+            # No edit makes the gain change sign or vary more than 2.5x from dark to light (gamma
+            # 0.7 to 1.4 stays within that); such a fit paints one tint onto another: one gain.
+            a, b = r0 / m00, 0.0
+        gain = np.clip(a + b * y, 0.0, 2.5).astype(np.float32)
         fitted = gain * ez
         res = np.abs(qz - fitted)
         res_ok = np.where(ok, res, np.inf)
@@ -584,9 +601,17 @@ def _residual(qd: np.ndarray, ed: np.ndarray, init: np.ndarray | None, quantile:
     targets = np.stack([y, x * y, x2 * y])
     weight = np.ones_like(x) if init is None else init.astype(np.float64)
     k = int(len(x) * 0.85) - 1
+    x_lo, x_hi = _kth(x, 0.05), _kth(x, 0.95)
     for _ in range(2):
         m, t = powers @ weight, targets @ weight
         c = np.linalg.solve(np.array([m[0:3], m[1:4], m[2:5]]) + 1e-6 * np.eye(3), t)
+        slopes = sorted((c[1] + 2 * c[2] * x_lo, c[1] + 2 * c[2] * x_hi))
+        if slopes[0] <= 0.25 * slopes[1]:
+            # A tone edit (brightness, contrast, gamma 0.7 to 1.4) is increasing, and its slope varies
+            # less than 4x over the picture's range; a curve that folds maps one picture's levels
+            # onto another's (a blob of the eval image painted over): fit a straight line instead.
+            m2 = np.array([[m[0], m[1]], [m[1], m[2]]]) + 1e-6 * np.eye(2)
+            c = np.append(np.linalg.solve(m2, t[:2]), 0.0)
         fit = c[0] + c[1] * x + c[2] * x2
         r = np.abs(y - fit)
         weight = (r <= np.partition(r, k)[k]).astype(np.float64)
@@ -601,8 +626,10 @@ def _bandpass(x: np.ndarray) -> np.ndarray:
 
 
 def _blocks(x: np.ndarray) -> np.ndarray:
+    """(_BLOCKS**2, n, n): the _BLOCKS x _BLOCKS square blocks of a square image, row by row."""
     n = x.shape[0] // _BLOCKS
-    return x[: n * _BLOCKS, : n * _BLOCKS].reshape(_BLOCKS, n, _BLOCKS, n).transpose(0, 2, 1, 3).reshape(_BLOCKS**2, n, n)
+    grid = x[: n * _BLOCKS, : n * _BLOCKS].reshape(_BLOCKS, n, _BLOCKS, n)
+    return grid.transpose(0, 2, 1, 3).reshape(_BLOCKS**2, n, n)
 
 
 def _detail(qb: np.ndarray, eb: np.ndarray, hidden: np.ndarray, low: float = 0.3) -> tuple[float, np.ndarray]:

@@ -63,9 +63,11 @@ def _probe_masks(width: int, radius: int) -> np.ndarray:
 class BandedIndex:
     """Exact "all hashes within d bits" lookup over uint64 hashes, each owned by an item."""
 
-    def __init__(self, hashes: np.ndarray, owners: np.ndarray, max_distance: int):
+    def __init__(self, hashes: np.ndarray, owners: np.ndarray | None, max_distance: int):
+        """`owners`: the item of each hash row; None when each row is its own item (the matcher's
+        variant rows), which saves an array the size of the index."""
         self.hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
-        self.owners = np.ascontiguousarray(owners, dtype=np.int64)
+        self.owners = None if owners is None else np.ascontiguousarray(owners, dtype=np.int64)
         self.max_distance = max_distance
         self.bounds = chunk_bounds(max_distance)
         self.radius = max_distance // len(self.bounds)
@@ -134,7 +136,8 @@ class BandedIndex:
         """{(query index, owner item): min distance} over all hash rows within max_distance."""
         q_idx, rows, dists = self.search_pairs(queries, block=block)
         out: dict[tuple[int, int], int] = {}
-        for qi, owner, dist in zip(q_idx.tolist(), self.owners[rows].tolist(), dists.tolist(), strict=True):
+        owners = rows if self.owners is None else self.owners[rows]
+        for qi, owner, dist in zip(q_idx.tolist(), owners.tolist(), dists.tolist(), strict=True):
             key = (qi, owner)
             if dist < out.get(key, HASH_BITS + 1):
                 out[key] = dist

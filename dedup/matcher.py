@@ -60,9 +60,9 @@ class MatchConfig:
     image_max_colour_diff: float = 6.0
     """Precise check: chroma (grey levels) the eval image's leaves unexplained once scaled to the training
     image's (by a factor that may follow brightness: contrast, gamma, saturation, grayscale), beyond a
-    pixel of misalignment, at the 70th percentile. Tells drawings of one shape on other tints apart."""
+    pixel of misalignment, at the 65th percentile. Tells drawings of one shape on other tints apart."""
     image_max_residual: float = 0.12
-    """Precise check: grey difference beyond a pixel of misalignment after a quadratic brightness fit,
+    """Precise check: grey difference beyond a pixel of misalignment after a monotone quadratic tone fit,
     80th percentile, in units of the training image's contrast (same layout, other content)."""
     image_min_detail: float = 0.5
     """Precise check: 30th percentile over 12x12 blocks of the correlation of band-passed 48x48
@@ -141,9 +141,9 @@ class ImageIndex:
     variants: np.ndarray
     """float32 (rows, 6): box, mirrored flag and angle of each indexed variant (dedup.image.ViewFeatures)."""
     chroma: np.ndarray
-    """float16 (rows, N_REGIONS, CHROMA_DIM): each variant's chroma codes, for the pre-check."""
+    """int8 (rows, N_REGIONS, CHROMA_DIM): each variant's chroma codes, for the pre-check."""
     variant_view: np.ndarray
-    """int64 (rows,): the view each variant belongs to."""
+    """int32 (rows,): the view each variant belongs to."""
     thumbs: np.ndarray
     """uint8 (views, THUMB, THUMB): one grey thumbnail per view, for the precise check."""
     colours: np.ndarray
@@ -209,14 +209,13 @@ def image_index(feats: Sequence[tuple[str, list[im.ViewFeatures]] | None], max_d
     has_image = np.array([bool(f and f[1]) for f in feats], dtype=bool)
     empty = not hashes
     all_hashes = np.zeros((0, im.N_REGIONS), np.uint64) if empty else np.concatenate(hashes)
-    rows = np.arange(len(all_hashes))
     part = max_distance if max_part_distance is None else max_part_distance
     return ImageIndex(
-        bands=None if empty else [BandedIndex(all_hashes[:, r], rows, max_distance if r == 0 else part)
+        bands=None if empty else [BandedIndex(all_hashes[:, r], None, max_distance if r == 0 else part)
                                   for r in range(im.N_REGIONS)],
         variants=np.zeros((0, 6), np.float32) if empty else np.concatenate(variants),
-        chroma=np.zeros((0, im.N_REGIONS, im.CHROMA_DIM), np.float16) if empty else np.concatenate(chroma),
-        variant_view=np.zeros(0, np.int64) if empty else np.concatenate(variant_view),
+        chroma=np.zeros((0, im.N_REGIONS, im.CHROMA_DIM), np.int8) if empty else np.concatenate(chroma),
+        variant_view=np.zeros(0, np.int32) if empty else np.concatenate(variant_view).astype(np.int32),
         thumbs=np.stack(thumbs) if thumbs else np.zeros((0, im.THUMB, im.THUMB), np.uint8),
         colours=np.stack(colours) if colours else np.zeros((0, im.COLOUR, im.COLOUR, 3), np.uint8),
         view_item=np.array(view_item, np.int64), view_kind=np.array(view_kind, np.int8), has_image=has_image,
