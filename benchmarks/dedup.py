@@ -1,6 +1,8 @@
-"""Overlap-detection benchmark: speed of signatures, hashes and lookups; precision/recall vs brute force.
+"""Overlap-detection benchmark: speed of signatures, hashes and lookups; precision/recall vs brute force;
+the edit table of issue 10.
 
-    python benchmarks/dedup.py --captions 50000 --images 5000 [--out bench-out/dedup.json]
+    python benchmarks/dedup.py --captions 50000 --images 5000 [--photos report|tune] [--clock wall|cpu]
+        [--out bench-out/dedup.json]
 
 Not a timed test: it prints figures. Captions: random sentences, with planted
 copies of eval captions (case/punctuation/spacing changed) and near copies
@@ -8,8 +10,10 @@ copies of eval captions (case/punctuation/spacing changed) and near copies
 `MinHash.bulk` gets the same captions' shingle sets ready-made (untimed), same
 num_perm and seed, in the same run; both timed alike (see `best_time`). Images: localweb-style images, eval images copied into
 the training side with each edit of `dedup.synth.TRANSFORMS`, plus unrelated
-images of the same shape and colour.
-"""
+images of the same shape and colour. Edit table: one half of the packaged photographs
+(`--photos`; the thresholds were chosen on `tune`) and generated images, copies under
+each edit kind of `dedup.synth.EDITS`, and distinct look-alikes; recall per edit kind and
+family, precision, hashes/s and matches/s."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import json
 import math
 import random
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 from datasketch import MinHash  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from dedup import image as im  # noqa: E402
+from dedup.evalsets import load_eval_set  # noqa: E402
 from dedup.index import TextIndex  # noqa: E402
 from dedup.matcher import (  # noqa: E402
     EvalSetIndex,
@@ -39,9 +46,24 @@ from dedup.matcher import (  # noqa: E402
     image_candidates,
     image_index,
 )
-from dedup.synth import TRANSFORMS, random_image  # noqa: E402
+from dedup.synth import (  # noqa: E402
+    EDIT_RECALL_BAR,
+    TRANSFORMS,
+    edit_table,
+    generated,
+    generated_lookalike,
+    photos,
+    plant_edits,
+    plant_lookalikes,
+    random_image,
+    split_photos,
+)
 from dedup.text import TextSigner, jaccard, shingle_hash  # noqa: E402
 from pipeline.localweb import encode  # noqa: E402
+
+clock = time.perf_counter
+"""What the image parts time: wall clock, or with --clock cpu this process's CPU time (on a machine
+other jobs share, CPU seconds say more about cost per core than wall seconds do)."""
 
 
 def best_time(fn: Callable[[], Any], repeats: int, window: float = 0.5) -> tuple[float, Any]:
@@ -134,8 +156,6 @@ def bench_text(n_train: int, n_eval: int, seed: int, cfg: MatchConfig, repeats: 
 
 
 def bench_images(n_images: int, seed: int, cfg: MatchConfig) -> dict:
-    from PIL import Image  # noqa: F401  (PIL images come from random_image)
-
     rng = random.Random(seed)
     n_eval = n_images // 2
     eval_imgs = [random_image(rng, (128, 128))[0] for _ in range(n_eval)]
@@ -150,39 +170,101 @@ def bench_images(n_images: int, seed: int, cfg: MatchConfig) -> dict:
             train_bytes.append(TRANSFORMS[names[i % len(names)]](eval_imgs[e]))
         else:  # unrelated, often the same shape and colour as some eval image
             train_bytes.append(encode(random_image(rng, rng.choice([(128, 128), (200, 150), (96, 96)]))[0], "jpg"))
-    t = time.perf_counter()
+    t = clock()
     ef = [im.view_features(b, cfg.crop) for b in eval_bytes]
     tf = [im.features(b, cfg.crop) for b in train_bytes]
     feats = ef + tf
-    hash_s = time.perf_counter() - t
-    t = time.perf_counter()
-    banded, whole, thumbs, view_item, has_image, sha = image_index(ef, cfg.image_max_distance)
-    build_s = time.perf_counter() - t
-    set_index = EvalSetIndex("bench", "retrieval", "pairs", [str(i) for i in range(n_eval)], banded, whole,
-                             thumbs, has_image, sha, None, view_item)
+    hash_s = clock() - t
+    t = clock()
+    ii = image_index(ef, cfg.image_max_distance, cfg.image_max_part_distance)
+    build_s = clock() - t
+    set_index = EvalSetIndex("bench", "retrieval", "pairs", [str(i) for i in range(n_eval)], ii, None)
     matcher = OverlapMatcher([set_index], MatchConfig(**{**cfg.__dict__, "kinds": ("image",)}))
-    t = time.perf_counter()
+    t = clock()
     found = []
     for b in range(0, len(tf), 256):
         found += matcher.match_features([None] * len(tf[b:b + 256]), tf[b:b + 256])
-    match_s = time.perf_counter() - t
+    match_s = clock() - t
     got = {(i, int(m.eval_item)) for i, ms in enumerate(found) for m in ms}
     want = set(truth.items())
     tp = len(got & want)
     per_edit = {n: sum((i, e) in got for i, e in truth.items() if i % len(names) == k) /
                 max(1, sum(1 for i in truth if i % len(names) == k)) for k, n in enumerate(names)}
     # Candidate stage vs brute force Hamming over all pairs (same distance threshold).
-    t = time.perf_counter()
-    band = image_candidates(set_index, [f.hashes for f in tf])
-    band_s = time.perf_counter() - t
-    brute = brute_force_image_candidates(set_index, [f.hashes for f in tf], cfg.image_max_distance)
+    t = clock()
+    band = image_candidates(set_index, tf, cfg)
+    band_s = clock() - t
+    brute = brute_force_image_candidates(set_index, tf, cfg)
+    index_bytes = sum(a.nbytes for a in (ii.variants, ii.chroma, ii.variant_view, ii.thumbs, ii.colours))
+    index_bytes += sum(b.hashes.nbytes + sum(t.nbytes for tab in b._tables for t in tab) for b in ii.bands)
     return {"images_hashed": len(feats), "hashes_per_s": round(len(feats) / hash_s),
             "eval_images": n_eval, "train_images": len(tf), "planted": len(truth),
+            "index_rows_per_view": round(len(ii.variants) / len(ii.thumbs), 1),
+            "index_kib_per_view": round(index_bytes / len(ii.thumbs) / 1024, 1),
             "banded_build_s": round(build_s, 3), "banded_queries_per_s": round(len(tf) / band_s),
             "banded_equals_brute_force": band == brute, "candidate_pairs": len(band),
             "match_per_s_incl_verification": round(len(tf) / match_s),
             "precision": round(tp / len(got), 4) if got else 1.0, "recall": round(tp / len(want), 4),
             "recall_per_edit": {k: round(v, 4) for k, v in per_edit.items()}, "false_matches": len(got - want)}
+
+
+def bench_edits(copies: int, n_generated: int, seed: int, cfg: MatchConfig, half: str = "report") -> dict:
+    """The edit table (issue 10): eval images = one half of the packaged photographs (`split_photos`;
+    thresholds were tuned on the other) plus generated images of three generators; training side =
+    `copies` edited copies of every eval photo (one of every generated image) per edit kind, and the
+    look-alikes (stereo partner, other tiles and faces, generated images of the same kind and layout)."""
+    tune, report = split_photos(photos())
+    chosen = report if half == "report" else tune
+    rng = random.Random(seed)
+    gens = generated(n_generated, seed + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        evals: dict[str, list[tuple[str, Image.Image]]] = {"photo": [], "generated": []}
+        for fam, items in (("photo", [(p.name, p.image) for p in chosen if not p.lookalike]), ("generated", gens)):
+            for name, img in items:
+                item = f"{fam}/{name.replace('/', '_').replace('#', '_')}.jpg"
+                (Path(tmp) / item).parent.mkdir(exist_ok=True)
+                (Path(tmp) / item).write_bytes(encode(img, "jpg", 95))
+                evals[fam].append((item, img))
+        es = load_eval_set("edits", tmp)
+        t = clock()
+        matcher = OverlapMatcher.build([es], MatchConfig(**{**cfg.__dict__, "kinds": ("image",)}), threads=1)
+        index_s = clock() - t
+    queries = plant_edits(evals["photo"], "photo", copies, rng) + plant_edits(evals["generated"], "generated", 1, rng)
+    queries += plant_lookalikes([p.image for p in chosen if p.lookalike], "photo", rng)
+    queries += plant_lookalikes([generated_lookalike(n, img.size, seed + 1, rng) for n, img in gens], "generated", rng)
+    t = clock()
+    feats = [im.features(q.data, cfg.crop) for q in queries]
+    hash_s = clock() - t
+    t = clock()
+    found = []
+    for b in range(0, len(feats), 256):
+        found += [{m.eval_item for m in ms} for ms in matcher.match_features([None] * len(feats[b:b + 256]),
+                                                                           feats[b:b + 256])]
+    match_s = clock() - t
+    table = edit_table(queries, found)
+    return {"photos": half, "eval_photos": len(evals["photo"]), "eval_generated": len(evals["generated"]),
+            "queries": len(queries), "eval_index_s": round(index_s, 2),
+            "query_hashes_per_s": round(len(queries) / hash_s), "matches_per_s": round(len(queries) / match_s),
+            "families": table}
+
+
+def format_edit_table(r: dict) -> str:
+    fam = r["families"]
+    lines = [f"{'edit kind':<12} {'bar':>5} {'photos (' + r['photos'] + ' half)':>22} {'generated':>16}"]
+    for kind, bar in EDIT_RECALL_BAR.items():
+        cells = []
+        for f in ("photo", "generated"):
+            x = fam[f]["recall"].get(kind)
+            cells.append(f"{x['recall']:.3f} ({x['found']}/{x['planted']})" if x else "-")
+        lines.append(f"{kind:<12} {bar:>5} {cells[0]:>22} {cells[1]:>16}")
+    for key, label in (("precision", "precision"), ("lookalikes_matched", "look-alikes matched")):
+        cells = [f"{fam[f][key]}" + (f" of {fam[f]['lookalikes']}" if key == "lookalikes_matched" else
+                                     f" ({fam[f]['false_matches']} false of {fam[f]['matches']})")
+                 for f in ("photo", "generated")]
+        lines.append(f"{label:<18} {cells[0]:>22} {cells[1]:>16}")
+    lines.append(f"edit-table queries: {r['queries']}, hashed {r['query_hashes_per_s']}/s, "
+                 f"matched {r['matches_per_s']}/s (incl. verification)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,17 +273,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-captions", type=int, default=5_000)
     p.add_argument("--images", type=int, default=5_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copies", type=int, default=3, help="edit table: copies of each eval photo per edit kind")
+    p.add_argument("--generated", type=int, default=120, help="edit table: generated eval images")
+    p.add_argument("--photos", choices=("report", "tune"), default="report",
+                   help="edit table: which half of the packaged photographs (thresholds were tuned on 'tune')")
+    p.add_argument("--skip", default="", help="comma list of parts to leave out: text, image, edits")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="image parts: time by the wall clock or by this process's CPU time")
     p.add_argument("--repeats", type=int, default=3, help="caption signature timings (ours, datasketch): best of N")
     p.add_argument("--out", default=None, help="also write the figures here as JSON")
     args = p.parse_args(argv)
     import cv2
 
     cv2.setNumThreads(1)  # figures per core
+    global clock
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     cfg = MatchConfig()
-    result = {"text": bench_text(args.captions, args.eval_captions, args.seed, cfg, args.repeats),
-              "image": bench_images(args.images, args.seed, cfg)}
+    skip = set(args.skip.split(","))
+    result: dict[str, Any] = {"clock": args.clock}
+    if "text" not in skip:
+        result["text"] = bench_text(args.captions, args.eval_captions, args.seed, cfg, args.repeats)
+    if "image" not in skip:
+        result["image"] = bench_images(args.images, args.seed, cfg)
+    if "edits" not in skip:
+        result["edits"] = bench_edits(args.copies, args.generated, args.seed, cfg, args.photos)
     text = json.dumps(result, indent=2)
     print(text)
+    if "edits" in result:
+        print(format_edit_table(result["edits"]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")

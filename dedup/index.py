@@ -2,10 +2,15 @@
 
 Both are candidate generators with a known guarantee, followed by an exact check:
 
-- `BandedIndex` splits each 64-bit hash into d+1 contiguous chunks. Two hashes
-  within d bits differ in at most d chunks, so (pigeonhole) they agree exactly
-  on at least one: looking up every chunk finds every pair within d, with no
-  false negatives. Candidates are then filtered by their true distance.
+- `BandedIndex` splits each 64-bit hash into 4 chunks of 16 bits. Two hashes
+  within d bits differ in at most d bits, so (pigeonhole) on at least one chunk
+  they differ in at most floor(d / 4): every chunk is looked up with all values
+  that close to the query's (multi-index hashing, Norouzi et al. 2012), which
+  finds every pair within d with no false negatives. Candidates are then
+  filtered by their true distance. With d = 10, a query reads about
+  4 x 137 / 65,536 = 0.8% of the index. Each chunk is a bucket table (rows
+  sorted by chunk value, and where each value starts: 65,537 entries), so a
+  probe costs two array reads.
 - `TextIndex` is datasketch's MinHashLSH over LeanMinHash signatures; LSH has
   false negatives and false positives near the threshold, so every candidate
   is verified by exact Jaccard on the shingle sets (the maintainers' advice,
@@ -26,11 +31,17 @@ from dedup.image import HASH_BITS, hamming
 from dedup.text import TextSigner, jaccard
 
 
+def n_chunks(max_distance: int) -> int:
+    """Always 4: 16-bit chunks keep each bucket table at 65,537 entries (fewer, wider chunks would
+    need tables of 2^21 or more; below d = 3 some chunks simply have to match exactly)."""
+    return 4
+
+
 def chunk_bounds(max_distance: int, bits: int = HASH_BITS) -> list[tuple[int, int]]:
-    """(shift, width) of the d+1 chunks covering `bits` bits, widths differing by at most one."""
-    n = max_distance + 1
-    if n > bits:
+    """(shift, width) of the `n_chunks` chunks covering `bits` bits, widths differing by at most one."""
+    if not 0 <= max_distance < bits:
         raise ValueError(f"image_max_distance must be < {bits}, got {max_distance}")
+    n = n_chunks(max_distance)
     widths = [bits // n + (1 if i < bits % n else 0) for i in range(n)]
     bounds, shift = [], bits
     for w in widths:
@@ -39,62 +50,108 @@ def chunk_bounds(max_distance: int, bits: int = HASH_BITS) -> list[tuple[int, in
     return bounds
 
 
+def _probe_masks(width: int, radius: int) -> np.ndarray:
+    """uint64: every value of `width` bits with at most `radius` bits set."""
+    from itertools import combinations
+
+    masks = [0]
+    for r in range(1, radius + 1):
+        masks += [sum(1 << b for b in c) for c in combinations(range(width), r)]
+    return np.array(masks, dtype=np.uint64)
+
+
 class BandedIndex:
     """Exact "all hashes within d bits" lookup over uint64 hashes, each owned by an item."""
 
-    def __init__(self, hashes: np.ndarray, owners: np.ndarray, max_distance: int):
+    def __init__(self, hashes: np.ndarray, owners: np.ndarray | None, max_distance: int):
+        """`owners`: the item of each hash row; None when each row is its own item (the matcher's
+        variant rows), which saves an array the size of the index."""
         self.hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
-        self.owners = np.ascontiguousarray(owners, dtype=np.int64)
+        self.owners = None if owners is None else np.ascontiguousarray(owners, dtype=np.int64)
         self.max_distance = max_distance
         self.bounds = chunk_bounds(max_distance)
-        # Per chunk: the chunk values sorted, and the hash row each sorted value came from.
-        self._sorted: list[tuple[np.ndarray, np.ndarray]] = []
+        self.radius = max_distance // len(self.bounds)
+        # Per chunk, a bucket table: the hash rows sorted by chunk value, and where each value's run
+        # starts (`starts[v]` to `starts[v + 1]`): a probe is two array reads, not a binary search.
+        # The hashes are kept in each table's order too, so that a probe reads them in runs.
+        self._tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for shift, width in self.bounds:
-            vals = self._chunk(self.hashes, shift, width)
-            order = np.argsort(vals, kind="stable")
-            self._sorted.append((vals[order], order))
+            vals = self._chunk(self.hashes, shift, width).astype(np.int64)
+            order = np.argsort(vals, kind="stable").astype(np.int32)
+            starts = np.zeros((1 << width) + 1, np.int32)
+            np.cumsum(np.bincount(vals, minlength=1 << width), out=starts[1:])
+            self._tables.append((starts, order, self.hashes[order]))
 
     @staticmethod
     def _chunk(h: np.ndarray, shift: int, width: int) -> np.ndarray:
         return (h >> np.uint64(shift)) & np.uint64((1 << width) - 1)
 
-    def search(self, queries: np.ndarray, block: int = 4096) -> dict[tuple[int, int], int]:
-        """{(query index, owner item): min distance} over all hash rows within max_distance.
+    def search_pairs(self, queries: np.ndarray, max_distance: int | None = None, block: int = 1024
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query index, hash row, distance) of every pair within `max_distance` (at most the index's),
+        each pair once, as arrays.
 
-        Per chunk, the rows sharing the query's chunk value are read off the
-        sorted array and their true distance computed at once; only pairs
-        within max_distance survive, so the (possibly large) candidate list
-        never has to be deduplicated. Queries go in blocks to bound memory.
+        Per chunk, the rows whose chunk value is within `radius` bits of the query's are read off the
+        bucket table and their true distance computed at once. Queries go in blocks to bound memory.
         """
+        limit = self.max_distance if max_distance is None else min(max_distance, self.max_distance)
         queries = np.asarray(queries, dtype=np.uint64)
-        out: dict[tuple[int, int], int] = {}
+        out_q, out_r, out_d = [], [], []
         for b0 in range(0, len(queries), block):
             qb = queries[b0 : b0 + block]
-            qs, owners, dists = [], [], []
-            for (shift, width), (vals, order) in zip(self.bounds, self._sorted, strict=True):
-                qv = self._chunk(qb, shift, width)
-                lo = np.searchsorted(vals, qv, "left")
-                counts = np.searchsorted(vals, qv, "right") - lo
-                total = int(counts.sum())
+            qs, rows_all, ds = [], [], []
+            for (shift, width), (starts, order, ordered) in zip(self.bounds, self._tables, strict=True):
+                masks = _masks(width, self.radius)
+                probes = (self._chunk(qb, shift, width)[:, None] ^ masks[None, :]).ravel().astype(np.int64)
+                lo = starts[probes]
+                counts = starts[probes + 1] - lo
+                ends = np.cumsum(counts)
+                total = int(ends[-1]) if len(ends) else 0
                 if not total:
                     continue
-                # Expand each query's [lo, hi) run without a Python loop.
-                q_idx = np.repeat(np.arange(len(qb)), counts)
-                offs = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-                rows = order[np.repeat(lo, counts) + offs]
-                d = hamming(qb[q_idx], self.hashes[rows])
-                keep = d <= self.max_distance
-                qs.append(q_idx[keep] + b0)
-                owners.append(self.owners[rows[keep]])
-                dists.append(d[keep])
+                # Expand each probe's run [lo, lo + count) of the table without a Python loop: hit j of
+                # the flattened runs sits at j + (its run's lo - the run's first j).
+                pos = np.arange(total) + np.repeat(lo - (ends - counts), counts)
+                d = np.bitwise_count(ordered[pos] ^ np.repeat(np.repeat(qb, len(masks)), counts))
+                keep = np.flatnonzero(d <= limit)
+                qs.append(np.searchsorted(ends, keep, side="right") // len(masks))
+                rows_all.append(order[pos[keep]])
+                ds.append(d[keep])
             if not qs:
                 continue
-            for qi, owner, dist in zip(np.concatenate(qs).tolist(), np.concatenate(owners).tolist(),
-                                       np.concatenate(dists).tolist(), strict=True):
-                key = (qi, owner)
-                if dist < out.get(key, HASH_BITS + 1):
-                    out[key] = dist
+            q_idx = np.concatenate(qs).astype(np.int64)
+            rows = np.concatenate(rows_all).astype(np.int64)
+            d = np.concatenate(ds).astype(np.int64)
+            # A pair close on several chunks was read several times.
+            _, first = np.unique(q_idx * len(self.hashes) + rows, return_index=True)
+            out_q.append(q_idx[first] + b0)
+            out_r.append(rows[first])
+            out_d.append(d[first])
+        if not out_q:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty
+        return np.concatenate(out_q), np.concatenate(out_r), np.concatenate(out_d)
+
+    def search(self, queries: np.ndarray, block: int = 1024) -> dict[tuple[int, int], int]:
+        """{(query index, owner item): min distance} over all hash rows within max_distance."""
+        q_idx, rows, dists = self.search_pairs(queries, block=block)
+        out: dict[tuple[int, int], int] = {}
+        owners = rows if self.owners is None else self.owners[rows]
+        for qi, owner, dist in zip(q_idx.tolist(), owners.tolist(), dists.tolist(), strict=True):
+            key = (qi, owner)
+            if dist < out.get(key, HASH_BITS + 1):
+                out[key] = dist
         return out
+
+
+_MASKS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _masks(width: int, radius: int) -> np.ndarray:
+    key = (width, radius)
+    if key not in _MASKS:
+        _MASKS[key] = _probe_masks(width, radius)
+    return _MASKS[key]
 
 
 def lsh_params(threshold: float, num_perm: int, recall: float = 0.999) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -45,13 +45,34 @@ class MatchConfig:
     min_caption_words: int = 0
     """Captions with fewer words are never text-matched (generic captions like 'a photo' prove nothing)."""
     image_max_distance: int = 10
-    """Loose search: Hamming distance (bits of 64) between perceptual-hash variants."""
+    """Loose search: Hamming distance (bits of 64) between the hash of a training image's box and an eval
+    view's variant (dedup.image: crop boxes, mirrored, turned a little)."""
+    image_max_part_distance: int = 8
+    """Loose search: the same for a part of a box (its top, bottom, left or right 70%, what an overlay
+    leaves clean); tighter, as a part says less about an image."""
+    image_max_chroma: float = 4.0
+    """Pre-check: low-frequency chroma (grey levels, RMS) the eval box's chroma, scaled by one factor,
+    leaves unexplained. Copies under every edit kind of the tuning photographs stay under 3; unrelated
+    images of one shape and colour on other backgrounds mostly lie above 5."""
     image_min_similarity: float = 0.96
-    """Precise check: minimum thumbnail correlation for a candidate to count as the same image."""
-    image_max_colour_diff: float = 10.0
-    """Precise check: maximum mean colour difference (grey levels, after matching brightness) of the thumbnails."""
-    crop: float = 0.03
-    """Fraction cut from each side for the crop variants of the perceptual hash."""
+    """Precise check: minimum correlation of the aligned 32x32 grey frames (the worst-agreeing 25% of
+    pixels, an overlay, left out). Copies under every edit kind of the tuning photographs: 1st
+    percentile 0.97 or more; drawings of one shape on other backgrounds reach 0.99."""
+    image_max_colour_diff: float = 6.0
+    """Precise check: chroma (grey levels) the eval image's leaves unexplained once scaled to the training
+    image's (by a factor that may follow brightness: contrast, gamma, saturation, grayscale), beyond a
+    pixel of misalignment, at the 65th percentile. Tells drawings of one shape on other tints apart."""
+    image_max_residual: float = 0.12
+    """Precise check: grey difference beyond a pixel of misalignment after a monotone quadratic tone fit,
+    80th percentile, in units of the training image's contrast (same layout, other content)."""
+    image_min_detail: float = 0.5
+    """Precise check: 30th percentile over 12x12 blocks of the correlation of band-passed 48x48
+    thumbnails (another tile of one photograph, a mirrored tile of a retina)."""
+    image_max_displaced: float = 0.15
+    """Precise check: fraction of the blocks with detail found 2+ pixels (of 48) from where the
+    alignment puts them (a stereo partner, frames moments apart)."""
+    crop: float = 0.07
+    """Eval side: each side of an eval view is cut by 0 and by this fraction (16 crop boxes)."""
     kinds: tuple[str, ...] = KINDS
     """Which matches to look for: image, text or both."""
 
@@ -65,7 +86,18 @@ class MatchConfig:
             raise ValueError(f"text_threshold must be in (0, 1], got {self.text_threshold}")
         if not 0 <= self.image_max_distance < im.HASH_BITS:
             raise ValueError(f"image_max_distance must be in [0, {im.HASH_BITS}), got {self.image_max_distance}")
-        if self.image_max_colour_diff < 0:
+        if not 0 <= self.image_max_part_distance <= self.image_max_distance:
+            raise ValueError(f"image_max_part_distance must be in [0, image_max_distance], got "
+                             f"{self.image_max_part_distance}")
+        if not self.image_max_chroma >= 0:
+            raise ValueError(f"image_max_chroma must be >= 0, got {self.image_max_chroma}")
+        if not -1.0 <= self.image_min_detail <= 1.0:
+            raise ValueError(f"image_min_detail must be in [-1, 1], got {self.image_min_detail}")
+        if not self.image_max_residual >= 0:
+            raise ValueError(f"image_max_residual must be >= 0, got {self.image_max_residual}")
+        if not 0 <= self.image_max_displaced <= 1:
+            raise ValueError(f"image_max_displaced must be in [0, 1], got {self.image_max_displaced}")
+        if not self.image_max_colour_diff >= 0:
             raise ValueError(f"image_max_colour_diff must be >= 0, got {self.image_max_colour_diff}")
         if not -1.0 <= self.image_min_similarity <= 1.0:
             raise ValueError(f"image_min_similarity must be in [-1, 1], got {self.image_min_similarity}")
@@ -92,6 +124,44 @@ class Match:
     """Hamming distance (image; 0 for a byte-identical file) or Jaccard (text)."""
     similarity: float
     """Thumbnail correlation (image) or Jaccard (text)."""
+    view: str | None = None
+    """Image: which eval view and variant matched, e.g. 'center_square crop=0,0.07,0,0 mirrored part=left
+    query=content_box' (see dedup.image); None for text and sha256 matches."""
+    colour_diff: float | None = None
+    """Image: chroma the eval image does not explain (grey levels)."""
+    detail: float | None = None
+    """Image: per-block fine-detail correlation of the aligned thumbnails."""
+    residual: float | None = None
+    """Image: grey difference beyond a pixel of misalignment (units of the image's contrast)."""
+    displaced: float | None = None
+    """Image: fraction of detailed blocks found away from where the alignment puts them."""
+
+
+@dataclass
+class ImageIndex:
+    """The image side of an eval set's index (`image_index`)."""
+
+    bands: list[BandedIndex] | None
+    """One index per `dedup.image.REGIONS` entry over every variant's hash of that region; hash row i is
+    variant row i. None when no image of the set decodes."""
+    variants: np.ndarray
+    """float32 (rows, 6): box, mirrored flag and angle of each indexed variant (dedup.image.ViewFeatures)."""
+    chroma: np.ndarray
+    """int8 (rows, N_REGIONS, CHROMA_DIM): each variant's chroma codes, for the pre-check."""
+    variant_view: np.ndarray
+    """int32 (rows,): the view each variant belongs to."""
+    thumbs: np.ndarray
+    """uint8 (views, THUMB, THUMB): one grey thumbnail per view, for the precise check."""
+    colours: np.ndarray
+    """uint8 (views, COLOUR, COLOUR, 3): one colour thumbnail per view."""
+    view_item: np.ndarray
+    """Item of each view (an item has one view, or three when it is not square: see `dedup.image.views`)."""
+    view_kind: np.ndarray
+    """0: the image as it is, 1: its centre square, 2: its padded square (`dedup.image.views`)."""
+    has_image: np.ndarray
+    """bool (items,): whether the item's image decoded."""
+    sha256: dict[str, int]
+    """sha256 of an item's bytes -> the item (the very same file matches even when it does not decode)."""
 
 
 @dataclass
@@ -100,24 +170,17 @@ class EvalSetIndex:
     kind: str
     layout: str
     item_ids: list[str]
-    image: BandedIndex | None
-    """All hash variants of every view (the whole-image hash of a training sample is looked up here);
-    owners are view numbers."""
-    image_whole: BandedIndex | None
-    """Whole-view hashes only (the crop variants of a training sample are looked up here)."""
-    thumbs: np.ndarray
-    """uint8 (views, THUMB, THUMB, 3): one thumbnail per view, for the precise check."""
-    has_image: np.ndarray
-    sha256: dict[str, int]
+    images: ImageIndex | None
     text: TextIndex | None
-    view_item: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    """Item of each view (an item has one view, or three when it is not square: see `dedup.image.views`)."""
     unreadable: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _set_features(es: EvalSet, crop: float, threads: int) -> list[tuple[str, list[im.ImageFeatures]] | None]:
-    feats: list[tuple[str, list[im.ImageFeatures]] | None] = [None] * len(es.items)
+VIEW_NAMES = ("as_is", "center_square", "padded_square")
+
+
+def _set_features(es: EvalSet, crop: float, threads: int) -> list[tuple[str, list[im.ViewFeatures]] | None]:
+    feats: list[tuple[str, list[im.ViewFeatures]] | None] = [None] * len(es.items)
     # cv2 decode/resize release the GIL, so threads use all cores here without pickling images.
     with ThreadPoolExecutor(threads) as pool:
         pending = {}
@@ -131,36 +194,49 @@ def _set_features(es: EvalSet, crop: float, threads: int) -> list[tuple[str, lis
     return feats
 
 
-def image_index(feats: Sequence[tuple[str, list[im.ImageFeatures]] | None], max_distance: int
-                ) -> tuple[BandedIndex | None, BandedIndex | None, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
-    """(all-variants index, whole-view index, thumbs, view_item, has_image, sha256 table) of per-item
-    `view_features` results (None: not read)."""
-    hashes, thumbs, view_item, sha = [], [], [], {}
+def image_index(feats: Sequence[tuple[str, list[im.ViewFeatures]] | None], max_distance: int,
+                max_part_distance: int | None = None) -> ImageIndex:
+    """The image side of an eval set's index from per-item `view_features` results (None: not read)."""
+    hashes, variants, chroma, variant_view, thumbs, colours, view_item, view_kind = ([] for _ in range(8))
+    sha = {}
     for i, f in enumerate(feats):
         if f is None:
             continue
         sha.setdefault(f[0], i)
-        for v in f[1]:
+        for k, v in enumerate(f[1]):
             hashes.append(v.hashes)
+            variants.append(v.variants)
+            chroma.append(v.chroma)
+            variant_view.append(np.full(len(v.variants), len(thumbs), np.int64))
             thumbs.append(v.thumb)
+            colours.append(v.colour)
             view_item.append(i)
+            view_kind.append(k)
     has_image = np.array([bool(f and f[1]) for f in feats], dtype=bool)
-    view_item_a = np.array(view_item, dtype=np.int64)
-    thumbs_a = np.stack(thumbs) if thumbs else np.zeros((0, im.THUMB, im.THUMB, 3), np.uint8)
-    if not hashes:
-        return None, None, thumbs_a, view_item_a, has_image, sha
-    views = np.arange(len(hashes))
-    image = BandedIndex(np.concatenate(hashes), np.repeat(views, im.N_VARIANTS), max_distance)
-    whole = BandedIndex(np.array([h[0] for h in hashes]), views, max_distance)
-    return image, whole, thumbs_a, view_item_a, has_image, sha
+    empty = not hashes
+    all_hashes = np.zeros((0, im.N_REGIONS), np.uint64) if empty else np.concatenate(hashes)
+    part = max_distance if max_part_distance is None else max_part_distance
+    return ImageIndex(
+        bands=None if empty else [BandedIndex(all_hashes[:, r], None, max_distance if r == 0 else part)
+                                  for r in range(im.N_REGIONS)],
+        variants=np.zeros((0, 6), np.float32) if empty else np.concatenate(variants),
+        chroma=np.zeros((0, im.N_REGIONS, im.CHROMA_DIM), np.int8) if empty else np.concatenate(chroma),
+        variant_view=np.zeros(0, np.int32) if empty else np.concatenate(variant_view).astype(np.int32),
+        thumbs=np.stack(thumbs) if thumbs else np.zeros((0, im.THUMB, im.THUMB), np.uint8),
+        colours=np.stack(colours) if colours else np.zeros((0, im.COLOUR, im.COLOUR, 3), np.uint8),
+        view_item=np.array(view_item, np.int64), view_kind=np.array(view_kind, np.int8), has_image=has_image,
+        sha256=sha)
 
 
 def build_set_index(es: EvalSet, cfg: MatchConfig, signer: TextSigner, threads: int | None = None) -> EvalSetIndex:
     t0 = time.perf_counter()
     n = len(es.items)
-    feats = _set_features(es, cfg.crop, threads or os.cpu_count() or 1) if "image" in cfg.kinds else [None] * n
+    images = None
+    if "image" in cfg.kinds:
+        feats = _set_features(es, cfg.crop, threads or os.cpu_count() or 1)
     t1 = time.perf_counter()
-    image, whole, thumbs, view_item, has_image, sha = image_index(feats, cfg.image_max_distance)
+    if "image" in cfg.kinds:
+        images = image_index(feats, cfg.image_max_distance, cfg.image_max_part_distance)
     text = None
     if "text" in cfg.kinds:
         caps, cap_owner = [], []
@@ -172,46 +248,102 @@ def build_set_index(es: EvalSet, cfg: MatchConfig, signer: TextSigner, threads: 
         if caps:
             text = TextIndex(signer, caps, cap_owner, cfg.text_threshold)
     t2 = time.perf_counter()
-    unreadable = [es.items[i].id for i in np.flatnonzero(~has_image)] if "image" in cfg.kinds else []
+    unreadable = [es.items[i].id for i in np.flatnonzero(~images.has_image)] if images is not None else []
     if unreadable:
         log.warning("eval set %s: %d images do not decode and can only match by text/sha256 (first: %s)",
                     es.name, len(unreadable), unreadable[0])
-    idx = EvalSetIndex(es.name, es.kind, es.layout, [it.id for it in es.items], image, whole, thumbs, has_image, sha, text,
-                       view_item, unreadable, {"image_features_s": round(t1 - t0, 3), "index_build_s": round(t2 - t1, 3)})
+    idx = EvalSetIndex(es.name, es.kind, es.layout, [it.id for it in es.items], images, text, unreadable,
+                       {"image_features_s": round(t1 - t0, 3), "index_build_s": round(t2 - t1, 3)})
     log.info("eval set %s: %s, %d items, %d captions indexed, built in %.1fs", es.name, es.kind, n,
              0 if text is None else len(text), t2 - t0)
     return idx
 
 
-def image_candidates(s: EvalSetIndex, hashes: Sequence[np.ndarray]) -> dict[tuple[int, int], int]:
-    """{(query, view): distance} for queries within image_max_distance of an eval image view.
+@dataclass
+class Candidates:
+    """Pairs of (training box, eval variant) the loose search and the pre-check let through."""
 
-    The distance between two images is the minimum over variant pairs in which
-    at least one side is the whole image: the training image against the eval
-    image and its crops (the training copy is cropped), and the training
-    image's crops against the whole eval image (the eval image is a crop of
-    it). Crop-against-crop pairs add nothing but look-alike candidates.
-    """
-    hashes = np.stack(hashes)
-    best: dict[tuple[int, int], int] = dict(s.image.search(hashes[:, 0]))
-    n_var = hashes.shape[1] - 1
-    for (qi, view), dist in s.image_whole.search(hashes[:, 1:].ravel()).items():
-        key = (qi // n_var, view)
-        if dist < best.get(key, im.HASH_BITS + 1):
-            best[key] = dist
-    return best
+    query: np.ndarray
+    """int64: index of the training image in the batch."""
+    box: np.ndarray
+    """int64: which of its boxes (0: whole, 1: content box)."""
+    variant: np.ndarray
+    """int64: eval variant row."""
+    distance: np.ndarray
+    """int64: Hamming distance of the closest region."""
+    region: np.ndarray
+    """int64: that region (index into dedup.image.REGIONS)."""
 
 
-def brute_force_image_candidates(s: EvalSetIndex, hashes: Sequence[np.ndarray], max_distance: int
+PairSearch = Callable[[int, np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _candidates(ii: ImageIndex, feats: Sequence[im.ImageFeatures], cfg: MatchConfig,
+                pairs: PairSearch) -> Candidates:
+    """The loose search and the pre-check over every box and region of every training image;
+    `pairs(region, hashes, max_distance)` -> (hash row, variant row, distance) within max_distance."""
+    hashes = np.concatenate([f.hashes for f in feats])
+    chroma = np.concatenate([f.chroma for f in feats])
+    owner = np.concatenate([np.full(len(f.hashes), i, np.int64) for i, f in enumerate(feats)])
+    box = np.concatenate([np.arange(len(f.hashes)) for f in feats])
+    parts = []
+    for r in range(im.N_REGIONS):
+        limit = cfg.image_max_distance if r == 0 else cfg.image_max_part_distance
+        row, vrow, dist = pairs(r, hashes[:, r], limit)
+        ok = im.chroma_residual(chroma[row, r], ii.chroma[vrow, r]) <= cfg.image_max_chroma
+        parts.append((row[ok], vrow[ok], dist[ok], np.full(int(ok.sum()), r, np.int64)))
+    row, vrow, dist, region = (np.concatenate(x) for x in zip(*parts, strict=True))
+    # One entry per (box, variant): its closest region, whole boxes first on a tie.
+    order = np.lexsort((region, dist, vrow, row))
+    row, vrow, dist, region = row[order], vrow[order], dist[order], region[order]
+    first = np.ones(len(row), bool)
+    first[1:] = (row[1:] != row[:-1]) | (vrow[1:] != vrow[:-1])
+    row, vrow, dist, region = row[first], vrow[first], dist[first], region[first]
+    return Candidates(owner[row], box[row], vrow, dist, region)
+
+
+def image_candidates_of(s: EvalSetIndex, feats: Sequence[im.ImageFeatures], cfg: MatchConfig) -> Candidates:
+    """`_candidates` through the banded index."""
+    ii = s.images
+    return _candidates(ii, feats, cfg, lambda r, h, limit: ii.bands[r].search_pairs(h, limit))
+
+
+def _by_view(ii: ImageIndex, c: Candidates) -> dict[tuple[int, int], int]:
+    out: dict[tuple[int, int], int] = {}
+    for q, view, d in zip(c.query.tolist(), ii.variant_view[c.variant].tolist(), c.distance.tolist(), strict=True):
+        if d < out.get((q, view), im.HASH_BITS + 1):
+            out[(q, view)] = d
+    return out
+
+
+def image_candidates(s: EvalSetIndex, feats: Sequence[im.ImageFeatures], cfg: MatchConfig | None = None
+                     ) -> dict[tuple[int, int], int]:
+    """{(query, view): distance} for queries with a pair that passes the loose search and the pre-check."""
+    return _by_view(s.images, image_candidates_of(s, feats, cfg or MatchConfig()))
+
+
+def brute_force_image_candidates(s: EvalSetIndex, feats: Sequence[im.ImageFeatures], cfg: MatchConfig | None = None
                                  ) -> dict[tuple[int, int], int]:
-    """All pairs, same distance definition as `image_candidates` (tests and benchmark)."""
-    q = np.stack(hashes)
-    ev = s.image.hashes.reshape(-1, im.N_VARIANTS)
-    views = s.image.owners.reshape(-1, im.N_VARIANTS)[:, 0]
-    d1 = im.hamming(q[:, None, 0:1], ev[None, :, :]).min(axis=2)  # whole training image vs all eval variants
-    d2 = im.hamming(q[:, None, 1:], ev[None, :, 0:1]).min(axis=2)  # training crops vs whole eval image
-    d = np.minimum(d1, d2)
-    return {(int(i), int(views[j])): int(d[i, j]) for i, j in zip(*np.nonzero(d <= max_distance), strict=True)}
+    """All pairs, same definition as `image_candidates` (tests and benchmark)."""
+    ii = s.images
+
+    def pairs(r: int, h: np.ndarray, limit: int, block: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = []
+        for b0 in range(0, len(h), block):
+            d = im.hamming(h[b0 : b0 + block, None], ii.bands[r].hashes[None, :])
+            row, vrow = np.nonzero(d <= limit)
+            out.append((row + b0, vrow, d[row, vrow]))
+        return tuple(np.concatenate(x) for x in zip(*out, strict=True)) if out else (np.zeros(0, np.int64),) * 3
+
+    return _by_view(ii, _candidates(ii, feats, cfg or MatchConfig(), pairs))
+
+
+def describe_variant(ii: ImageIndex, view: int, variant: np.ndarray, query_box: int, region: int) -> str:
+    x0, y0, x1, y1, mirrored, angle = (float(v) for v in variant)
+    cut = f"crop={x0:.2f},{y0:.2f},{1 - x1:.2f},{1 - y1:.2f}"
+    return (f"{VIEW_NAMES[int(ii.view_kind[view])]} {cut}{' mirrored' if mirrored else ''}"
+            f"{f' turned={angle:+.0f}' if angle else ''} part={im.REGIONS[region]} "
+            f"query={'whole' if query_box == 0 else 'content_box'}")
 
 
 class OverlapMatcher:
@@ -249,28 +381,54 @@ class OverlapMatcher:
             self._match_text(captions, out)
         return out
 
+    def limits(self) -> im.Limits:
+        """The precise check's settings (dedup.image.verify)."""
+        c = self.cfg
+        return im.Limits(min_correlation=c.image_min_similarity, max_colour=c.image_max_colour_diff,
+                         max_residual=c.image_max_residual, min_detail=c.image_min_detail,
+                         max_displaced=c.image_max_displaced)
+
     def _match_images(self, feats: Sequence[im.ImageFeatures | None], extra_sha: Sequence[Sequence[str]],
-                      out: list[list[Match]]) -> None:
+                      out: list[list[Match]], max_hints: int = 3) -> None:
         rows = [i for i, f in enumerate(feats) if f is not None]
         for s in self.sets:
-            found: dict[tuple[int, int], tuple[float, float]] = {}
+            ii = s.images
+            if ii is None:
+                continue
+            found: dict[tuple[int, int], Match] = {}
             for i in range(len(feats)):
                 digests = list(extra_sha[i]) + ([feats[i].sha256] if feats[i] is not None else [])
                 for d in digests:
-                    item = s.sha256.get(d)
-                    if item is not None:
-                        found[(i, item)] = (0.0, 1.0)  # the very same file
-            if rows and s.image is not None:
-                best = image_candidates(s, [feats[i].hashes for i in rows])
-                for (r, view), dist in sorted(best.items(), key=lambda kv: kv[1]):
-                    i, item = rows[r], int(s.view_item[view])
-                    if (i, item) in found:
-                        continue  # sha256 match, or a closer view of the same item already passed
-                    sim, colour = im.compare(feats[i].thumb, s.thumbs[view])
-                    if sim >= self.cfg.image_min_similarity and colour <= self.cfg.image_max_colour_diff:
-                        found[(i, item)] = (float(dist), sim)
-            for (i, item), (dist, sim) in sorted(found.items()):
-                out[i].append(Match(s.name, s.item_ids[item], "image", dist, round(sim, 4)))
+                    item = ii.sha256.get(d)
+                    if item is not None:  # the very same file
+                        found[(i, item)] = Match(s.name, s.item_ids[item], "image", 0.0, 1.0)
+            if not rows or ii.bands is None:
+                for (i, _), m in sorted(found.items()):
+                    out[i].append(m)
+                continue
+            c = image_candidates_of(s, [feats[i] for i in rows], self.cfg)
+            limits = self.limits()
+            items = ii.view_item[ii.variant_view[c.variant]]
+            # Closest first; per (training image, eval item) the precise check tries `max_hints` alignments.
+            order = np.lexsort((c.region, c.distance, items, c.query))
+            tried: dict[tuple[int, int], int] = {}
+            for k in order.tolist():
+                i, item = rows[int(c.query[k])], int(items[k])
+                if (i, item) in found or tried.get((i, item), 0) >= max_hints:
+                    continue  # sha256 match, an alignment of the item already passed, or enough tries
+                tried[(i, item)] = tried.get((i, item), 0) + 1
+                f, vrow, qbox = feats[i], int(c.variant[k]), int(c.box[k])
+                view = int(ii.variant_view[vrow])
+                v = im.verify(f, f.boxes[qbox], ii.thumbs[view], ii.colours[view], ii.variants[vrow], limits,
+                              region=int(c.region[k]))
+                if v.ok:
+                    found[(i, item)] = Match(s.name, s.item_ids[item], "image", float(c.distance[k]),
+                                             round(v.correlation, 4),
+                                             describe_variant(ii, view, ii.variants[vrow], qbox, int(c.region[k])),
+                                             round(v.colour_diff, 2), round(v.detail, 4), round(v.residual, 4),
+                                             round(v.displaced, 4))
+            for (i, _), m in sorted(found.items()):
+                out[i].append(m)
 
     def _match_text(self, captions: Sequence[str | None], out: list[list[Match]]) -> None:
         text_sets = [s for s in self.sets if s.text is not None]

@@ -38,7 +38,11 @@ log = logging.getLogger(__name__)
 
 MATCH_SCHEMA = pa.schema([("key", pa.string()), ("uid", pa.string()), ("url", pa.string()), ("caption", pa.string()),
                           ("eval_set", pa.string()), ("eval_item", pa.string()), ("kind", pa.string()),
-                          ("score", pa.float64()), ("similarity", pa.float64()), ("source_shard", pa.string())])
+                          ("score", pa.float64()), ("similarity", pa.float64()), ("source_shard", pa.string()),
+                          # Image matches: which eval view and variant matched, and the precise check's
+                          # evidence (dedup.matcher.Match); null for text and sha256 matches.
+                          ("view", pa.string()), ("colour_diff", pa.float64()), ("detail", pa.float64()),
+                          ("residual", pa.float64()), ("displaced", pa.float64())])
 
 
 def drop_reason(ms: list[dict], order: dict[str, int]) -> str:

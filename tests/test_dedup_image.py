@@ -153,7 +153,12 @@ def test_same_shape_on_other_tint_does_not_match(tmp_path):
     for i, ((shape, fill), (bg, blob), (bg2, blob2)) in enumerate(LOOKALIKES):
         original = _scene(bg, blob, shape, fill)
         other = encode(_scene(bg2, blob2, shape, fill), "jpg")
-        assert im.similarity(im.features(other).thumb, matcher.sets[0].thumbs[i]) >= 0.96  # correlation alone fails
+        ii = matcher.sets[0].images
+        row = int(np.flatnonzero(ii.variant_view == i)[0])  # the view's first variant: the whole image
+        f = im.features(other)
+        v = im.verify(f, f.boxes[0], ii.thumbs[i], ii.colours[i], ii.variants[row], matcher.limits())
+        # The other tint is what tells them apart: the structure agrees.
+        assert v.correlation >= matcher.cfg.image_min_similarity and v.failed == "colour", v
         assert matcher.match("k", None, other) == [], i
         # ...while the edits a real copy picks up (brightness included) still match.
         for name, tf in TRANSFORMS.items():
@@ -161,9 +166,14 @@ def test_same_shape_on_other_tint_does_not_match(tmp_path):
 
 
 def test_flat_images():
-    a = np.full((32, 32, 3), 120, np.uint8)
-    assert im.similarity(a, a) == 1.0
-    assert im.similarity(a, np.full((32, 32, 3), 200, np.uint8)) == 0.0
+    grey = encode(Image.new("RGB", (64, 64), (120, 120, 120)), "png")
+    sha, [v] = im.view_features(grey)
+    f = im.features(grey)
+    same = im.verify(f, f.boxes[0], v.thumb, v.colour, v.variants[0])
+    assert same.correlation == 1.0 and same.ok
+    other = im.features(encode(Image.new("RGB", (64, 64), (200, 120, 40)), "png"))
+    differs = im.verify(other, other.boxes[0], v.thumb, v.colour, v.variants[0])
+    assert differs.colour_diff > im.Limits().max_colour and differs.failed == "colour"
     assert im.features(b"not an image") is None
 
 
@@ -180,7 +190,7 @@ def test_banded_lookup_equals_brute_force(d):
     idx = BandedIndex(base, owners, d)
     got = idx.search(queries)
     assert got == brute_force_hamming(queries, base, owners, d)
-    assert sum(w for _, w in chunk_bounds(d)) == 64 and len(chunk_bounds(d)) == d + 1
+    assert sum(w for _, w in chunk_bounds(d)) == 64 and len(chunk_bounds(d)) == 4
 
 
 def test_banded_lookup_equals_brute_force_on_real_hashes(shapes_set):
@@ -190,12 +200,15 @@ def test_banded_lookup_equals_brute_force_on_real_hashes(shapes_set):
     feats = [im.features(encode(random_image(rng)[0], "jpg")) for _ in range(60)]
     feats += [im.features(TRANSFORMS["crop_4pct"](Image.open(it.path).convert("RGB")))
               for it in es.items[:20]]
-    q = np.concatenate([f.hashes for f in feats])
+    q = np.concatenate([f.hashes[:, 0] for f in feats])
+    whole = s.images.bands[0]
     for d in (6, 10, 14):
-        idx = BandedIndex(s.image.hashes, s.image.owners, d)
-        assert idx.search(q) == brute_force_hamming(q, s.image.hashes, s.image.owners, d)
-    # The matcher's two-sided lookup (whole vs variants, variants vs whole) against all pairs.
-    got = image_candidates(s, [f.hashes for f in feats])
-    assert got == brute_force_image_candidates(s, [f.hashes for f in feats], matcher.cfg.image_max_distance)
+        rows = np.arange(len(whole.hashes))  # the matcher's index: each variant row its own owner
+        idx = BandedIndex(whole.hashes, None, d)
+        assert idx.search(q) == brute_force_hamming(q, whole.hashes, rows, d)
+    # The matcher's lookup (every box and part of the training image against the same part of every
+    # eval variant, then the chroma pre-check) against all pairs.
+    got = image_candidates(s, feats, matcher.cfg)
+    assert got == brute_force_image_candidates(s, feats, matcher.cfg)
     assert all(any(k == (60 + i, i_item) for k in got) for i, i_item in enumerate(
         [s.item_ids.index(it.id) for it in es.items[:20]]))
