@@ -185,9 +185,11 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, case):
         args = ["--train-data", str(bad / "00000.tar")]
     if case == "fresh_over_old_run":
         # Without --resume, pruning by step number would delete the new run's checkpoints, not the old run's.
+        # (A clipforge 0.1 run folder: config.yaml and checkpoints/, no run.json.)
         old = tmp_path / "o/checkpoints/step_00000099.pt"
         old.parent.mkdir(parents=True)
         old.write_bytes(b"an earlier run's checkpoint")
+        (tmp_path / "o/config.yaml").write_text("data: {}\nmodel: {}\nrun: {}\n")
         args = ["--train-data", shards]
     if case == "corrupt_eval_image":
         zs = _tiny_zs(tmp_path)

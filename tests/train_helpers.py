@@ -35,3 +35,34 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 240, *
 def train(*args: str, timeout: float = 240, **kw) -> subprocess.CompletedProcess:
     """`python training/train.py ARGS` in one process."""
     return run([sys.executable, str(REPO / "training/train.py"), *args], timeout=timeout, **kw)
+
+
+def train_here(*args: str) -> subprocess.CompletedProcess:
+    """training/train.py's main(ARGS) in this process, for the many short runs of a test: no
+    interpreter and torch start-up each time. Returns its exit code and what it wrote to stderr
+    (its one error line and its log). Use --workers 0: a forked worker's log would not be caught."""
+    import contextlib
+    import io
+    import logging
+
+    import torch
+
+    from training import train as entry
+
+    root, trainer_log = logging.getLogger(), logging.getLogger("training")
+    saved = (root.handlers[:], root.level, trainer_log.level, torch.get_num_threads())
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            rc = entry.main(list(args))
+    finally:
+        for h in root.handlers[:]:
+            if h not in saved[0]:
+                root.removeHandler(h)
+        for h in saved[0]:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(saved[1])
+        trainer_log.setLevel(saved[2])
+        torch.set_num_threads(saved[3])
+    return subprocess.CompletedProcess(list(args), rc, "", err.getvalue())

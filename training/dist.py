@@ -88,6 +88,15 @@ def gather_objects(obj: Any, world_size: int) -> list[Any]:
     return out
 
 
+def any_rank(flag: bool | torch.Tensor, device: torch.device, world_size: int) -> bool:
+    """True on every rank if `flag` is true on any rank: one all-reduce of one number (on the device,
+    as NCCL needs), read back to the host."""
+    t = torch.as_tensor(flag, device=device).to(torch.float32).reshape(1)
+    if world_size > 1 and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier(world_size: int) -> None:
     if world_size > 1 and dist.is_initialized():
         dist.barrier()
