@@ -2,13 +2,18 @@
 
     .venv/bin/python benchmarks/train.py                       # generates shards in bench-out/
     .venv/bin/python benchmarks/train.py --shards 'DIR/{00000..00031}.tar' --samples 8192
+    .venv/bin/python benchmarks/train.py --precision amp_bf16 --model-config training/configs/tiny-vit.json
+
+Defaults: a model-bound small ViT (benchmarks/vit-64px.json: 64 px, 4 layers, width 192),
+6,016 samples an epoch, 3 epochs per run (so start-up does not dominate), batch 64, 2
+loader workers, fp32 and then amp_bf16, 3 alternating rounds each.
 
 Both trainers get the same shards, model config (registered with
 open_clip.add_model_config, then `python -m open_clip_train.main` via runpy), batch
-size, precision, gradient clipping, worker count, number of samples and one epoch,
-no eval data, one checkpoint at the end, and TensorBoard scalars every
+size, precision, gradient clipping, worker count, number of samples and epochs,
+no eval data, a checkpoint at each epoch end, and TensorBoard scalars every
 --log-every steps (ours always writes them, so OpenCLIP gets `--report-to
-tensorboard`). Runs alternate (ours, theirs, ours, theirs, ...) so that drift in
+tensorboard`). Runs alternate (ours, theirs, theirs, ours, ...) so that drift in
 the shared machine hits both.
 
 Both are timed by this script's clock, never by the figures each trainer logs about
@@ -20,9 +25,11 @@ comparable). Each progress line is stamped as it arrives; per trainer:
   start-up and the first step do not.
 * end-to-end: samples / process wall time, start-up and the final checkpoint included.
 
-Summaries are medians over the rounds. OpenCLIP runs with torch's default thread count
-(one per core); ours picks its own (training/dist.py:set_cpu_threads), and
---openclip-omp-threads N gives OpenCLIP a fixed count to compare like with like.
+Summaries are medians over the rounds. OpenCLIP runs as its users run it: torch's default
+thread count (one per core), OpenMP's default wait policy. Ours picks its own threads
+(training/dist.py:set_cpu_threads) and OMP_WAIT_POLICY=PASSIVE (training/train.py);
+--openclip-omp-threads N and --openclip-passive give OpenCLIP the same, to see how much of a
+difference is those settings alone.
 
 Then the data loader alone (ours and OpenCLIP's, same shards, transform, tokenizer
 and workers), which must outrun the training step. Not a test: figures depend on the
@@ -94,6 +101,8 @@ def run_openclip(a: argparse.Namespace, out: Path) -> Run:
     # OpenCLIP keeps torch's default of one thread per core unless OMP_NUM_THREADS says otherwise;
     # --openclip-omp-threads gives it the thread count ours picks, to compare like with like.
     env = {"OMP_NUM_THREADS": str(a.openclip_omp_threads)} if a.openclip_omp_threads else {}
+    if a.openclip_passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     # Its counter restarts each epoch: samples so far = epoch x samples per epoch + samples in this one.
     return _timed(cmd, lambda line: (m := OPENCLIP_PROGRESS.search(line)) and int(m[1]) * int(m[3]) + int(m[2]),
                   env)
@@ -159,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--log-every", type=int, default=16)
     p.add_argument("--openclip-omp-threads", type=int, help="OMP_NUM_THREADS for OpenCLIP (default: unset)")
+    p.add_argument("--openclip-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE for OpenCLIP")
     p.add_argument("--threads", type=int, help="--threads for training/train.py (default: its own choice)")
     p.add_argument("--no-loader", action="store_true", help="skip the data-loader-alone comparison")
     a = p.parse_args(argv)
@@ -174,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shards {a.shards}; model {a.model_config}; {a.samples} samples x {a.epochs} epochs, batch "
           f"{a.batch_size}, {', '.join(precisions)}, {a.workers} worker(s), grad clip 1.0, {a.rounds} alternating "
           f"rounds, clipforge --threads {a.threads or 'default'}, OpenCLIP "
-          f"OMP_NUM_THREADS={a.openclip_omp_threads or os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
+          f"OMP_NUM_THREADS={a.openclip_omp_threads or os.environ.get('OMP_NUM_THREADS', 'unset')}"
+          f"{' OMP_WAIT_POLICY=PASSIVE' if a.openclip_passive else ''}", flush=True)
     steady_ours = 0.0
     for precision in precisions:
         a.precision = precision

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO, TINY, run, torchrun, train, train_here
+from train_helpers import REPO, TINY, ranks, run, train, train_here
 
 from pipeline.localweb import write_imagefolder
 from training.checkpoint import all_finite, list_checkpoints
@@ -64,14 +64,16 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def test_nonfinite_loss_stops_every_rank_and_nothing_nonfinite_is_saved(data, tmp_path):
     out = tmp_path / "run"
-    r = torchrun(2, REPO / "training/train.py", *common(data, "--lr", "1e3", "--warmup", "1", "--epochs", "4",
-                                                        "--save-every", "1", "--eval-every", "1",
-                                                        "--zeroshot", f"zs={data}/zs", "--output", str(out)),
-                 timeout=200)
-    assert r.returncode != 0, r.stderr[-3000:]
-    lines = errors(r)
-    # Both ranks stop at the same step (an all-reduced flag), each with one line naming it.
-    assert len(lines) == 2 and {ln.split(":")[1].strip() for ln in lines} == {"rank 0", "rank 1"}, r.stderr[-3000:]
+    rs = ranks(2, REPO / "training/train.py", *common(data, "--lr", "1e3", "--warmup", "1", "--epochs", "4",
+                                                       "--save-every", "1", "--eval-every", "1",
+                                                       "--zeroshot", f"zs={data}/zs", "--output", str(out)),
+               timeout=200)
+    # Both ranks stop by themselves at the same step (an all-reduced flag), each with one line naming it.
+    assert [r.returncode for r in rs] == [1, 1], rs[0].stderr[-3000:]
+    lines = [errors(r) for r in rs]
+    assert [len(x) for x in lines] == [1, 1], [r.stderr[-2000:] for r in rs]
+    lines = [x[0] for x in lines]
+    assert lines[0].startswith("error: rank 0: step ") and lines[1].startswith("error: rank 1: step ")
     step = int(lines[0].split("step ")[1].split(":")[0])
     assert all(f"step {step}: non-finite loss or gradient" in ln for ln in lines), lines
     assert "Nothing non-finite was saved" in lines[0]
@@ -164,6 +166,21 @@ def test_a_folder_of_someone_elses_files_is_refused_and_untouched(data, tmp_path
     (other / "run.json").write_text('{"job": "build_corpus"}')
     r = train_here(*common(data, "--output", str(other)))
     assert r.returncode == 2 and "output of build_corpus, not of train" in errors(r)[0], r.stderr[-2000:]
+
+
+def test_a_refusal_on_rank_0_stops_every_rank_at_once(data, tmp_path):
+    """Only rank 0 claims the folder: the other ranks learn of its refusal instead of waiting for it
+    in a collective."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    rs = ranks(2, REPO / "training/train.py", *common(data, "--output", str(out)), timeout=150)
+    assert [r.returncode for r in rs] == [2, 2], rs[1].stderr[-3000:]
+    lines = [errors(r) for r in rs]
+    assert [len(x) for x in lines] == [1, 1], [r.stderr[-2000:] for r in rs]
+    assert lines[0][0].startswith("error: rank 0: ") and "holds files that clipforge did not write" in lines[0][0]
+    assert lines[1][0].startswith("error: rank 1: stopped because rank 0 did: ")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_links_and_foreign_files_inside_our_folder_survive(data, tmp_path):

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,3 +67,35 @@ def train_here(*args: str) -> subprocess.CompletedProcess:
         trainer_log.setLevel(saved[2])
         torch.set_num_threads(saved[3])
     return subprocess.CompletedProcess(list(args), rc, "", err.getvalue())
+
+
+def ranks(n: int, script: str | Path, *args: str, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """n ranks of `script` on gloo, started directly rather than by torchrun: torchrun ends every
+    rank once one fails, which would hide whether the others would have stopped by themselves."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(n):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
+               "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    results = []
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"a rank did not stop within {timeout}s") from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+    return results

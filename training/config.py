@@ -131,7 +131,7 @@ class RunConfig:
     precision: str = _f("amp_bf16", "one of " + ", ".join(PRECISIONS))
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu or cuda")
     threads: int | None = _f(None, "torch intra-op threads per process; default on CPU: usable cores / local "
-                             "ranks - loader workers (at least 1), unless OMP_NUM_THREADS is set")
+                             "ranks (at least 1), unless OMP_NUM_THREADS is set")
     log_every: int = _f(10, "log a line (and TensorBoard scalars) every N steps")
     stop_after: int | None = _f(None, "stop after this global step, as if preempted (a checkpoint is written)")
     trace: bool = _f(False, "record each step's sample keys and loss per rank in OUT/trace-rankR.jsonl")

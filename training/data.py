@@ -6,8 +6,9 @@ stopped:
 
 * The shard list is shuffled with (seed, epoch), identical on all ranks, then split
   by node (`[rank::world]`) and by worker (`[w::workers]`) as OpenCLIP does.
-* Each worker reads its shards with webdataset's tar reader, pushes the raw samples
-  through a seeded shuffle buffer, and only then decodes; augmentation randomness is
+* Each worker reads its shards (tar_members, then webdataset's grouping of members
+  into samples), pushes the raw samples through a seeded shuffle buffer, and only
+  then decodes; augmentation randomness is
   seeded per sample. A worker that exhausts its shards reads them again (new order)
   until it has produced its quota, so every rank yields exactly the same number of
   batches per epoch and no collective ever waits for a rank that ran dry. A full
@@ -17,8 +18,12 @@ stopped:
   and on resume each worker skips exactly that many raw samples without decoding
   them. Bad samples are skipped identically both times, so the batches after a resume
   equal those of an uninterrupted run.
+* No sample is lost unseen. Python's tarfile takes a member header that is cut short
+  (or garbage) for the end of the archive; tar_members checks that a shard really
+  ended, and what each shard delivered is compared with its sizes.json count: every
+  sample a damaged shard did not deliver is counted as bad, and the shard named.
 
-Only `webdataset.tarfile_samples` is used, which has the same behaviour in 0.2.86 and
+Of webdataset only `group_by_keys` is used, which has the same behaviour in 0.2.86 and
 0.2.111 (later versions broke OpenCLIP's pipeline, see REFERENCE.md).
 """
 

@@ -66,6 +66,13 @@ class RunOutput:
 
     def claim(self) -> None:
         """Ownership, links and the lock; raises OutputError/TrainError and leaves nothing behind."""
+        try:
+            self._claim()
+        except OSError as exc:  # a folder we may not even read
+            raise TrainError(f"{exc.filename or self.display()}: {exc.strerror or exc}; use another --output") \
+                from None
+
+    def _claim(self) -> None:
         self._check_ours()
         self.dir.check_links(SUBDIRS)
         parent, missing = self.root, []

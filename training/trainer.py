@@ -33,6 +33,7 @@ from training.checkpoint import (
     UNREADABLE_SUFFIX,
     all_finite,
     check_resumable,
+    checkpoint_name,
     find_latest,
     list_checkpoints,
     load_checkpoint,
@@ -166,18 +167,20 @@ class Trainer:
                  self.steps_per_epoch * self.global_batch)
 
     def _together(self, phase: Callable[[], None]) -> None:
-        """Run a setup phase on this rank; if it refuses on any rank, every rank stops with it."""
+        """Run a setup phase on this rank; if it fails on any rank, every rank stops with it (a refusal
+        with exit 2, a failure with exit 1) instead of waiting for the others in a collective."""
         error: BaseException | None = None
         try:
             phase()
-        except (TrainError, OutputError) as exc:
+        except (TrainError, OutputError, RunFailed) as exc:
             error = exc
-        failed = [(r, m) for r, m in enumerate(gather_objects(None if error is None else str(error),
-                                                               self.dist.world_size)) if m is not None]
+        mine = None if error is None else (isinstance(error, RunFailed), str(error))
+        failed = [(r, m) for r, m in enumerate(gather_objects(mine, self.dist.world_size)) if m is not None]
         if error is not None:
             raise error
         if failed:
-            raise TrainError(f"stopped because rank {failed[0][0]} refused the run: {failed[0][1]}")
+            rank, (run_failed, message) = failed[0]
+            raise (RunFailed if run_failed else TrainError)(f"stopped because rank {rank} did: {message}")
 
     def _warn_about_inputs(self) -> None:
         """Things that do not stop a run but make it other than the user thinks."""
@@ -207,7 +210,7 @@ class Trainer:
         subdirs = ["", "checkpoints", "model", "tb"] if dist.is_main else ([""] if cfg.run.trace else [])
         self.output.check_writable(subdirs)
 
-        self.threads = set_cpu_threads(cfg.run.threads, cfg.data.workers, dist)
+        self.threads = set_cpu_threads(cfg.run.threads, dist)
         torch.manual_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         random.seed(cfg.run.seed)
         bundle = build_model(cfg.model, cfg.run.precision, self.device, self.definition)
@@ -222,6 +225,12 @@ class Trainer:
 
     def _write_run_files(self) -> None:
         """Rank 0, once every check passed: the only writes before training."""
+        try:
+            self._write_run_files_unchecked()
+        except OSError as exc:  # checked writable a moment ago: a full disk, or someone changed it since
+            raise RunFailed(f"{exc.filename or self.out}: cannot write ({exc.strerror or exc})") from exc
+
+    def _write_run_files_unchecked(self) -> None:
         self.output.record_run({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.model_name})
         if not (self.out / "model" / f"{self.model_name}.json").exists():
             # OUT/model/NAME.json: what open_clip needs to rebuild the model a checkpoint names.
@@ -384,14 +393,15 @@ class Trainer:
                 "nonfinite_skipped": self.nonfinite_skipped,
             }
             try:
-                self.last_saved = save_checkpoint(self.ckpt_dir, self.step, payload, self.cfg.ckpt.keep_last, score)
-                log.info("saved %s", self.last_saved)
+                log.info("saved %s", save_checkpoint(self.ckpt_dir, self.step, payload, self.cfg.ckpt.keep_last,
+                                                     score))
             except RunFailed as exc:
                 error = str(exc)
         # Also the barrier that keeps the other ranks from running ahead of the save.
         failed = [m for m in gather_objects(error, self.dist.world_size) if m is not None]
         if failed:
             raise RunFailed(failed[0])
+        self.last_saved = self.ckpt_dir / checkpoint_name(self.step)  # on every rank, for their messages
 
     def _check_finite_weights(self, before: str) -> None:
         """Stop if the last update left a weight (or optimizer moment) non-finite: a loss that was still
