@@ -236,7 +236,7 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"first run ended early: {proc.stderr.read()[-2000:]}")
+            raise AssertionError(f"first run ended early: {proc.stderr.read()[-2000:] if proc.stderr else proc.args}")
         if time.monotonic() > deadline:
             raise AssertionError("first run never got going")
         time.sleep(0.2)
@@ -268,6 +268,45 @@ def test_a_second_run_into_a_held_folder_is_refused_naming_the_holder(data, tmp_
                       "--output", str(out)))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "taking over a stale lock" in r.stderr and f"process {first.pid} on this host is gone" in r.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (dead, not yet reaped by its new parent) counts as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_ranks_stop_when_torchrun_is_killed(data, tmp_path):
+    """torchrun puts each rank in a session of its own: killing torchrun alone (or its process group)
+    used to leave the ranks training into the folder. They follow their launcher now."""
+    out = tmp_path / "run"
+    log = (tmp_path / "torchrun.log").open("w")  # not a pipe: a rank that outlives torchrun would hold it open
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                                 str(REPO / "training/train.py"),
+                                 *common(data, "--epochs", "1000", "--save-every", "2", "--output", str(out))],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    try:
+        _wait_for(lambda: list_checkpoints(out / "checkpoints"), 90, launcher)
+        rank0 = json.loads((out / ".clipforge.lock").read_text())["pid"]
+        assert rank0 != launcher.pid and _alive(rank0)
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 40
+        while _alive(rank0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        survived = _alive(rank0)
+        if survived:
+            os.killpg(rank0, signal.SIGKILL)
+        assert not survived, "the rank kept running after torchrun was killed"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        log.close()
+    assert not (out / ".clipforge.lock").exists()  # it stopped through its finally blocks: lock released
 
 
 # -- 3. unwritable output, found at start -------------------------------------------------------

@@ -6,13 +6,19 @@ backend follows the device: NCCL on GPUs, gloo on CPU.
 
 from __future__ import annotations
 
+import _thread
 import datetime
+import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ def init_distributed(device: str = "auto", timeout_min: int = 30) -> DistInfo:
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        follow_launcher()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
@@ -55,6 +63,28 @@ def init_distributed(device: str = "auto", timeout_min: int = 30) -> DistInfo:
             **({"device_id": dev} if use_cuda else {}),
         )
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, local_world_size=local_world)
+
+
+def follow_launcher(interval: float = 1.0, grace: float = 30.0) -> None:
+    """Stop this rank when torchrun, its parent, is gone.
+
+    torchrun starts each rank in a session of its own, so killing torchrun's process group (what
+    a job scheduler or a terminal does) leaves the ranks training and writing on their own. A
+    watcher thread notices the parent's death and interrupts the main thread (KeyboardInterrupt:
+    `finally` blocks run, the output folder's lock is released); if that cannot land in `grace`
+    seconds (the main thread waits inside a collective for a rank that is gone), the process exits.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        log.error("rank %s: torchrun (pid %d) is gone; stopping this rank", os.environ.get("RANK", "?"), parent)
+        _thread.interrupt_main()
+        time.sleep(grace)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="clipforge-follow-launcher", daemon=True).start()
 
 
 def set_cpu_threads(requested: int | None, info: DistInfo) -> int:
