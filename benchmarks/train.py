@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[label].append(run)
                 print(f"{precision} round {i} {label:9s}: steady {run.steady:7.1f} samples/s, end-to-end "
                       f"{total / run.wall:7.1f} samples/s ({run.wall:.1f}s wall: {run.progress[0][0]:.1f}s to "
-                      f"the first step, {run.wall - run.progress[-1][0]:.1f}s after the last)", flush=True)
+                      f"the first step, {run.wall - run.progress[-1][0]:.1f}s after the last; load average "
+                      f"{os.getloadavg()[0]:.2f} at its end)", flush=True)
         summary = {}
         for label, runs in results.items():
             # Medians: on a shared machine one round can run 10x slow (OpenMP threads that wait for a

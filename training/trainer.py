@@ -324,17 +324,18 @@ class Trainer:
                              f"{self.micro_batches_per_epoch} micro-batches; restore the run's settings, or start "
                              "a new run with --pretrained pointing at the checkpoint")
         step = ckpt["step"]
-        later = [p for p in list_checkpoints(self.ckpt_dir) if step_of(p) > step and p not in self._set_aside]
-        readable_later = [p for p in later if unreadable(p) is None]
+        later = {p: unreadable(p) for p in list_checkpoints(self.ckpt_dir)
+                 if step_of(p) > step and p not in self._set_aside}
+        readable_later = [p for p, why in later.items() if why is None]
         if readable_later:
             # Same trap as a fresh start over an old run: pruning by step would keep the old
             # history's later checkpoints and delete the new ones, and "latest" would pick the old.
             raise TrainError(f"{path}: step {step}, but {self.ckpt_dir} already holds {len(readable_later)} later "
                              f"checkpoint(s) up to {readable_later[-1].name}; resume from the latest, or copy this "
                              "checkpoint and resume it with another --output")
-        for p in later:
-            log.warning("--resume %s: step %d, past the later %s: %s", path, step, p.name, unreadable(p))
-        self._set_aside += later
+        for p, why in later.items():
+            log.warning("--resume %s: step %d, past the later %s: %s", path, step, p.name, why)
+        self._set_aside += list(later)
 
     def _resume(self, path: Path, ckpt: dict[str, Any]) -> None:
         try:
