@@ -468,3 +468,22 @@ def test_warnings_for_misleading_inputs(data, tmp_path):
     assert f"--output {shards}/run is inside the shards folder {shards}" in r.stderr
     assert "class folder(s) without images (zz_leftover) still count as classes (1 of 25)" in r.stderr
     assert "where sizes.json says 320" in r.stderr  # and what a shard really delivered
+
+
+def test_checkpoints_of_earlier_versions_stay_resumable(tmp_path):
+    """A checkpoint written before data fingerprints and model definitions were recorded is compared
+    on what it has: the --train-data spec (normalised) and the model's name."""
+    from training.checkpoint import check_resumable
+    from training.errors import TrainError
+
+    old = {"data": {"train_data": "/d/shards/{00000..00003}.tar", "batch_size": 8}, "model": {"model": "/a/tiny.json"},
+           "run": {"seed": 0}}
+    now = {"data": {"train_data": "/d/./shards/{00000..00003}.tar", "batch_size": 8,
+                    "fingerprint": {"shards": 4, "bytes": 1, "digest": "x"}},
+           "model": {"model": "/b/tiny.json", "definition": {"embed_dim": 64}}, "run": {"seed": 0}}
+    check_resumable(old, now, tmp_path / "old.pt")  # same data and model, spelt otherwise: fine
+    other = {**now, "data": {**now["data"], "train_data": "/e/shards/{00000..00003}.tar"}}
+    with pytest.raises(TrainError, match=r"--train-data: /d/shards/\{00000..00003\}.tar -> /e/shards"):
+        check_resumable(old, other, tmp_path / "old.pt")
+    with pytest.raises(TrainError, match="--model: /a/tiny.json -> ViT-B-32"):
+        check_resumable(old, {**now, "model": {"model": "ViT-B-32", "definition": {}}}, tmp_path / "old.pt")
