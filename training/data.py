@@ -242,11 +242,16 @@ class SampleErrors:
     def __init__(self, where: str) -> None:
         self.where = where
         self.count = 0
-        self._warned: set[str] = set()
+        self._warned: set[tuple[str, str]] = set()
+        self._samples = 0  # per-sample failures, for the rate limit of their warnings
 
     def __call__(self, exc: BaseException, what: str = "") -> bool:
         self.count += 1
-        if self.count == 1 or self.count % WARN_EVERY == 0:
+        if isinstance(exc, ShardDamaged):  # a shard-level fault: always named, once per shard
+            self.note(exc.url, f"{exc.why}; counted as a bad sample", kind="damaged")
+            return True
+        self._samples += 1
+        if self._samples == 1 or self._samples % WARN_EVERY == 0:
             log.warning("%s: skipped bad sample #%d %s(%s: %s)", self.where, self.count,
                         f"{what} " if what else "", type(exc).__name__, str(exc)[:200])
         return True  # webdataset handler protocol: True = continue
@@ -254,19 +259,21 @@ class SampleErrors:
     def lost(self, n: int, url: str, why: str) -> None:
         """n samples a damaged shard did not deliver: counted, and warned about once per shard."""
         self.count += n
-        if url not in self._warned:
-            self._warned.add(url)
-            log.warning("%s: %s: %s; %d sample(s) counted as bad", self.where, url, why, n)
+        self.note(url, f"{why}; {n} sample(s) counted as bad", kind="lost")
 
-    def note(self, url: str, why: str) -> None:
-        """A shard oddity that loses no sample (more samples than sizes.json says): warned once."""
-        if url not in self._warned:
-            self._warned.add(url)
+    def note(self, url: str, why: str, kind: str = "") -> None:
+        """Warn about a shard once per kind of trouble (a shard is read again in every pass)."""
+        if (url, kind) not in self._warned:
+            self._warned.add((url, kind))
             log.warning("%s: %s: %s", self.where, url, why)
 
 
 class ShardDamaged(Exception):
-    """A shard's tar stops before its end-of-archive marker (samples after the cut are lost)."""
+    """A shard that is not a whole tar: the samples after the damage are lost."""
+
+    def __init__(self, url: str, why: str) -> None:
+        super().__init__(f"{url}: {why}")
+        self.url, self.why = url, why
 
 
 _META_RE = re.compile(r"__[^/]*__($|/)")
@@ -288,13 +295,13 @@ def tar_members(url: str, handler: Callable[[BaseException], bool]) -> Iterator[
         try:
             tar = tarfile.open(fileobj=f, mode="r|*")
         except Exception as exc:  # empty, garbage, unknown compression: the whole shard is bad
-            handler(exc)
+            handler(ShardDamaged(url, f"not a readable tar ({type(exc).__name__}: {exc})"))
             return
         while True:
             try:
                 info = tar.next()
             except Exception as exc:  # a header tarfile calls damaged: the rest of the stream is lost
-                handler(exc)
+                handler(ShardDamaged(url, f"unreadable after byte {tar.offset} ({type(exc).__name__}: {exc})"))
                 return
             if info is None:
                 break
@@ -305,7 +312,8 @@ def tar_members(url: str, handler: Callable[[BaseException], bool]) -> Iterator[
             try:
                 data = tar.extractfile(info).read()
             except Exception as exc:  # cut inside the member's data: nothing after it can be read
-                handler(exc)
+                handler(ShardDamaged(url, f"the tar ends early, inside the data of {name} "
+                                          f"({type(exc).__name__}: {exc})"))
                 return
             tar.members = []  # a stream reader must not keep every header of a long shard
             yield {"fname": name, "data": data, "__url__": url}
@@ -327,7 +335,7 @@ def tar_members(url: str, handler: Callable[[BaseException], bool]) -> Iterator[
         why = "the end-of-archive marker is cut short"
     else:
         why = "data that is not a tar member header (the rest of the shard cannot be read)"
-    handler(ShardDamaged(f"{url}: the tar ends early: after the last readable member, at byte {end}, {why}"))
+    handler(ShardDamaged(url, f"the tar ends early: after the last readable member, at byte {end}, {why}"))
 
 
 class ShardStream(IterableDataset):
