@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.shards import write_tar
-from training.data import EpochPlan, count_samples, expand_shards, make_loader
+from training.data import EpochPlan, ShardSet, count_samples, expand_shards, make_loader
 from training.errors import TrainError
 from training.synthetic import write_shape_shards
 
@@ -135,7 +136,9 @@ def test_bad_samples_and_shards_are_skipped_and_counted(shards, tmp_path, codec,
     assert bs[-1][2]["bad"] >= 2  # the undecodable jpg and the txt-less sample, at least
     keys = [k for _, _, m in bs for k in m["keys"]]
     assert not any(k.startswith(("corrupt.tar", "garbage.tar", "empty.tar")) for k in keys)
-    assert "skipped bad sample #1" in caplog.text
+    assert "skipped bad sample #" in caplog.text
+    for damaged in (truncated, empty, garbage):  # each damaged shard is named, whatever else was skipped
+        assert f"{damaged}: " in caplog.text and "counted as a bad sample" in caplog.text
 
 
 def test_all_invalid_shards_raise_instead_of_looping(tmp_path, codec):
@@ -195,3 +198,71 @@ def test_loader_works_with_webdataset_0_2_111(shards):
     assert not outs["installed"]["WDS"].startswith("0.2.111 ")
     assert len(outs["new"]["KEYS"].split(",")) == 96
     assert outs["new"]["KEYS"] == outs["installed"]["KEYS"]  # same stream, whichever version reads the tars
+
+
+def _member_offsets(path: Path) -> list[int]:
+    with tarfile.open(path) as tar:
+        return [m.offset for m in tar.getmembers()]
+
+
+@pytest.mark.parametrize("cut", ["inside_header", "between_members", "inside_data", "garbage_header"])
+def test_every_sample_a_damaged_shard_loses_is_counted(shards, tmp_path, codec, caplog, cut):
+    """tarfile takes a header cut short (or garbage) for the end of the archive: without a check the
+    samples after it vanish without a word. Each cut is counted against sizes.json, and named."""
+    raw = (shards / "00000.tar").read_bytes()
+    at = _member_offsets(shards / "00000.tar")[3 * 7]  # the header of sample 7 (jpg, txt, json each)
+    damaged = {"inside_header": raw[:at + 100], "between_members": raw[:at], "inside_data": raw[:at + 700],
+               "garbage_header": raw[:at] + b"\x7f" * 512 + raw[at + 512:]}[cut]
+    (tmp_path / "00000.tar").write_bytes(damaged)
+    shutil.copy(shards / "00001.tar", tmp_path / "00001.tar")
+    urls = [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
+    sizes = {urls[0]: 20, urls[1]: 20}
+    # One pass over both shards: 7 good samples from the damaged one, 20 from the other.
+    bs = batches(plan(urls, batches=1, batch_size=27, shuffle_buffer=100, shuffle_initial=100, sizes=sizes), codec)
+    keys = [k for _, _, m in bs for k in m["keys"]]
+    assert sum(k.startswith("00000.tar/") for k in keys) == 7
+    assert bs[-1][2]["bad"] == 13  # 20 - 7: every sample the cut lost, counted
+    assert f"{urls[0]}: delivered 7 good" in caplog.text and "where sizes.json says 20" in caplog.text
+    assert f"{urls[0]}: the tar ends early" in caplog.text
+
+    # Without a sizes.json the loss cannot be sized, but the shard is still named and counted.
+    caplog.clear()
+    bs = batches(plan(urls, batches=1, batch_size=27, shuffle_buffer=100, shuffle_initial=100), codec)
+    assert bs[-1][2]["bad"] == 1
+    assert f"{urls[0]}: the tar ends early" in caplog.text
+
+
+def test_intact_shards_count_nothing_and_match_sizes_json(shards, codec, caplog):
+    urls = expand_shards(f"{shards}/{{00000..00007}}.tar")
+    sizes = {u: n for u, n in zip(urls, [20] * 7 + [10], strict=True)}
+    bs = batches(plan(urls, batches=18, sizes=sizes), codec)  # 144 of the 150 samples
+    assert bs[-1][2]["bad"] == 0 and "ends early" not in caplog.text and "sizes.json says" not in caplog.text
+
+
+def test_sizes_json_that_overstates_counts_is_flagged(shards, tmp_path):
+    for name in ("00000.tar", "00001.tar"):
+        shutil.copy(shards / name, tmp_path / name)
+    (tmp_path / "sizes.json").write_text('{"00000.tar": 200, "00001.tar": 20}')  # ten times the truth, then right
+    shard_set = ShardSet.describe([str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")])
+    flagged = shard_set.implausible_counts()
+    assert len(flagged) == 1 and flagged[0].startswith(f"{tmp_path / '00000.tar'}: sizes.json says 200 samples")
+
+
+def test_data_fingerprint_is_content_not_path_spelling(shards, tmp_path):
+    urls = expand_shards(f"{shards}/{{00000..00003}}.tar")
+    same = expand_shards(f"{shards}/./{{00000..00003}}.tar")
+    assert ShardSet.describe(urls).fingerprint() == ShardSet.describe(same).fingerprint()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for u in urls:
+        shutil.copy(u, copy)
+    shutil.copy(shards / "sizes.json", copy)
+    assert ShardSet.describe(expand_shards(f"{copy}/{{00000..00003}}.tar")).fingerprint() == \
+        ShardSet.describe(urls).fingerprint()
+    # Other content at the same path, with the same sizes.json counts and (tar records round sizes up to
+    # 10 KiB) the very same file sizes: still other data.
+    write_shape_shards(tmp_path / "other", 150, 20, size=32, seed=9, fmts=("jpg", "png", "webp"))
+    assert (tmp_path / "other/00002.tar").stat().st_size == (copy / "00002.tar").stat().st_size
+    shutil.copy(tmp_path / "other/00002.tar", copy / "00002.tar")
+    assert ShardSet.describe(expand_shards(f"{copy}/{{00000..00003}}.tar")).fingerprint() != \
+        ShardSet.describe(urls).fingerprint()

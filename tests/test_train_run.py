@@ -185,9 +185,11 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, case):
         args = ["--train-data", str(bad / "00000.tar")]
     if case == "fresh_over_old_run":
         # Without --resume, pruning by step number would delete the new run's checkpoints, not the old run's.
+        # (A clipforge 0.1 run folder: config.yaml and checkpoints/, no run.json.)
         old = tmp_path / "o/checkpoints/step_00000099.pt"
         old.parent.mkdir(parents=True)
         old.write_bytes(b"an earlier run's checkpoint")
+        (tmp_path / "o/config.yaml").write_text("data: {}\nmodel: {}\nrun: {}\n")
         args = ["--train-data", shards]
     if case == "corrupt_eval_image":
         zs = _tiny_zs(tmp_path)
@@ -203,20 +205,31 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, case):
 
 
 @pytest.mark.timeout(30)
-def test_cpu_threads_leave_cores_for_loader_workers(monkeypatch):
+def test_cpu_threads_share_the_cores_among_local_ranks(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     two_ranks = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), local_world_size=2)
+    nine_ranks = DistInfo(rank=0, world_size=9, local_rank=0, device=torch.device("cpu"), local_world_size=9)
     try:
-        assert set_cpu_threads(None, 1, two_ranks) == 3  # 8 cores / 2 ranks - 1 worker
-        assert set_cpu_threads(None, 6, two_ranks) == 1  # never below one
-        assert set_cpu_threads(2, 6, two_ranks) == 2  # --threads wins
+        assert set_cpu_threads(None, two_ranks) == 4  # 8 cores / 2 ranks (loader workers mostly wait)
+        assert set_cpu_threads(None, nine_ranks) == 1  # never below one
+        assert set_cpu_threads(2, two_ranks) == 2  # --threads wins
         monkeypatch.setenv("OMP_NUM_THREADS", "5")
         torch.set_num_threads(5)
-        assert set_cpu_threads(None, 1, two_ranks) == 5  # the user's (or torchrun's) setting stands
+        assert set_cpu_threads(None, two_ranks) == 5  # the user's (or torchrun's) setting stands
     finally:
         torch.set_num_threads(before)
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
+    # OpenMP reads the policy once, when torch loads it: the entry point must set it before that.
+    code = "import sys, os, training.train; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    r = run([sys.executable, "-c", code], timeout=60, env={**env, "PYTHONPATH": str(REPO)})
+    assert r.stdout.split() == ["PASSIVE", "False"], r.stderr[-2000:]
+    r = run([sys.executable, "-c", code], timeout=60, env={**env, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "ACTIVE"})
+    assert r.stdout.split() == ["ACTIVE", "False"], r.stderr[-2000:]
 
 
 @pytest.mark.timeout(150)

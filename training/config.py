@@ -76,8 +76,13 @@ class OptimConfig:
     warmup: int = _f(100, "linear warmup steps")
     grad_clip_norm: float | None = _f(1.0, "clip the global gradient norm to this (none: off)")
     accum_freq: int = _f(1, "micro-batches per optimizer step (features cached so the loss sees all of them)")
+    skip_nonfinite: int = _f(0, "skip up to N steps whose loss or gradient norm is not finite (their update is "
+                             "not applied) before stopping the run; fp16's GradScaler skips its own overflow steps "
+                             "regardless")
 
     def __post_init__(self) -> None:
+        if self.skip_nonfinite < 0:
+            raise TrainError(f"--skip-nonfinite must be >= 0, got {self.skip_nonfinite}")
         if self.accum_freq < 1:
             raise TrainError(f"--accum-freq must be >= 1, got {self.accum_freq}")
         if self.lr <= 0 or self.warmup < 0:
@@ -126,7 +131,7 @@ class RunConfig:
     precision: str = _f("amp_bf16", "one of " + ", ".join(PRECISIONS))
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu or cuda")
     threads: int | None = _f(None, "torch intra-op threads per process; default on CPU: usable cores / local "
-                             "ranks - loader workers (at least 1), unless OMP_NUM_THREADS is set")
+                             "ranks (at least 1), unless OMP_NUM_THREADS is set")
     log_every: int = _f(10, "log a line (and TensorBoard scalars) every N steps")
     stop_after: int | None = _f(None, "stop after this global step, as if preempted (a checkpoint is written)")
     trace: bool = _f(False, "record each step's sample keys and loss per rank in OUT/trace-rankR.jsonl")

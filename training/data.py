@@ -6,8 +6,9 @@ stopped:
 
 * The shard list is shuffled with (seed, epoch), identical on all ranks, then split
   by node (`[rank::world]`) and by worker (`[w::workers]`) as OpenCLIP does.
-* Each worker reads its shards with webdataset's tar reader, pushes the raw samples
-  through a seeded shuffle buffer, and only then decodes; augmentation randomness is
+* Each worker reads its shards (tar_members, then webdataset's grouping of members
+  into samples), pushes the raw samples through a seeded shuffle buffer, and only
+  then decodes; augmentation randomness is
   seeded per sample. A worker that exhausts its shards reads them again (new order)
   until it has produced its quota, so every rank yields exactly the same number of
   batches per epoch and no collective ever waits for a rank that ran dry. A full
@@ -17,8 +18,12 @@ stopped:
   and on resume each worker skips exactly that many raw samples without decoding
   them. Bad samples are skipped identically both times, so the batches after a resume
   equal those of an uninterrupted run.
+* No sample is lost unseen. Python's tarfile takes a member header that is cut short
+  (or garbage) for the end of the archive; tar_members checks that a shard really
+  ended, and what each shard delivered is compared with its sizes.json count: every
+  sample a damaged shard did not deliver is counted as bad, and the shard named.
 
-Only `webdataset.tarfile_samples` is used, which has the same behaviour in 0.2.86 and
+Of webdataset only `group_by_keys` is used, which has the same behaviour in 0.2.86 and
 0.2.111 (later versions broke OpenCLIP's pipeline, see REFERENCE.md).
 """
 
@@ -29,6 +34,8 @@ import io
 import json
 import logging
 import random
+import re
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -69,28 +76,99 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
-def count_samples(urls: list[str]) -> int:
-    """Sum of sizes.json entries (shard basename -> count) over the listed shards."""
+def read_sizes(urls: list[str], required: bool = False) -> dict[str, int | None]:
+    """Each shard's sample count from the sizes.json next to it (shard basename -> count); None where
+    there is no sizes.json (an error if `required`)."""
     by_dir: dict[str, list[str]] = {}
     for url in urls:
         parent, _, name = url.rpartition("/")
-        by_dir.setdefault(parent or ".", []).append(name)
-    total = 0
-    for parent, names in by_dir.items():
+        by_dir.setdefault(parent or ".", []).append(url)
+    counts: dict[str, int | None] = {}
+    for parent, members in by_dir.items():
         sizes_url = f"{parent}/{SIZES_FILE}"
         fs, path = get_fs(sizes_url)
         if not fs.exists(path):
-            raise TrainError(f"{sizes_url}: missing; write it (shard name -> sample count) or pass --train-num-samples")
+            if required:
+                raise TrainError(f"{sizes_url}: missing; write it (shard name -> sample count) or pass "
+                                 "--train-num-samples")
+            counts.update(dict.fromkeys(members))
+            continue
         try:
             with fs.open(path, "rb") as f:
                 sizes = json.load(f)
         except (OSError, ValueError) as exc:
             raise TrainError(f"{sizes_url}: unreadable ({exc})") from exc
-        for name in names:
+        if not isinstance(sizes, dict):
+            raise TrainError(f"{sizes_url}: expected a mapping of shard name -> sample count")
+        for url in members:
+            name = url.rpartition("/")[2]
             if name not in sizes:
-                raise TrainError(f"{sizes_url}: has no entry for {name}; rewrite it or pass --train-num-samples")
-            total += int(sizes[name])
-    return total
+                if required:
+                    raise TrainError(f"{sizes_url}: has no entry for {name}; rewrite it or pass --train-num-samples")
+                counts[url] = None
+                continue
+            n = sizes[name]
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise TrainError(f"{sizes_url}: {name}: {n!r} is not a sample count")
+            counts[url] = n
+    return counts
+
+
+def count_samples(urls: list[str]) -> int:
+    """Sum of sizes.json entries (shard basename -> count) over the listed shards."""
+    return sum(n or 0 for n in read_sizes(urls, required=True).values())
+
+
+HEAD_BYTES = 4096
+"""Bytes of each shard that its data fingerprint covers: the first member header and sample data."""
+MIN_SAMPLE_BYTES = 1536
+"""The fewest tar bytes a sample can take: an image member (512-byte header + a data block) and a
+txt member (a header; an empty caption has no data block)."""
+
+
+@dataclass
+class ShardSet:
+    """The training shards as they are on disk: what a run's data identity is made of."""
+
+    urls: list[str]
+    nbytes: list[int]
+    counts: dict[str, int | None]
+    """Sample count per shard from sizes.json, None where unknown."""
+    _fingerprint: dict[str, Any] | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def describe(cls, urls: list[str]) -> ShardSet:
+        nbytes = []
+        for url in urls:
+            fs, path = get_fs(url)
+            nbytes.append(int(fs.size(path)))
+        return cls(urls, nbytes, read_sizes(urls))
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Identity by content, not by path spelling: each shard's name, size in bytes, sizes.json count
+        and first HEAD_BYTES (its first sample), in order (the order decides the shuffle). The head is
+        needed because tar sizes are rounded up to 10 KiB records: other shards of the same sample
+        count often have the very same sizes. Computed once, on first use."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for url, n in zip(self.urls, self.nbytes, strict=True):
+                fs, path = get_fs(url)
+                with fs.open(path, "rb") as f:
+                    head = f.read(HEAD_BYTES)
+                h.update(f"{url.rpartition('/')[2]}\0{n}\0{self.counts.get(url)}\0".encode())
+                h.update(hashlib.blake2b(head, digest_size=16).digest())
+            self._fingerprint = {"shards": len(self.urls), "bytes": sum(self.nbytes), "digest": h.hexdigest()[:32]}
+        return self._fingerprint
+
+    def implausible_counts(self) -> list[str]:
+        """Shards for which sizes.json claims more samples than the file could hold."""
+        out = []
+        for url, n in zip(self.urls, self.nbytes, strict=True):
+            count = self.counts.get(url)
+            if count is not None and count > n // MIN_SAMPLE_BYTES:
+                out.append(f"{url}: sizes.json says {count} samples, but {n} bytes hold at most "
+                           f"{n // MIN_SAMPLE_BYTES}")
+        return out
 
 
 def _seed(*parts: Any) -> int:
@@ -128,6 +206,8 @@ class EpochPlan:
     """Bad samples each logical worker had counted in this epoch when start_batch was reached."""
     shuffle_buffer: int = 1000
     shuffle_initial: int = 100
+    sizes: dict[str, int | None] = field(default_factory=dict)
+    """Samples per shard from sizes.json, where known: what each shard must deliver."""
 
     def __post_init__(self) -> None:
         if not self.consumed:
@@ -162,13 +242,100 @@ class SampleErrors:
     def __init__(self, where: str) -> None:
         self.where = where
         self.count = 0
+        self._warned: set[tuple[str, str]] = set()
+        self._samples = 0  # per-sample failures, for the rate limit of their warnings
 
     def __call__(self, exc: BaseException, what: str = "") -> bool:
         self.count += 1
-        if self.count == 1 or self.count % WARN_EVERY == 0:
+        if isinstance(exc, ShardDamaged):  # a shard-level fault: always named, once per shard
+            self.note(exc.url, f"{exc.why}; counted as a bad sample", kind="damaged")
+            return True
+        self._samples += 1
+        if self._samples == 1 or self._samples % WARN_EVERY == 0:
             log.warning("%s: skipped bad sample #%d %s(%s: %s)", self.where, self.count,
                         f"{what} " if what else "", type(exc).__name__, str(exc)[:200])
         return True  # webdataset handler protocol: True = continue
+
+    def lost(self, n: int, url: str, why: str) -> None:
+        """n samples a damaged shard did not deliver: counted, and warned about once per shard."""
+        self.count += n
+        self.note(url, f"{why}; {n} sample(s) counted as bad", kind="lost")
+
+    def note(self, url: str, why: str, kind: str = "") -> None:
+        """Warn about a shard once per kind of trouble (a shard is read again in every pass)."""
+        if (url, kind) not in self._warned:
+            self._warned.add((url, kind))
+            log.warning("%s: %s: %s", self.where, url, why)
+
+
+class ShardDamaged(Exception):
+    """A shard that is not a whole tar: the samples after the damage are lost."""
+
+    def __init__(self, url: str, why: str) -> None:
+        super().__init__(f"{url}: {why}")
+        self.url, self.why = url, why
+
+
+_META_RE = re.compile(r"__[^/]*__($|/)")
+_TAIL_LIMIT = 1 << 16
+"""Bytes after the last member that can still be end-of-archive padding (tar records are 10 KiB)."""
+
+
+def tar_members(url: str, handler: Callable[[BaseException], bool]) -> Iterator[dict[str, Any]]:
+    """{"fname", "data", "__url__"} of each regular file of a shard, as webdataset's tar reader gives
+    them; then a check that the tar really ended.
+
+    tarfile takes a member header cut short (or one that is garbage) for the end of the
+    archive and stops without a word: the samples after the cut would vanish uncounted. A
+    complete tar has only zero blocks (at least one) after its last member; anything else is
+    reported to `handler` as ShardDamaged, naming the shard and the byte.
+    """
+    fs, path = get_fs(url)
+    with fs.open(path, "rb") as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r|*")
+        except Exception as exc:  # empty, garbage, unknown compression: the whole shard is bad
+            handler(ShardDamaged(url, f"not a readable tar ({type(exc).__name__}: {exc})"))
+            return
+        while True:
+            try:
+                info = tar.next()
+            except Exception as exc:  # a header tarfile calls damaged: the rest of the stream is lost
+                handler(ShardDamaged(url, f"unreadable after byte {tar.offset} ({type(exc).__name__}: {exc})"))
+                return
+            if info is None:
+                break
+            name = info.name
+            if not info.isreg() or _META_RE.match(name) or ("/" not in name and name.startswith("__")
+                                                            and name.endswith("__")):
+                continue
+            try:
+                data = tar.extractfile(info).read()
+            except Exception as exc:  # cut inside the member's data: nothing after it can be read
+                handler(ShardDamaged(url, f"the tar ends early, inside the data of {name} "
+                                          f"({type(exc).__name__}: {exc})"))
+                return
+            tar.members = []  # a stream reader must not keep every header of a long shard
+            yield {"fname": name, "data": data, "__url__": url}
+        if getattr(tar.fileobj, "comptype", "tar") != "tar":
+            return  # offsets count uncompressed bytes: only the sizes.json comparison checks these
+        end = tar.offset
+        try:
+            f.seek(end)
+            tail = f.read(_TAIL_LIMIT + 1)
+        except (OSError, ValueError):
+            return  # not seekable: only the sizes.json comparison checks this one
+    if len(tail) >= 512 and not tail.strip(b"\0"):
+        return
+    if not tail:
+        why = "no end-of-archive marker after the last member (cut between two members?)"
+    elif len(tail) < 512 and tail.strip(b"\0"):
+        why = f"{len(tail)} bytes of a member header and then the end (cut inside a header?)"
+    elif len(tail) < 512:
+        why = "the end-of-archive marker is cut short"
+    else:
+        why = "data that is not a tar member header (the rest of the shard cannot be read)"
+    handler(ShardDamaged(url, f"the tar ends early: after the last readable member, at byte {end}, {why}"))
 
 
 class ShardStream(IterableDataset):
@@ -202,17 +369,37 @@ class ShardStream(IterableDataset):
             yield self.raw_samples(order, w, errors)
 
     def raw_samples(self, order: list[str], w: int, errors: SampleErrors) -> Iterator[dict[str, Any]]:
-        """Undecoded samples that have a txt and an image, from the shards in `order`."""
+        """Undecoded samples that have a txt and an image, from the shards in `order`.
+
+        What a shard delivered is compared with its sizes.json count where known: samples a
+        damaged shard did not deliver are counted as bad, whatever the damage."""
         usable = 0
         for url in order:
-            samples = wds.tarfile_samples(iter([{"url": url}]), handler=lambda exc, url=url: errors(exc, f"in {url}"))
-            for sample in samples:
+            bad_here = 0
+
+            def handler(exc: BaseException, url: str = url) -> bool:
+                nonlocal bad_here
+                bad_here += 1
+                return errors(exc, f"in {url}")
+
+            good_here = 0
+            for sample in wds.tariterators.group_by_keys(tar_members(url, handler), handler=handler):
                 if "txt" in sample and any(e in sample for e in IMAGE_EXTS):
                     usable += 1
+                    good_here += 1
                     yield sample
                 else:
+                    bad_here += 1
                     errors(ValueError(f"members {sorted(k for k in sample if not k.startswith('__'))}"),
                            f"{sample.get('__key__')} in {url} lacks txt or an image")
+            expected = self.plan.sizes.get(url)
+            if expected is not None and good_here + bad_here < expected:
+                errors.lost(expected - good_here - bad_here, url,
+                            f"delivered {good_here} good and {bad_here} bad sample(s) where sizes.json says "
+                            f"{expected} (a damaged shard, or a wrong sizes.json)")
+            elif expected is not None and good_here + bad_here > expected:
+                errors.note(url, f"holds {good_here + bad_here} samples where sizes.json says {expected}; "
+                            "rewrite sizes.json")
         if usable == 0:
             raise TrainError(f"{', '.join(order[:3])}{' ...' if len(order) > 3 else ''}: no sample with an "
                              f"image and a txt in {len(order)} shard(s) of rank {self.plan.rank} worker {w}; "

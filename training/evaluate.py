@@ -82,6 +82,13 @@ def load_classification(name: str, root: str | Path) -> ClassificationSet:
              for f in sorted((root / d).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not items:
         raise TrainError(f"{root}: zero-shot set {name!r} has no images")
+    empty = sorted(set(dirs) - {item.split("/", 1)[0] for item, _ in items})
+    if empty and not names_file.is_file():
+        # Still a class: its prompts compete with the others for every image, and chance level
+        # changes. Deliberate with a classnames.txt that lists it; likely a leftover without one.
+        log.warning("%s: zero-shot set %r: class folder(s) without images (%s) still count as classes "
+                    "(%d of %d); remove them, or list every class in %s to keep them", root, name,
+                    ", ".join(empty[:3]) + (" ..." if len(empty) > 3 else ""), len(empty), len(dirs), names_file)
     return ClassificationSet(name, root, classnames, templates, items)
 
 

@@ -8,15 +8,21 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 # torchrun runs this file as a script: make `training` and `pipeline` importable without installing.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Read once, when torch loads OpenMP: its threads then sleep between parallel regions instead of
+# spinning, which left the loader workers (and any other process) waiting for a core. With it,
+# torch may use every core (training/dist.py:set_cpu_threads has the measurements). A user's setting stands.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import logging  # noqa: E402
+from typing import Any  # noqa: E402
 
-from training.errors import TrainError  # noqa: E402
+from training.errors import RunFailed, TrainError  # noqa: E402
 
 
 def _one_line(exc: BaseException) -> str:
@@ -27,7 +33,12 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _rank(dist: Any) -> str:
+    return f"rank {dist.rank}: " if dist is not None and dist.distributed else ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import ConfigError  # pipeline.rundir's OutputError: --output is not ours to write
     from training.config import parse_config
     from training.dist import close_distributed, init_distributed
 
@@ -47,10 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             trainer.close()
         return 0
-    except TrainError as exc:
-        rank = f"rank {dist.rank}: " if dist is not None and dist.distributed else ""
-        print(f"error: {rank}{_one_line(exc)}", file=sys.stderr)
+    except (TrainError, ConfigError) as exc:
+        print(f"error: {_rank(dist)}{_one_line(exc)}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"error: {_rank(dist)}{_one_line(exc)}", file=sys.stderr)
+        return 1
     finally:
         close_distributed()
 

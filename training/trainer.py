@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -22,26 +23,34 @@ from typing import Any
 import open_clip
 import torch
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.shards import atomic_write_bytes, get_fs
 from training.checkpoint import (
-    CKPT_RE,
     FORMAT_VERSION,
+    UNREADABLE_SUFFIX,
+    all_finite,
     check_resumable,
+    checkpoint_name,
     find_latest,
     list_checkpoints,
     load_checkpoint,
+    newest_readable,
     save_checkpoint,
+    step_of,
+    unreadable,
 )
 from training.config import TrainConfig
-from training.data import EpochPlan, count_samples, expand_shards, make_loader
-from training.dist import DistInfo, barrier, gather_objects, set_cpu_threads
-from training.errors import TrainError
+from training.data import EpochPlan, ShardSet, count_samples, expand_shards, make_loader
+from training.dist import DistInfo, any_rank, gather_objects, set_cpu_threads
+from training.errors import RunFailed, TrainError
 from training.evaluate import Evaluator
 from training.loss import build_loss, compute_loss
-from training.model import build_model
+from training.model import build_model, model_definition, recorded_model_change, write_model_config
 from training.optim import build_optimizer, cosine_lr, set_lr
+from training.output import OutputError, RunOutput
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +75,43 @@ class StepStats:
 
 
 class Trainer:
+    """Built in phases, so that a run that must be refused is refused before anything in OUT is
+    written, on every rank at once (a rank left behind would wait forever in a collective):
+
+    1. rank 0 claims OUT (ownership, links, lock);
+    2. every rank checks what it reads (data, the recorded model config, the checkpoint to resume)
+       and that it can write where it will write, builds the model and loads the checkpoint;
+    3. the evaluator decodes its eval images; the model is wrapped for DDP;
+    4. rank 0 writes run.json, OUT/model/NAME.json (once per folder), config.yaml, and removes
+       the temporaries of killed saves.
+    """
+
     def __init__(self, cfg: TrainConfig, dist: DistInfo) -> None:
         self.cfg, self.dist = cfg, dist
-        self.out = Path(cfg.run.output)
-        self.ckpt_dir = self.out / "checkpoints"
         self.device = dist.device
+        self.tb = None
+        self.output: RunOutput | None = None
+        try:
+            self._build()
+        except BaseException:
+            if self.output is not None:
+                self.output.abandon()  # the lock, and a folder that only the lock had created
+            raise
+
+    def _build(self) -> None:
+        cfg, dist = self.cfg, self.dist
         if cfg.run.precision == "amp_fp16" and self.device.type == "cpu":
             raise TrainError("--precision amp_fp16 needs a CUDA GPU; on CPU use amp_bf16 or fp32")
-
-        # Checkpoints are pruned by step number, so a new run's early steps would be deleted in
-        # favour of an old run's later ones: a fresh start never shares a checkpoint folder.
-        existing = find_latest(self.ckpt_dir)
-        if existing is not None and not cfg.ckpt.resume:
-            raise TrainError(f"{existing}: --output {cfg.run.output} already holds checkpoints of a run; "
-                             "continue it with --resume latest, or start a new run with another --output")
+        self.output = RunOutput(cfg.run.output)
+        if not isinstance(self.output.fs, LocalFileSystem):
+            raise TrainError(f"--output {cfg.run.output}: the trainer writes only to a local (or mounted) folder "
+                             "so far; train into one and copy it to object storage")
+        self.out = Path(self.output.root)
+        self.ckpt_dir = self.out / "checkpoints"
 
         # Data first: a bad --train-data should fail before minutes of model building.
         self.urls = expand_shards(cfg.data.train_data)
+        self.shards = ShardSet.describe(self.urls)
         self.samples_per_epoch = cfg.data.train_num_samples or count_samples(self.urls)
         self.global_batch = cfg.data.batch_size * dist.world_size * cfg.optim.accum_freq
         self.steps_per_epoch = self.samples_per_epoch // self.global_batch
@@ -93,29 +122,10 @@ class Trainer:
         # Checked now rather than in a worker: too few shards for ranks x workers.
         EpochPlan(urls=self.urls, seed=cfg.run.seed, epoch=0, rank=dist.rank, world_size=dist.world_size,
                   workers=cfg.data.workers, batch_size=cfg.data.batch_size, batches=1)
-
-        self.threads = set_cpu_threads(cfg.run.threads, cfg.data.workers, dist)
-        torch.manual_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-        random.seed(cfg.run.seed)
-        # OUT/model/NAME.json: what open_clip needs to rebuild the model a checkpoint names.
-        bundle = build_model(cfg.model, cfg.run.precision, self.device, config_dir=self.out / "model")
-        self.model_name = bundle.name
-        self.raw_model = bundle.model
-        self.train_transform, self.tokenizer = bundle.train_transform, bundle.tokenizer
-        self.ddp: DistributedDataParallel | None = None
-        model: torch.nn.Module = self.raw_model
-        if dist.distributed:
-            self.ddp = DistributedDataParallel(
-                self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            model = self.ddp
-        self.model = torch.compile(model) if cfg.model.compile else model
-        self.optimizer = build_optimizer(self.raw_model, cfg.optim)
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.run.precision == "amp_fp16" else None
-        self.loss_fn = build_loss(cfg.model.siglip, dist.rank, dist.world_size)
-        self.evaluator = Evaluator(cfg.eval.zeroshot, cfg.eval.retrieval, cfg.eval.overlap_audit,
-                                   bundle.val_transform, self.tokenizer, self.device, self.autocast,
-                                   dist.rank, dist.world_size, cfg.eval.eval_batch_size,
-                                   input_dtype=open_clip.get_input_dtype(cfg.run.precision))
+        self.definition = model_definition(cfg.model)
+        self.model_name = self.definition.name
+        if dist.is_main:
+            self._warn_about_inputs()
 
         # Position: global step, completed epochs, micro-batches into the current epoch.
         self.step = 0
@@ -126,16 +136,26 @@ class Trainer:
         self.bad_before_epoch = 0
         self.bad_in_epoch: list[int] = []
         self.resume_bad_in_epoch: list[int] = []
-        if cfg.ckpt.resume:
-            self._resume(cfg.ckpt.resume)
+        self.nonfinite_skipped = 0
+        self.last_saved: Path | None = None
+        self._set_aside: list[Path] = []  # unreadable checkpoints a resume went past
 
-        self.tb = None
-        if dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(self.config_record(), sort_keys=False))
-            from torch.utils.tensorboard import SummaryWriter
+        self._together(self.output.claim if dist.is_main else lambda: None)
+        self._together(self._prepare)
+        self.evaluator = Evaluator(cfg.eval.zeroshot, cfg.eval.retrieval, cfg.eval.overlap_audit,
+                                   self.val_transform, self.tokenizer, self.device, self.autocast,
+                                   dist.rank, dist.world_size, cfg.eval.eval_batch_size,
+                                   input_dtype=open_clip.get_input_dtype(cfg.run.precision))
+        self.ddp: DistributedDataParallel | None = None
+        model: torch.nn.Module = self.raw_model
+        if dist.distributed:
+            # Broadcasts rank 0's weights: only once every rank is known to have got this far.
+            self.ddp = DistributedDataParallel(
+                self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            model = self.ddp
+        self.model = torch.compile(model) if cfg.model.compile else model
+        self._together(self._write_run_files if dist.is_main else lambda: None)
 
-            self.tb = SummaryWriter(str(self.out / "tb"))
         n_params = sum(p.numel() for p in self.raw_model.parameters())
         log.info("model %s: %.2fM parameters, precision %s, device %s, world size %d, %d torch thread(s) "
                  "+ %d loader worker(s) per rank", self.model_name, n_params / 1e6, cfg.run.precision, self.device,
@@ -145,6 +165,91 @@ class Trainer:
                  len(self.urls), self.samples_per_epoch, self.global_batch, cfg.data.batch_size,
                  dist.world_size, cfg.optim.accum_freq, self.steps_per_epoch, self.total_steps, cfg.run.epochs,
                  self.steps_per_epoch * self.global_batch)
+
+    def _together(self, phase: Callable[[], None]) -> None:
+        """Run a setup phase on this rank; if it fails on any rank, every rank stops with it (a refusal
+        with exit 2, a failure with exit 1) instead of waiting for the others in a collective."""
+        error: BaseException | None = None
+        try:
+            phase()
+        except (TrainError, OutputError, RunFailed) as exc:
+            error = exc
+        mine = None if error is None else (isinstance(error, RunFailed), str(error))
+        failed = [(r, m) for r, m in enumerate(gather_objects(mine, self.dist.world_size)) if m is not None]
+        if error is not None:
+            raise error
+        if failed:
+            rank, (run_failed, message) = failed[0]
+            raise (RunFailed if run_failed else TrainError)(f"stopped because rank {rank} did: {message}")
+
+    def _warn_about_inputs(self) -> None:
+        """Things that do not stop a run but make it other than the user thinks."""
+        implausible = self.shards.implausible_counts()
+        if implausible:
+            log.warning("sizes.json over-states %d shard(s), e.g. %s; samples per epoch (%d) comes from it, so "
+                        "each epoch re-reads the shards to make up the difference: rewrite sizes.json or pass "
+                        "--train-num-samples", len(implausible), implausible[0], self.samples_per_epoch)
+        out = os.path.realpath(self.out)
+        for folder in sorted({os.path.realpath(os.path.dirname(u)) for u in self.urls
+                              if isinstance(get_fs(u)[0], LocalFileSystem)}):
+            if out == folder or out.startswith(folder + os.sep):
+                log.warning("--output %s is inside the shards folder %s: checkpoints and logs then mix with the "
+                            "data (and travel with it); keep runs in a folder of their own", self.out, folder)
+
+    def _prepare(self) -> None:
+        """Every check that reads (nothing written yet), then the model built and the checkpoint loaded."""
+        cfg, dist = self.cfg, self.dist
+        change = recorded_model_change(self.definition, self.out / "model")
+        if change:
+            raise TrainError(change)
+        ckpt_path, ckpt = self._checkpoint_to_resume(cfg.ckpt.resume)
+        if ckpt is not None:
+            check_resumable(ckpt["config"], self.config_record(), ckpt_path)
+            self._check_resume_position(ckpt_path, ckpt)
+        # The folders this rank writes to, checked now rather than at the first save an epoch later.
+        subdirs = ["", "checkpoints", "model", "tb"] if dist.is_main else ([""] if cfg.run.trace else [])
+        self.output.check_writable(subdirs)
+
+        self.threads = set_cpu_threads(cfg.run.threads, dist)
+        torch.manual_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+        random.seed(cfg.run.seed)
+        bundle = build_model(cfg.model, cfg.run.precision, self.device, self.definition)
+        self.raw_model = bundle.model
+        self.train_transform, self.val_transform, self.tokenizer = (bundle.train_transform, bundle.val_transform,
+                                                                   bundle.tokenizer)
+        self.optimizer = build_optimizer(self.raw_model, cfg.optim)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.run.precision == "amp_fp16" else None
+        self.loss_fn = build_loss(cfg.model.siglip, dist.rank, dist.world_size)
+        if ckpt is not None:
+            self._resume(ckpt_path, ckpt)
+
+    def _write_run_files(self) -> None:
+        """Rank 0, once every check passed: the only writes before training."""
+        try:
+            self._write_run_files_unchecked()
+        except OSError as exc:  # checked writable a moment ago: a full disk, or someone changed it since
+            raise RunFailed(f"{exc.filename or self.out}: cannot write ({exc.strerror or exc})") from exc
+
+    def _write_run_files_unchecked(self) -> None:
+        self.output.record_run({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.model_name})
+        if not (self.out / "model" / f"{self.model_name}.json").exists():
+            # OUT/model/NAME.json: what open_clip needs to rebuild the model a checkpoint names.
+            write_model_config(self.definition, self.out / "model")
+        for path in self._set_aside:
+            aside = path.with_name(path.name + UNREADABLE_SUFFIX)
+            n = 1
+            while aside.exists():
+                aside, n = path.with_name(f"{path.name}{UNREADABLE_SUFFIX}.{n}"), n + 1
+            path.rename(aside)
+            log.warning("%s: unreadable, renamed to %s (out of the way of pruning and --resume latest)",
+                        path, aside.name)
+        self.output.remove_temporaries()
+        fs, root = get_fs(str(self.out))
+        atomic_write_bytes(fs, f"{root}/config.yaml",
+                           yaml.safe_dump(self.config_record(), sort_keys=False).encode())
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.out / "tb"))
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -172,6 +277,9 @@ class Trainer:
         rec = self.cfg.to_dict()
         rec["run"]["world_size"] = self.dist.world_size
         rec["data"]["samples_per_epoch"] = self.samples_per_epoch
+        # The data and the model by content: the same shards spelt another way are the same data.
+        rec["data"]["fingerprint"] = self.shards.fingerprint()
+        rec["model"]["definition"] = self.definition.config
         return rec
 
     def bad_samples(self) -> int:
@@ -184,18 +292,63 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------
 
-    def _resume(self, resume: str) -> None:
-        path = find_latest(self.ckpt_dir) if resume == "latest" else Path(resume)
-        if path is None:
-            log.info("--resume latest: no checkpoint in %s, starting from scratch", self.ckpt_dir)
-            return
-        ckpt = load_checkpoint(path)
-        check_resumable(ckpt["config"], self.config_record(), path)
-        self.raw_model.load_state_dict(ckpt["state_dict"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+    def _checkpoint_to_resume(self, resume: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint to resume from (loaded), after the checks that can refuse it; (None, None) for
+        a fresh start. Unreadable checkpoints are passed over with a warning naming each one."""
+        if not resume:
+            # Checkpoints are pruned by step number, so a new run's early steps would be deleted in
+            # favour of an old run's later ones: a fresh start never shares a checkpoint folder.
+            existing = find_latest(self.ckpt_dir)
+            if existing is not None:
+                raise TrainError(f"{existing}: --output {self.cfg.run.output} already holds checkpoints of a run; "
+                                 "continue it with --resume latest, or start a new run with another --output")
+            return None, None
+        if resume == "latest":
+            path, ckpt, skipped = newest_readable(self.ckpt_dir)
+            for _, why in skipped:
+                log.warning("--resume latest: passing over %s", why)
+            self._set_aside = [p for p, _ in skipped]
+            if path is None:
+                log.info("--resume latest: no %scheckpoint in %s, starting from scratch",
+                         "readable " if skipped else "", self.ckpt_dir)
+            return path, ckpt
+        path = Path(resume)
+        return path, load_checkpoint(path)
+
+    def _check_resume_position(self, path: Path, ckpt: dict[str, Any]) -> None:
+        """Refusals that depend on where in the data and in the folder's history the checkpoint lies."""
+        batch = ckpt["data"]["batch"]
+        if not 0 <= batch <= self.micro_batches_per_epoch:
+            # The epoch loop runs until batch_in_epoch == micro_batches_per_epoch: past it, never ends.
+            raise TrainError(f"{path}: data position micro-batch {batch} lies outside an epoch of "
+                             f"{self.micro_batches_per_epoch} micro-batches; restore the run's settings, or start "
+                             "a new run with --pretrained pointing at the checkpoint")
+        step = ckpt["step"]
+        later = {p: unreadable(p) for p in list_checkpoints(self.ckpt_dir)
+                 if step_of(p) > step and p not in self._set_aside}
+        readable_later = [p for p, why in later.items() if why is None]
+        if readable_later:
+            # Same trap as a fresh start over an old run: pruning by step would keep the old
+            # history's later checkpoints and delete the new ones, and "latest" would pick the old.
+            raise TrainError(f"{path}: step {step}, but {self.ckpt_dir} already holds {len(readable_later)} later "
+                             f"checkpoint(s) up to {readable_later[-1].name}; resume from the latest, or copy this "
+                             "checkpoint and resume it with another --output")
+        for p, why in later.items():
+            log.warning("--resume %s: step %d, past the later %s: %s", path, step, p.name, why)
+        self._set_aside += list(later)
+
+    def _resume(self, path: Path, ckpt: dict[str, Any]) -> None:
+        try:
+            self.raw_model.load_state_dict(ckpt["state_dict"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise TrainError(f"{path}: its weights do not fit model {self.model_name} "
+                             f"({' '.join(str(exc).split())[:200]}); resume with the model it was trained with") \
+                from None
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = ckpt["step"]
+        self.nonfinite_skipped = int(ckpt.get("nonfinite_skipped") or 0)
         data = ckpt["data"]
         self.epoch, self.batch_in_epoch, self.consumed = data["epoch"], data["batch"], data["consumed"]
         # Bad samples skipped: this rank's total over finished epochs, and per worker in this one
@@ -203,18 +356,6 @@ class Trainer:
         bad = data.get("bad") or {}
         self.bad_before_epoch = (bad.get("before_epoch") or [0] * self.dist.world_size)[self.dist.rank]
         self.resume_bad_in_epoch = (bad.get("in_epoch") or [[]] * self.dist.world_size)[self.dist.rank]
-        if not 0 <= self.batch_in_epoch <= self.micro_batches_per_epoch:
-            # The epoch loop runs until batch_in_epoch == micro_batches_per_epoch: past it, never ends.
-            raise TrainError(f"{path}: data position micro-batch {self.batch_in_epoch} lies outside an epoch of "
-                             f"{self.micro_batches_per_epoch} micro-batches; restore the run's settings, or start "
-                             "a new run with --pretrained pointing at the checkpoint")
-        later = [p for p in list_checkpoints(self.ckpt_dir) if int(CKPT_RE.match(p.name)[1]) > self.step]
-        if later:
-            # Same trap as a fresh start over an old run: pruning by step would keep the old
-            # history's later checkpoints and delete the new ones, and "latest" would pick the old.
-            raise TrainError(f"{path}: step {self.step}, but {self.ckpt_dir} already holds {len(later)} later "
-                             f"checkpoint(s) up to {later[-1].name}; resume from the latest, or copy this "
-                             "checkpoint and resume it with another --output")
         rng = ckpt["rng"]
         random.setstate(_as_tuple(rng["python"]))
         torch.set_rng_state(rng["torch"])
@@ -232,6 +373,8 @@ class Trainer:
                "in_epoch": gather_objects(list(self.bad_in_epoch), self.dist.world_size)}
         cuda_rng = gather_objects(torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
                                   self.dist.world_size)
+        self._check_finite_weights("saved")
+        error = None
         if self.dist.is_main:
             payload = {
                 # OpenCLIP's keys, so open_clip.create_model_and_transforms(name, pretrained=path) loads it.
@@ -248,10 +391,33 @@ class Trainer:
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                         "cuda": cuda_rng if cuda_rng[0] is not None else None},
                 "versions": library_versions(),
+                "nonfinite_skipped": self.nonfinite_skipped,
             }
-            path = save_checkpoint(self.ckpt_dir, self.step, payload, self.cfg.ckpt.keep_last, score)
-            log.info("saved %s", path)
-        barrier(self.dist.world_size)
+            try:
+                log.info("saved %s", save_checkpoint(self.ckpt_dir, self.step, payload, self.cfg.ckpt.keep_last,
+                                                     score))
+            except RunFailed as exc:
+                error = str(exc)
+        # Also the barrier that keeps the other ranks from running ahead of the save.
+        failed = [m for m in gather_objects(error, self.dist.world_size) if m is not None]
+        if failed:
+            raise RunFailed(failed[0])
+        self.last_saved = self.ckpt_dir / checkpoint_name(self.step)  # on every rank, for their messages
+
+    def _check_finite_weights(self, before: str) -> None:
+        """Stop if the last update left a weight (or optimizer moment) non-finite: a loss that was still
+        finite does not prove the update it drove was. Checked on every rank, before evals and saves."""
+        state = self.optimizer.state_dict()["state"]
+        bad = not (all_finite(self.raw_model.state_dict()) and all_finite(state))
+        if any_rank(bad, self.device, self.dist.world_size):
+            raise RunFailed(f"step {self.step}: the weights are not finite after this step's update; stopping "
+                            f"before it is {before}. {self._nonfinite_advice()}")
+
+    def _nonfinite_advice(self) -> str:
+        saved = f"the last checkpoint ({self.last_saved.name}) holds finite weights" if self.last_saved else \
+            "no checkpoint of this run was written with them"
+        return (f"Nothing non-finite was saved ({saved}). Lower --lr (now {self.cfg.optim.lr:g}), keep "
+                "--grad-clip-norm on, or let --skip-nonfinite N skip a few such steps")
 
     # -- evaluation ------------------------------------------------------------------
 
@@ -259,6 +425,7 @@ class Trainer:
         """Run every eval set; on rank 0 log and record. Returns the checkpoint score, if any."""
         if self.evaluator.empty:
             return None
+        self._check_finite_weights("evaluated")  # a NaN model's scores would be noise, and could rank as best
         t0 = time.perf_counter()
         results = self.evaluator.run(self.raw_model)
         bad = self.bad_samples()
@@ -282,8 +449,12 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------
 
-    def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """One optimizer step; returns the loss as a detached device tensor (no GPU sync)."""
+    def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step: (loss, gradient norm, applied). Loss and norm stay on the device.
+
+        The update is applied only if the loss and the gradient norm are finite on every rank;
+        all ranks learn it from one all-reduced flag, so they skip (or stop) together. That flag
+        is the one read from the device each step (GradScaler reads its own the same way)."""
         lr = cosine_lr(self.step, self.cfg.optim.lr, self.cfg.optim.warmup, self.total_steps)
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
@@ -292,19 +463,27 @@ class Trainer:
         micro = [(i.to(self.device, dtype=dtype, non_blocking=True), t.to(self.device, non_blocking=True))
                  for i, t in micro]
         no_sync = self.ddp.no_sync if self.ddp is not None else None
-        loss = forward_backward(self.model, self.loss_fn, micro, self.autocast, self._backward, no_sync)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.optim.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.grad_clip_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        with torch.no_grad():
-            self.raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        return loss.detach()
+        loss = forward_backward(self.model, self.loss_fn, micro, self.autocast, self._backward, no_sync).detach()
+        norm, applied = apply_update(self.raw_model, self.optimizer, self.scaler, loss, self.cfg.optim.grad_clip_norm,
+                                     self.dist.world_size)
+        if applied:
+            with torch.no_grad():
+                self.raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return loss, norm, applied
+
+    def _skip_or_stop(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """A step whose update was not applied: counted against --skip-nonfinite, else the run stops."""
+        values = gather_objects((float(loss), float(norm)), self.dist.world_size)
+        ranks = [r for r, (lo, no) in enumerate(values) if not (math.isfinite(lo) and math.isfinite(no))]
+        what = ", ".join(f"rank {r}: loss {values[r][0]:.4g}, gradient norm {values[r][1]:.4g}" for r in ranks[:4])
+        self.nonfinite_skipped += 1
+        allowed = self.cfg.optim.skip_nonfinite
+        if self.nonfinite_skipped > allowed:
+            skipped = f" after skipping {allowed} such step(s)" if allowed else ""
+            raise RunFailed(f"step {self.step}: non-finite loss or gradient ({what}); stopping{skipped}, this "
+                            f"step's update not applied. {self._nonfinite_advice()}")
+        log.warning("step %d: non-finite loss or gradient (%s); update skipped (%d of --skip-nonfinite %d)",
+                    self.step, what, self.nonfinite_skipped, allowed)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -337,7 +516,8 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         accum = cfg.optim.accum_freq
         stopped = False
-        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.run.trace:
+            self.out.mkdir(parents=True, exist_ok=True)
         trace = open(self.out / f"trace-rank{d.rank}.jsonl", "a") if cfg.run.trace else None  # noqa: SIM115
         try:
             while self.epoch < cfg.run.epochs and not stopped:
@@ -346,7 +526,8 @@ class Trainer:
                     workers=cfg.data.workers, batch_size=cfg.data.batch_size, batches=self.micro_batches_per_epoch,
                     start_batch=self.batch_in_epoch, consumed=self.consumed[d.rank] if self.consumed else [],
                     bad=self.resume_bad_in_epoch if self.consumed else [],
-                    shuffle_buffer=cfg.data.shuffle_buffer, shuffle_initial=cfg.data.shuffle_initial)
+                    shuffle_buffer=cfg.data.shuffle_buffer, shuffle_initial=cfg.data.shuffle_initial,
+                    sizes=self.shards.counts)
                 consumed = list(plan.consumed)
                 self.bad_in_epoch = list(plan.bad)
                 batches = iter(make_loader(plan, self.train_transform, self.tokenizer,
@@ -362,18 +543,21 @@ class Trainer:
                         micro.append((images, texts))
                         keys.extend(meta["keys"])
                     t1 = time.perf_counter()
-                    loss: torch.Tensor | float = self.train_step(micro)
+                    loss, norm, applied = self.train_step(micro)
                     self.step += 1
                     self.batch_in_epoch += accum
+                    if not applied:
+                        self._skip_or_stop(loss, norm)
                     log_now = self.step % cfg.run.log_every == 0 or self.step == 1
+                    shown: torch.Tensor | float = loss
                     if log_now or trace is not None:
                         # Reading the loss waits for the GPU, so only where it is shown; and inside the
                         # timed step, so the step times of a log window add up to its wall time.
-                        loss = float(loss)
-                    stats = StepStats(loss, t1 - t0, time.perf_counter() - t0)
+                        shown = float(loss)
+                    stats = StepStats(shown, t1 - t0, time.perf_counter() - t0)
                     window = [*window[-(cfg.run.log_every - 1):], stats] if cfg.run.log_every > 1 else [stats]
                     if trace is not None:
-                        trace.write(json.dumps({"step": self.step, "loss": loss, "keys": keys}) + "\n")
+                        trace.write(json.dumps({"step": self.step, "loss": shown, "keys": keys}) + "\n")
                         trace.flush()
                     if log_now:
                         bad = self.bad_samples()  # a collective: on every rank, at the same steps
@@ -413,8 +597,47 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "stopped": stopped}
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        """At the end, also after an error: TensorBoard flushed, the output folder's lock released."""
+        try:
+            if self.tb is not None:
+                self.tb.close()
+        finally:
+            if self.output is not None:
+                self.output.release()
+
+
+def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                 loss: torch.Tensor, clip: float | None, world_size: int) -> tuple[torch.Tensor, bool]:
+    """After the backward pass: unscale (fp16), clip, and step, unless the loss or the gradient norm
+    is non-finite on any rank (nonfinite_step). Returns (gradient norm, whether the update was applied);
+    an update the scaler itself skipped for an fp16 overflow counts as applied (it is its routine)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip is not None:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if any_rank(nonfinite_step(loss, norm, scaled=scaler is not None), loss.device, world_size):
+        if scaler is not None:
+            scaler.update()  # closes the step unscale_ opened (and lowers the scale: the grads are bad too)
+        return norm, False
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the update itself if a gradient overflowed in fp16
+        scaler.update()
+    else:
+        optimizer.step()
+    return norm, True
+
+
+def nonfinite_step(loss: torch.Tensor, norm: torch.Tensor, scaled: bool) -> torch.Tensor:
+    """A device flag: must this step's update be withheld as non-finite?
+
+    Under GradScaler (fp16), inf/NaN gradients are the scaler's business: it skips that update
+    itself and lowers the scale, which is no divergence and counts against nothing. The loss is
+    computed before any scaling, so a non-finite loss is a real one, with or without a scaler."""
+    if scaled:
+        return ~torch.isfinite(loss)
+    return ~(torch.isfinite(loss) & torch.isfinite(norm))
 
 
 def forward_backward(model: torch.nn.Module, loss_fn: torch.nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor]],
