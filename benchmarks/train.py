@@ -27,9 +27,9 @@ comparable). Each progress line is stamped as it arrives; per trainer:
 
 Summaries are medians over the rounds. OpenCLIP runs as its users run it: torch's default
 thread count (one per core), OpenMP's default wait policy. Ours picks its own threads
-(training/dist.py:set_cpu_threads) and OMP_WAIT_POLICY=PASSIVE (training/train.py);
---openclip-omp-threads N and --openclip-passive give OpenCLIP the same, to see how much of a
-difference is those settings alone.
+(training/dist.py:set_cpu_threads: the cores shared by the node's ranks) and also leaves the
+wait policy alone; --openclip-omp-threads N and --openclip-passive change OpenCLIP's, to see
+how much of a difference those settings make.
 
 Then the data loader alone (ours and OpenCLIP's, same shards, transform, tokenizer
 and workers), which must outrun the training step. Not a test: figures depend on the

@@ -7,18 +7,31 @@ Three layouts, told apart by what is in the folder:
   `zeroshot_classification_templates.txt` at the root). A sample with a `cls`
   member makes it a classification set, one with `txt` a retrieval set.
   Item id: the sample key.
-- `imagefolder`: PATH/<class>/<image> (optional classnames.txt, templates.txt).
-  Classification; item id: the image path relative to PATH ("red_circle/0003.jpg").
+- `imagefolder`: PATH/<class>/<image> (optional classnames.txt, one name per class
+  folder in sorted order, and templates.txt). Classification; item id: the image path
+  relative to PATH ("red_circle/0003.jpg"); label: the class folder's index.
 - `pairs`: PATH/KEY.jpg|png|webp next to PATH/KEY.txt (one caption a line).
   Retrieval; item id: KEY.
 
-Only ids and where to read the bytes are kept; images are read when the index
-is built and again, for a few items, when the report is drawn.
+Classification sets also carry their prompt templates (`templates.txt`, or
+clip_benchmark's `zeroshot_classification_templates.txt`; one prompt a line with
+`{c}`), and every item its class index.
+
+This is the one loader of evaluation sets: the overlap audit (dedup/) and the
+trainer's zero-shot and retrieval evaluation (training/evaluate.py) both read sets
+through it, so an item id in an audit's `overlapping_items` is the id the trainer
+splits its metrics by, whatever the layout.
+
+Only ids and where to read the bytes are kept (for tars: each image's offset and
+size, so one item is one seek, not a scan of its tar); images are read when the
+index is built, when the trainer evaluates, and, for a few items, when the report
+is drawn.
 """
 
 from __future__ import annotations
 
 import os
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +39,8 @@ from pathlib import Path
 from pipeline.shards import IMAGE_EXTS, ShardError, iter_tar
 
 CLASSIFICATION = "classification"
+DEFAULT_TEMPLATES = ("a photo of a {c}.",)
+TEMPLATE_FILES = ("templates.txt", "zeroshot_classification_templates.txt")
 RETRIEVAL = "retrieval"
 
 
@@ -41,6 +56,11 @@ class EvalItem:
     """The image file, or the tar holding it."""
     member: str | None = None
     """For wds sets: the tar member name of the image."""
+    label: int = -1
+    """Classification sets: the class index (folder index, or the sample's `cls`)."""
+    offset: int = -1
+    size: int = -1
+    """For wds sets: where the image's bytes lie in its tar."""
 
 
 @dataclass
@@ -51,10 +71,17 @@ class EvalSet:
     layout: str
     items: list[EvalItem] = field(default_factory=list)
     classnames: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
 
     def read_image(self, item: EvalItem) -> bytes:
         if item.member is None:
             return Path(item.path).read_bytes()
+        if item.offset >= 0:
+            with open(item.path, "rb") as f:
+                f.seek(item.offset)
+                data = f.read(item.size)
+            if len(data) == item.size:
+                return data
         with open(item.path, "rb") as f:
             for key, members in iter_tar(f, item.path):
                 for ext, data in members.items():
@@ -138,11 +165,26 @@ def load_eval_set(name: str, path: str) -> EvalSet:
 def _load_imagefolder(name: str, root: Path, subdirs: list[Path]) -> EvalSet:
     es = EvalSet(name, str(root), CLASSIFICATION, "imagefolder")
     es.classnames = _lines(root / "classnames.txt") or [d.name.replace("_", " ") for d in subdirs]
-    for d in subdirs:
+    if len(es.classnames) != len(subdirs):
+        raise EvalSetError(f"{_shown(root / 'classnames.txt')}: {len(es.classnames)} names for "
+                           f"{len(subdirs)} class folders (one name a line, in sorted folder order)")
+    es.templates = _templates(root)
+    for label, d in enumerate(subdirs):
         for p in sorted(d.iterdir()):
             if _is_image(p):
-                es.items.append(EvalItem(p.relative_to(root).as_posix(), [], str(p)))
+                es.items.append(EvalItem(p.relative_to(root).as_posix(), [], str(p), label=label))
     return es
+
+
+def _templates(root: Path) -> list[str]:
+    for fname in TEMPLATE_FILES:
+        if (root / fname).is_file():
+            templates = _lines(root / fname)
+            bad = [t for t in templates if "{c}" not in t]
+            if bad or not templates:
+                raise EvalSetError(f"{_shown(root / fname)}: every line needs {{c}} (bad: {bad[:2]})")
+            return templates
+    return list(DEFAULT_TEMPLATES)
 
 
 def _load_pairs(name: str, root: Path, images: list[Path]) -> EvalSet:
@@ -166,6 +208,7 @@ def _load_wds(name: str, root: Path, tars: list[Path]) -> EvalSet:
     seen: set[str] = set()
     for tar in tars:
         try:
+            where = _member_offsets(tar)
             with open(tar, "rb") as f:
                 for key, members in iter_tar(f, str(tar)):
                     img = next((e for e in members if e.lower() in IMAGE_EXTS), None)
@@ -180,13 +223,44 @@ def _load_wds(name: str, root: Path, tars: list[Path]) -> EvalSet:
                     item_id = key if key not in seen else f"{tar.relative_to(root).as_posix()}/{key}"
                     seen.add(item_id)
                     captions = _split(members["txt"]) if k == RETRIEVAL else []
-                    es.items.append(EvalItem(item_id, captions, str(tar), f"{key}.{img}"))
+                    label = _label(members["cls"], tar, key) if k == CLASSIFICATION else -1
+                    offset, size = where.get(f"{key}.{img}", (-1, -1))
+                    es.items.append(EvalItem(item_id, captions, str(tar), f"{key}.{img}", label, offset, size))
         except ShardError as exc:
             raise EvalSetError(str(exc)) from exc
     if kind is None:
         raise EvalSetError(f"{tars[0]}: eval set {name!r} shards hold no samples")
     es.kind = kind
+    if kind == CLASSIFICATION:
+        es.templates = _templates(root)
+        top = max(it.label for it in es.items)
+        if es.classnames and top >= len(es.classnames):
+            raise EvalSetError(f"{_shown(root / 'classnames.txt')}: {len(es.classnames)} names, but a sample "
+                               f"has class {top}")
     return es
+
+
+def _label(data: bytes, tar: Path, key: str) -> int:
+    try:
+        label = int(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        label = -1
+    if label < 0:
+        raise EvalSetError(f"{tar}: sample {key!r}: cls is not a class index ({data[:20]!r})")
+    return label
+
+
+def _member_offsets(tar: Path) -> dict[str, tuple[int, int]]:
+    """{member base name: (offset of its data, size)}: headers only, the data is seeked over."""
+    out: dict[str, tuple[int, int]] = {}
+    try:
+        with tarfile.open(tar, "r:") as t:
+            for info in t:
+                if info.isfile():
+                    out[info.name.rsplit("/", 1)[-1]] = (info.offset_data, info.size)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise EvalSetError(f"{tar}: not a readable tar ({exc})") from exc
+    return out
 
 
 def _split(data: bytes) -> list[str]:

@@ -100,3 +100,62 @@ def test_overlap_audit_of_other_sets_is_reported(tmp_path, caplog):
     assert f"counted 99 items in 'zs', the eval set has {len(CLASSES)}" in caplog.text
     assert "1 of its 1 overlapping items of 'zs' are not in the eval set (e.g. 'nope/0.jpg')" in caplog.text
     assert "has no eval set 'ret' (it has ['coco', 'zs'])" in caplog.text
+
+
+def _as_clip_benchmark_shards(src, dst, kind):
+    """src as clip_benchmark writes a set: dst/test/0.tar (+ classnames / templates at dst)."""
+    import io
+    import tarfile
+
+    (dst / "test").mkdir(parents=True)
+    with tarfile.open(dst / "test/0.tar", "w") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if kind == "cls":
+            dirs = sorted(d for d in src.iterdir() if d.is_dir())
+            for label, d in enumerate(dirs):
+                for n, img in enumerate(sorted(d.glob("*.jpg"))):
+                    key = f"s{label:03d}{n:04d}"
+                    add(f"{key}.webp", img.read_bytes())  # any image suffix: it is only a name
+                    add(f"{key}.cls", str(label).encode())
+            (dst / "classnames.txt").write_text("".join(d.name.replace("_", " ") + "\n" for d in dirs))
+            (dst / "zeroshot_classification_templates.txt").write_bytes((src / "templates.txt").read_bytes())
+        else:
+            for img in sorted(src.glob("*.jpg")):
+                add(f"{img.stem}.jpg", img.read_bytes())
+                add(f"{img.stem}.txt", img.with_suffix(".txt").read_bytes())
+
+
+def test_one_eval_set_loader_for_audit_and_training(tmp_path):
+    # clip_benchmark's shards evaluate exactly as the same images in folders do, and every item
+    # id the trainer splits metrics by is the id the overlap audit's loader gives that image.
+    from dedup.evalsets import load_eval_set
+
+    write_imagefolder(tmp_path / "zs", per_class=2, seed=1, size=32)
+    write_retrieval(tmp_path / "ret", n=6, seed=2, size=32)
+    _as_clip_benchmark_shards(tmp_path / "zs", tmp_path / "zs-wds", "cls")
+    _as_clip_benchmark_shards(tmp_path / "ret", tmp_path / "ret-wds", "txt")
+    bundle = build_model(ModelConfig(model=TINY), "fp32", torch.device("cpu"))
+
+    def run(zs, ret):
+        ev = Evaluator({"zs": str(tmp_path / zs)}, {"ret": str(tmp_path / ret)}, None, bundle.val_transform,
+                       bundle.tokenizer, torch.device("cpu"), nullcontext, 0, 1, batch_size=5)
+        assert [i for i, _ in ev.cls_sets[0].items] == [it.id for it in load_eval_set("zs", str(tmp_path / zs)).items]
+        return ev.run(bundle.model)
+
+    folders, shards = run("zs", "ret"), run("zs-wds", "ret-wds")
+    assert folders["zs"]["items"] == shards["zs"]["items"] == 2 * len(CLASSES)
+    assert shards["zs"]["top1"] == pytest.approx(folders["zs"]["top1"])
+    assert shards["zs"]["per_class"] == folders["zs"]["per_class"]
+    assert shards["ret"]["i2t_R@1"] == pytest.approx(folders["ret"]["i2t_R@1"])
+    assert shards["ret"]["t2i_R@5"] == pytest.approx(folders["ret"]["t2i_R@5"])
+    # The shards' images are read by offset, byte for byte.
+    es = load_eval_set("zs", str(tmp_path / "zs-wds"))
+    assert all(it.offset > 0 for it in es.items)
+    first_class = sorted(d for d in (tmp_path / "zs").iterdir() if d.is_dir())[0]
+    first = sorted(first_class.glob("*.jpg"))[0].read_bytes()
+    assert es.read_image(es.items[0]) == first
+    with pytest.raises(TrainError, match="is a retrieval set"):
+        load_classification("x", tmp_path / "ret-wds")

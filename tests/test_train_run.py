@@ -222,16 +222,6 @@ def test_cpu_threads_share_the_cores_among_local_ranks(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
-    # OpenMP reads the policy once, when torch loads it: the entry point must set it before that.
-    code = "import sys, os, training.train; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    r = run([sys.executable, "-c", code], timeout=60, env={**env, "PYTHONPATH": str(REPO)})
-    assert r.stdout.split() == ["PASSIVE", "False"], r.stderr[-2000:]
-    r = run([sys.executable, "-c", code], timeout=60, env={**env, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "ACTIVE"})
-    assert r.stdout.split() == ["ACTIVE", "False"], r.stderr[-2000:]
-
-
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("precision", ["pure_bf16", "fp32"])
 def test_short_cpu_run_in_each_precision(data, tmp_path, precision):

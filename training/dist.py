@@ -90,14 +90,13 @@ def follow_launcher(interval: float = 1.0, grace: float = 30.0) -> None:
 def set_cpu_threads(requested: int | None, info: DistInfo) -> int:
     """Size torch's intra-op thread pool on CPU: the usable cores shared by the ranks of this node.
 
-    Loader workers get no cores of their own: they mostly wait, and training/train.py sets
-    OMP_WAIT_POLICY=PASSIVE so that torch's OpenMP threads sleep, rather than spin, between
-    parallel regions and leave the cores to the workers when they do run. Measured on 2 cores
-    (64 px ViT, fp32, 2 workers, medians of 2 alternating rounds): 58 samples/s with 2 passive
-    threads, 48 with 1 thread, 44 with 2 spinning ones (torch's default, and OpenCLIP's); a tiny
-    ViT in amp_bf16 with 1 worker: 423, 356 and (1 passive thread) 311. An explicit --threads
-    wins; OMP_NUM_THREADS (torchrun sets it to 1 for several processes) is respected; GPU runs keep
-    torch's default.
+    Loader workers get no cores of their own: they mostly wait. OpenMP's wait policy is left at
+    its default (threads spin briefly between parallel regions), as OpenCLIP leaves it. Measured on
+    2 quiet cores (64 px ViT, 6,016 samples, 2 workers, 2026-12-02): fp32 81.3 samples/s spinning,
+    65.9 with OMP_WAIT_POLICY=PASSIVE (OpenCLIP 76.1); amp_bf16 107.3 and 112.8 (OpenCLIP 87.7).
+    On a machine loaded by other jobs PASSIVE won instead (fp32 35 against 21 at load 4): export
+    OMP_WAIT_POLICY=PASSIVE there. An explicit --threads wins; OMP_NUM_THREADS (torchrun sets it
+    to 1 for several processes) is respected; GPU runs keep torch's default.
     """
     if requested is None and info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

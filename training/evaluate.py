@@ -5,11 +5,14 @@ Every rank embeds its share of the class prompts and of the images
 metrics. No rank idles inside a collective while another does all the work, so
 large jobs do not trip NCCL timeouts (OpenCLIP #1121, #1024).
 
-Eval set layouts:
+Eval sets are read by dedup/evalsets.py, the loader the overlap audit uses, so item ids
+agree between an audit and the metrics split by it. Any of its layouts works:
 * classification: ROOT/<class_dir>/<image>, optional ROOT/classnames.txt (one name
   per class, in sorted class_dir order) and ROOT/templates.txt (one prompt per line
-  with {c}); item id = "<class_dir>/<image>".
+  with {c}); item id = "<class_dir>/<image>". Or clip_benchmark's WebDataset shards
+  (`cls` per sample, classnames.txt, zeroshot_classification_templates.txt).
 * retrieval: ROOT/KEY.<jpg|png|webp> + ROOT/KEY.txt (one caption per line); id = KEY.
+  Or clip_benchmark's shards with `txt` per sample.
 
 With an overlap audit (the dedup step's summary.json: {"eval_sets": {NAME:
 {"overlapping_items": [id, ...]}}}), metrics are also reported on the clean and the
@@ -22,6 +25,7 @@ before training, naming the file, rather than at the first evaluation.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Callable
@@ -33,14 +37,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dedup.evalsets import CLASSIFICATION, RETRIEVAL, EvalItem, EvalSet, EvalSetError, load_eval_set
 from training.dist import gather_objects
 from training.errors import TrainError
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-DEFAULT_TEMPLATES = ("a photo of a {c}.",)
-
 
 @dataclass
 class ClassificationSet:
@@ -50,61 +51,61 @@ class ClassificationSet:
     templates: list[str]
     items: list[tuple[str, int]]
     """(item id, class index)"""
+    source: EvalSet
+    """Where each item's image is read (parallel to `items`)."""
 
 
 @dataclass
 class RetrievalSet:
     name: str
     root: Path
-    items: list[tuple[str, str, list[str]]]
-    """(key, image file name, captions)"""
+    items: list[tuple[str, int, list[str]]]
+    """(key, index into source.items, captions)"""
+    source: EvalSet
+
+
+def _load(name: str, root: str | Path, kind: str, flag: str) -> EvalSet:
+    try:
+        es = load_eval_set(name, str(root))
+    except EvalSetError as exc:
+        raise TrainError(str(exc)) from None
+    if es.kind != kind:
+        raise TrainError(f"{root}: {flag} set {name!r} is a {es.kind} set ({es.layout} layout), not a {kind} set")
+    return es
 
 
 def load_classification(name: str, root: str | Path) -> ClassificationSet:
     root = Path(root)
-    dirs = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not dirs:
-        raise TrainError(f"{root}: zero-shot set {name!r} has no class folders (expected ROOT/<class>/<image>)")
-    names_file, templates_file = root / "classnames.txt", root / "templates.txt"
-    if names_file.is_file():
-        classnames = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
-        if len(classnames) != len(dirs):
-            raise TrainError(f"{names_file}: {len(classnames)} names for {len(dirs)} class folders")
-    else:
-        classnames = [d.replace("_", " ") for d in dirs]
-    templates = list(DEFAULT_TEMPLATES)
-    if templates_file.is_file():
-        templates = [ln.strip() for ln in templates_file.read_text().splitlines() if ln.strip()]
-        bad = [t for t in templates if "{c}" not in t]
-        if bad or not templates:
-            raise TrainError(f"{templates_file}: every line needs {{c}} (bad: {bad[:2]})")
-    items = [(f"{d}/{f.name}", i) for i, d in enumerate(dirs)
-             for f in sorted((root / d).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if root.is_dir() and not any(p.is_dir() and not p.name.startswith(".") or p.suffix == ".tar"
+                                 for p in root.iterdir()):
+        raise TrainError(f"{root}: zero-shot set {name!r} has no class folders (expected ROOT/<class>/<image> "
+                         "or clip_benchmark's *.tar shards)")
+    es = _load(name, root, CLASSIFICATION, "zero-shot")
+    if not es.classnames:
+        raise TrainError(f"{root}: zero-shot set {name!r} needs a classnames.txt (one name per class index)")
+    items = [(it.id, it.label) for it in es.items]
     if not items:
         raise TrainError(f"{root}: zero-shot set {name!r} has no images")
-    empty = sorted(set(dirs) - {item.split("/", 1)[0] for item, _ in items})
-    if empty and not names_file.is_file():
+    empty = sorted(set(range(len(es.classnames))) - {lbl for _, lbl in items})
+    if empty and es.layout == "imagefolder" and not (root / "classnames.txt").is_file():
         # Still a class: its prompts compete with the others for every image, and chance level
         # changes. Deliberate with a classnames.txt that lists it; likely a leftover without one.
+        dirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        names = [dirs[i] for i in empty]
         log.warning("%s: zero-shot set %r: class folder(s) without images (%s) still count as classes "
                     "(%d of %d); remove them, or list every class in %s to keep them", root, name,
-                    ", ".join(empty[:3]) + (" ..." if len(empty) > 3 else ""), len(empty), len(dirs), names_file)
-    return ClassificationSet(name, root, classnames, templates, items)
+                    ", ".join(names[:3]) + (" ..." if len(names) > 3 else ""), len(names), len(dirs),
+                    root / "classnames.txt")
+    return ClassificationSet(name, root, es.classnames, es.templates, items, es)
 
 
 def load_retrieval(name: str, root: str | Path) -> RetrievalSet:
     root = Path(root)
-    items = []
-    for img in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        txt = img.with_suffix(".txt")
-        if not txt.is_file():
-            continue
-        captions = [ln.strip() for ln in txt.read_text().splitlines() if ln.strip()]
-        if captions:
-            items.append((img.stem, img.name, captions))
+    es = _load(name, root, RETRIEVAL, "retrieval")
+    items = [(it.id, i, it.captions) for i, it in enumerate(es.items) if it.captions]
     if not items:
         raise TrainError(f"{root}: retrieval set {name!r} has no KEY.jpg + KEY.txt pairs")
-    return RetrievalSet(name, root, items)
+    return RetrievalSet(name, root, items, es)
 
 
 def load_overlap(path: str | None) -> tuple[dict[str, set[str]], dict[str, int | None]]:
@@ -158,15 +159,16 @@ class Evaluator:
     def _check_images(self) -> None:
         """Decode every eval image once, now: a bad one would otherwise end the run at its first eval.
         Each rank decodes its share; every rank learns of every bad file (so all stop together)."""
-        paths = [ds.root / i for ds in self.cls_sets for i, _ in ds.items]
-        paths += [ds.root / f for ds in self.ret_sets for _, f, _ in ds.items]
+        images = [(ds.source, it) for ds in self.cls_sets for it in ds.source.items]
+        images += [(ds.source, ds.source.items[i]) for ds in self.ret_sets for _, i, _ in ds.items]
         bad = []
-        for p in paths[self.rank::self.world]:
+        for es, it in images[self.rank::self.world]:
             try:
-                with Image.open(p) as im:
+                with _open_image(es, it) as im:
                     im.load()
             except Exception as exc:  # truncated, not an image, decompression bomb: all unusable
-                bad.append((str(p), f"{type(exc).__name__}: {str(exc)[:100]}"))
+                where = it.path if it.member is None else f"{it.path}:{it.member}"
+                bad.append((where, f"{type(exc).__name__}: {str(exc)[:100]}"))
         bad = [b for part in gather_objects(bad, self.world) for b in part]
         if bad:
             more = f"; {len(bad) - 1} more bad image(s)" if len(bad) > 1 else ""
@@ -179,12 +181,12 @@ class Evaluator:
 
     # -- embedding helpers ---------------------------------------------------------
 
-    def _embed_images(self, model: torch.nn.Module, paths: list[Path]) -> torch.Tensor:
+    def _embed_images(self, model: torch.nn.Module, es: EvalSet, items: list[EvalItem]) -> torch.Tensor:
         out = []
-        for i in range(0, len(paths), self.batch_size):
+        for i in range(0, len(items), self.batch_size):
             imgs = []
-            for p in paths[i:i + self.batch_size]:
-                with Image.open(p) as im:
+            for it in items[i:i + self.batch_size]:
+                with _open_image(es, it) as im:
                     imgs.append(self.transform(im.convert("RGB")))
             with self.autocast():
                 f = model.encode_image(torch.stack(imgs).to(self.device, dtype=self.input_dtype, non_blocking=True),
@@ -220,8 +222,8 @@ class Evaluator:
             w = f.mean(0)
             weights.append(w / w.norm())  # CLIP's prompt ensemble: mean of normalised, renormalised
         classifier = torch.stack(self._gather_shards(weights), dim=1)  # [D, C]
-        items = ds.items[self.rank::self.world]
-        feats = self._embed_images(model, [ds.root / i for i, _ in items])
+        items = ds.source.items[self.rank::self.world]
+        feats = self._embed_images(model, ds.source, items)
         k = min(5, len(ds.classnames))
         top = (100.0 * feats @ classifier).topk(k, dim=1).indices.tolist() if len(items) else []
         preds = self._gather_shards(top)
@@ -243,7 +245,7 @@ class Evaluator:
     @torch.no_grad()
     def retrieval(self, model: torch.nn.Module, ds: RetrievalSet) -> dict[str, Any] | None:
         items = ds.items[self.rank::self.world]
-        img = self._embed_images(model, [ds.root / f for _, f, _ in items])
+        img = self._embed_images(model, ds.source, [ds.source.items[i] for _, i, _ in items])
         # One batched pass over all captions, then split back per image (COCO: 5 captions each).
         flat = self._embed_texts(model, [c for _, _, caps in items for c in caps])
         txt = list(flat.split([len(caps) for _, _, caps in items])) if items else []
@@ -283,6 +285,12 @@ class Evaluator:
         finally:
             model.train(was_training)
         return results
+
+
+def _open_image(es: EvalSet, item: EvalItem) -> Image.Image:
+    if item.member is None:
+        return Image.open(item.path)
+    return Image.open(io.BytesIO(es.read_image(item)))
 
 
 def _cls_metrics(labels: list[int], preds: list[list[int]], classnames: list[str]) -> dict[str, Any]:

@@ -8,16 +8,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 # torchrun runs this file as a script: make `training` and `pipeline` importable without installing.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# Read once, when torch loads OpenMP: its threads then sleep between parallel regions instead of
-# spinning, which left the loader workers (and any other process) waiting for a core. With it,
-# torch may use every core (training/dist.py:set_cpu_threads has the measurements). A user's setting stands.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import logging  # noqa: E402
 from typing import Any  # noqa: E402
