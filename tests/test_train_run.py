@@ -82,7 +82,7 @@ def _trace(out: Path) -> dict[int, dict]:
 
 def test_exact_resume(data, tmp_path):
     common = ["--train-data", f"{data}/shards/{{00000..00007}}.tar", "--model", TINY, "--batch-size", "16",
-              "--accum-freq", "2", "--epochs", "2", "--workers", "2", "--warmup", "3", "--trace",
+              "--accum-freq", "2", "--epochs", "2", "--workers", "2", "--warmup", "3", "--trace-samples",
               "--train-num-samples", "320", "--log-every", "5"]
     full = tmp_path / "full"
     r = train(*common, "--output", str(full))

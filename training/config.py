@@ -1,8 +1,10 @@
 """Typed training configuration: nested dataclasses, one flag per field, optional YAML.
 
 Flags are named like OpenCLIP's (`--batch-size` per process, `--epochs`, `--lr`,
-`--wd`, `--warmup`, `--workers`, `--precision`, `--seed`) so its users need no
-translation table. Precedence: dataclass defaults < `--config file.yaml` < flags.
+`--wd`, `--warmup`, `--workers`, `--precision` (its `amp` too), `--seed`, `--report-to`,
+`--logs DIR --name NAME` for `--output DIR/NAME`) so its users need no translation
+table; a flag OpenCLIP has with another meaning (`--trace`) is refused naming ours.
+Precedence: dataclass defaults < `--config file.yaml` < flags.
 The resolved config is written to OUT/config.yaml and stored in every checkpoint.
 """
 
@@ -20,7 +22,20 @@ import yaml
 
 from training.errors import TrainError
 
-PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "pure_bf16")
+PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_fp16", "pure_bf16")
+REPORTERS = ("tensorboard", "wandb", "all")
+OPENCLIP_LOGS = "./logs"
+"""OpenCLIP's default --logs: where `--name NAME` alone puts the run."""
+
+
+def run_precision(precision: str, device_type: str) -> str:
+    """The precision a run computes in. `amp` is OpenCLIP's name (and default) for fp16 autocast
+    with a GradScaler, our amp_fp16, on CUDA. CPUs have no fast fp16 arithmetic and torch's CPU
+    autocast casts few ops to it (the reason amp_fp16 is refused on CPU), so there `amp` runs as
+    amp_bf16: mixed precision the CPU does well, with fp32's range, so no GradScaler."""
+    if precision == "amp":
+        return "amp_fp16" if device_type == "cuda" else "amp_bf16"
+    return precision
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - mirrors argparse's name
@@ -128,13 +143,19 @@ class RunConfig:
     output: str = _f("runs/default", "output folder: checkpoints/, results.jsonl, config.yaml, curves.png, tb/")
     epochs: int = _f(1, "epochs to train")
     seed: int = _f(0, "seed for model init, shard order, shuffling and augmentation")
-    precision: str = _f("amp_bf16", "one of " + ", ".join(PRECISIONS))
+    precision: str = _f("amp_bf16", "one of " + ", ".join(PRECISIONS) + "; amp is OpenCLIP's name for amp_fp16 "
+                        "(fp16 autocast + GradScaler) on CUDA, and runs as amp_bf16 on CPU (said in the log)")
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu or cuda")
     threads: int | None = _f(None, "torch intra-op threads per process; default on CPU: usable cores / local "
                              "ranks (at least 1), unless OMP_NUM_THREADS is set")
     log_every: int = _f(10, "log a line (and TensorBoard scalars) every N steps")
     stop_after: int | None = _f(None, "stop after this global step, as if preempted (a checkpoint is written)")
-    trace: bool = _f(False, "record each step's sample keys and loss per rank in OUT/trace-rankR.jsonl")
+    trace_samples: bool = _f(False, "record each step's sample keys and loss per rank in OUT/trace-rankR.jsonl "
+                             "(not OpenCLIP's --trace, a TorchScript trace of the model, which is refused)")
+    report_to: str = _f("tensorboard", "where rank 0 logs its scalars, comma-separated (OpenCLIP's flag): "
+                        "tensorboard (OUT/tb, always written), wandb (into OUT/wandb; WANDB_MODE=offline needs no "
+                        "network), all")
+    wandb_project_name: str = _f("clipforge", "wandb project, with --report-to wandb")
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -145,6 +166,18 @@ class RunConfig:
             raise TrainError(f"--device {self.device!r}: choose auto, cpu or cuda")
         if self.threads is not None and self.threads < 1:
             raise TrainError(f"--threads must be >= 1 (or none for the default), got {self.threads}")
+        unknown = sorted(set(self.reporters_named()) - set(REPORTERS))
+        if unknown:
+            raise TrainError(f"--report-to {self.report_to!r}: unknown {', '.join(unknown)}; choose from "
+                             f"{', '.join(REPORTERS)}, comma-separated")
+
+    def reporters_named(self) -> list[str]:
+        return [r.strip() for r in self.report_to.split(",") if r.strip()]
+
+    @property
+    def wandb(self) -> bool:
+        named = self.reporters_named()
+        return "wandb" in named or "all" in named
 
 
 @dataclass(kw_only=True)
@@ -169,10 +202,15 @@ class TrainConfig:
             known = {g.name for g in dataclasses.fields(_SECTIONS[f.name])}
             unknown = set(section) - known
             if unknown:
-                raise TrainError(f"config section {f.name!r}: unknown keys {sorted(unknown)}")
+                renamed = [f"{k} is now {RENAMED[f.name, k]}" for k in sorted(unknown) if (f.name, k) in RENAMED]
+                hint = f" ({'; '.join(renamed)})" if renamed else ""
+                raise TrainError(f"config section {f.name!r}: unknown keys {sorted(unknown)}{hint}")
             sections[f.name] = _SECTIONS[f.name](**section)
         return cls(**sections)
 
+
+RENAMED = {("run", "trace"): "trace_samples"}
+"""Config keys of earlier versions whose name changed: (section, old) -> new."""
 
 _SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
@@ -225,7 +263,37 @@ def build_parser() -> argparse.ArgumentParser:
 
                 group.add_argument(flag, dest=dest, type=conv, help=help_, default=argparse.SUPPRESS,
                                    metavar=f.name.upper())
+    # OpenCLIP's spellings of what a field above already is; resolved (or refused) in parse_config.
+    names = p.add_argument_group("OpenCLIP's names", "accepted where they mean what ours do")
+    names.add_argument("--logs", dest="alias.logs", metavar="DIR", default=argparse.SUPPRESS,
+                       help="with --name NAME: --output DIR/NAME (OpenCLIP's run folder)")
+    names.add_argument("--name", dest="alias.name", metavar="NAME", default=argparse.SUPPRESS,
+                       help=f"with --logs DIR: --output DIR/NAME; alone: --output {OPENCLIP_LOGS}/NAME "
+                            "(OpenCLIP's default --logs)")
+    # Declared so that it is refused, not taken as an abbreviation of --trace-samples.
+    names.add_argument("--trace", dest="alias.trace", action="store_true", default=argparse.SUPPRESS,
+                       help="refused: OpenCLIP's --trace is a TorchScript trace of the model; to record "
+                            "each step's sample keys use --trace-samples")
     return p
+
+
+def _openclip_aliases(aliases: dict[str, Any], output_flag: bool) -> str | None:
+    """--trace refused; --logs DIR --name NAME -> the --output DIR/NAME (None when neither was given)."""
+    if "trace" in aliases:
+        raise TrainError("--trace is OpenCLIP's TorchScript trace of the model, which this trainer does not "
+                         "do; to record each step's sample keys and loss use --trace-samples")
+    logs, name = aliases.get("logs"), aliases.get("name")
+    if logs is None and name is None:
+        return None
+    if output_flag:
+        raise TrainError("--output and --logs/--name both name the run folder: give --output DIR/NAME, or "
+                         "--logs DIR --name NAME, not both")
+    if name is None:
+        # OpenCLIP makes up a name from the date: a later --resume latest could not find the run again.
+        raise TrainError(f"--logs {logs} needs --name NAME (the run folder is then {logs}/NAME), or use --output")
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise TrainError(f"--name {name!r}: a folder name, without slashes")
+    return f"{(logs or OPENCLIP_LOGS).rstrip('/')}/{name}"
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -254,6 +322,10 @@ def parse_config(argv: list[str] | None) -> TrainConfig:
             if s not in raw:
                 raise TrainError(f"{cfg_file}: unknown section {s!r} (known: {', '.join(_SECTIONS)})")
             raw[s].update(vals or {})
+    aliases = {dest.split(".", 1)[1]: args.pop(dest) for dest in list(args) if dest.startswith("alias.")}
+    output = _openclip_aliases(aliases, "run.output" in args)
+    if output is not None:
+        args["run.output"] = output
     for dest, value in args.items():
         section, name = dest.split(".", 1)
         if name in ("zeroshot", "retrieval"):

@@ -42,7 +42,7 @@ from training.checkpoint import (
     step_of,
     unreadable,
 )
-from training.config import TrainConfig
+from training.config import TrainConfig, run_precision
 from training.data import EpochPlan, ShardSet, count_samples, expand_shards, make_loader
 from training.dist import DistInfo, any_rank, gather_objects, set_cpu_threads
 from training.errors import RunFailed, TrainError
@@ -51,6 +51,7 @@ from training.loss import build_loss, compute_loss
 from training.model import build_model, model_definition, recorded_model_change, write_model_config
 from training.optim import build_optimizer, cosine_lr, set_lr
 from training.output import OutputError, RunOutput
+from training.report import Reporter, eval_scalars, import_wandb, train_scalars, wandb_run_id
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,17 @@ class Trainer:
     2. every rank checks what it reads (data, the recorded model config, the checkpoint to resume)
        and that it can write where it will write, builds the model and loads the checkpoint;
     3. the evaluator decodes its eval images; the model is wrapped for DDP;
-    4. rank 0 writes run.json, OUT/model/NAME.json (once per folder), config.yaml, and removes
-       the temporaries of killed saves.
+    4. rank 0 writes run.json, OUT/model/NAME.json (once per folder), config.yaml, removes
+       the temporaries of killed saves, and opens TensorBoard (and wandb, --report-to).
     """
 
     def __init__(self, cfg: TrainConfig, dist: DistInfo) -> None:
         self.cfg, self.dist = cfg, dist
         self.device = dist.device
-        self.tb = None
+        self.precision = run_precision(cfg.run.precision, self.device.type)
+        """What --precision computes in here (OpenCLIP's `amp` depends on the device)."""
+        self.report: Reporter | None = None
+        self.wandb: Any = None
         self.output: RunOutput | None = None
         try:
             self._build()
@@ -102,6 +106,10 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         if cfg.run.precision == "amp_fp16" and self.device.type == "cpu":
             raise TrainError("--precision amp_fp16 needs a CUDA GPU; on CPU use amp_bf16 or fp32")
+        if self.precision != cfg.run.precision and dist.is_main:
+            log.warning("--precision %s is OpenCLIP's fp16 autocast with a GradScaler, for CUDA GPUs; on %s (no fast "
+                        "fp16) this run computes in %s: bf16 autocast, fp32 weights, no GradScaler", cfg.run.precision,
+                        self.device.type, self.precision)
         self.output = RunOutput(cfg.run.output)
         if not isinstance(self.output.fs, LocalFileSystem):
             raise TrainError(f"--output {cfg.run.output}: the trainer writes only to a local (or mounted) folder "
@@ -145,7 +153,7 @@ class Trainer:
         self.evaluator = Evaluator(cfg.eval.zeroshot, cfg.eval.retrieval, cfg.eval.overlap_audit,
                                    self.val_transform, self.tokenizer, self.device, self.autocast,
                                    dist.rank, dist.world_size, cfg.eval.eval_batch_size,
-                                   input_dtype=open_clip.get_input_dtype(cfg.run.precision))
+                                   input_dtype=open_clip.get_input_dtype(self.precision))
         self.ddp: DistributedDataParallel | None = None
         model: torch.nn.Module = self.raw_model
         if dist.distributed:
@@ -158,7 +166,7 @@ class Trainer:
 
         n_params = sum(p.numel() for p in self.raw_model.parameters())
         log.info("model %s: %.2fM parameters, precision %s, device %s, world size %d, %d torch thread(s) "
-                 "+ %d loader worker(s) per rank", self.model_name, n_params / 1e6, cfg.run.precision, self.device,
+                 "+ %d loader worker(s) per rank", self.model_name, n_params / 1e6, self.precision, self.device,
                  dist.world_size, self.threads, cfg.data.workers)
         log.info("%d shards, %d samples/epoch; global batch %d = %d per rank x %d ranks x %d accum; "
                  "%d steps/epoch, %d steps in %d epochs (%d samples/epoch used)",
@@ -202,23 +210,25 @@ class Trainer:
         change = recorded_model_change(self.definition, self.out / "model")
         if change:
             raise TrainError(change)
+        if cfg.run.wandb and dist.is_main:
+            self.wandb = import_wandb()  # only when asked: an optional dependency
         ckpt_path, ckpt = self._checkpoint_to_resume(cfg.ckpt.resume)
         if ckpt is not None:
             check_resumable(ckpt["config"], self.config_record(), ckpt_path)
             self._check_resume_position(ckpt_path, ckpt)
         # The folders this rank writes to, checked now rather than at the first save an epoch later.
-        subdirs = ["", "checkpoints", "model", "tb"] if dist.is_main else ([""] if cfg.run.trace else [])
+        subdirs = ["", "checkpoints", "model", "tb"] if dist.is_main else ([""] if cfg.run.trace_samples else [])
         self.output.check_writable(subdirs)
 
         self.threads = set_cpu_threads(cfg.run.threads, dist)
         torch.manual_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         random.seed(cfg.run.seed)
-        bundle = build_model(cfg.model, cfg.run.precision, self.device, self.definition)
+        bundle = build_model(cfg.model, self.precision, self.device, self.definition)
         self.raw_model = bundle.model
         self.train_transform, self.val_transform, self.tokenizer = (bundle.train_transform, bundle.val_transform,
                                                                    bundle.tokenizer)
         self.optimizer = build_optimizer(self.raw_model, cfg.optim)
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.run.precision == "amp_fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "amp_fp16" else None
         self.loss_fn = build_loss(cfg.model.siglip, dist.rank, dist.world_size)
         if ckpt is not None:
             self._resume(ckpt_path, ckpt)
@@ -247,16 +257,16 @@ class Trainer:
         fs, root = get_fs(str(self.out))
         atomic_write_bytes(fs, f"{root}/config.yaml",
                            yaml.safe_dump(self.config_record(), sort_keys=False).encode())
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(self.out / "tb"))
+        self.report = Reporter(self.out, self.wandb, project=self.cfg.run.wandb_project_name,
+                               run_id=wandb_run_id(self.output.display(), str(self.output.recorded.get("created"))),
+                               config=self.config_record())
 
     # -- helpers ---------------------------------------------------------------------
 
     @contextmanager
     def autocast(self) -> Iterator[None]:
         """The context of every forward pass, training and eval: mixed precision and attention kernel."""
-        p = self.cfg.run.precision
+        p = self.precision
         amp: AbstractContextManager = nullcontext()
         if p == "amp_bf16":
             amp = torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -435,14 +445,12 @@ class Trainer:
                 for name, metrics in results.items():
                     f.write(json.dumps({"step": self.step, "epoch": self.epoch, "set": name, **metrics,
                                         "bad_samples": bad}) + "\n")
-                    for k, v in metrics.items():
-                        if isinstance(v, (int, float)) and not isinstance(v, bool):
-                            self.tb.add_scalar(f"eval/{name}/{k}", v, self.step)
                     if metrics["kind"] == "zeroshot" and score is None:
                         score = (f"{name}/top1", metrics["top1"])
             summary = ", ".join(
                 f"{n} top1 {m['top1']:.3f} top5 {m['top5']:.3f}" if m["kind"] == "zeroshot"
                 else f"{n} i2t R@1 {m['i2t_R@1']:.3f} t2i R@1 {m['t2i_R@1']:.3f}" for n, m in results.items())
+            self.report.log(eval_scalars(results), self.step)
             log.info("eval step %d (%.1fs): %s", self.step, time.perf_counter() - t0, summary)
         # Rank 0's score decides which checkpoint is "best"; the others never use it.
         return score
@@ -459,7 +467,7 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         # pure_bf16 casts the weights, so the images must match them (autocast does it for AMP).
-        dtype = open_clip.get_input_dtype(self.cfg.run.precision)
+        dtype = open_clip.get_input_dtype(self.precision)
         micro = [(i.to(self.device, dtype=dtype, non_blocking=True), t.to(self.device, non_blocking=True))
                  for i, t in micro]
         no_sync = self.ddp.no_sync if self.ddp is not None else None
@@ -498,27 +506,31 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         scale = float(self.raw_model.logit_scale.detach().exp())
         loss = float(stats.loss)
+        # ETA: the steps left to where this run ends (its last step, or --stop-after) at the log
+        # window's rate; evals and saves not included. Elapsed: since this process began training.
+        end = min(self.total_steps, self.cfg.run.stop_after or self.total_steps)
+        elapsed, eta = time.perf_counter() - self.t_start, max(0, end - self.step) * step_s
+        # benchmarks/train.py reads "step N/TOTAL " from these lines (OURS_PROGRESS): keep it first.
         log.info("step %d/%d epoch %d (%.0f%%) loss %.4f lr %.3g scale %.2f | %.1f samples/s, %.1f/device | "
-                 "data %.3fs of %.3fs step | %d bad samples skipped", self.step, self.total_steps, self.epoch,
-                 100 * epoch_batch / self.micro_batches_per_epoch, loss, lr, scale, sps,
-                 sps / self.dist.world_size, data_s, step_s, bad)
+                 "data %.3fs of %.3fs step | %d bad samples skipped | elapsed %s, ETA %s", self.step,
+                 self.total_steps, self.epoch, 100 * epoch_batch / self.micro_batches_per_epoch, loss, lr, scale,
+                 sps, sps / self.dist.world_size, data_s, step_s, bad, hms(elapsed), hms(eta))
         rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "logit_scale": scale,
                "samples_per_s": sps, "samples_per_s_per_device": sps / self.dist.world_size,
                "data_s": data_s, "step_s": step_s, "bad_samples": bad}
         with open(self.out / "train_log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        for k, v in rec.items():
-            if k != "step":
-                self.tb.add_scalar(f"train/{k}", v, self.step)
+        self.report.log(train_scalars(rec), self.step)
 
     def train(self) -> dict[str, Any]:
         """Run to the end (or --stop-after); returns the last eval results summary on rank 0."""
         cfg, d = self.cfg, self.dist
         accum = cfg.optim.accum_freq
         stopped = False
-        if cfg.run.trace:
+        self.t_start = time.perf_counter()
+        if cfg.run.trace_samples:
             self.out.mkdir(parents=True, exist_ok=True)
-        trace = open(self.out / f"trace-rank{d.rank}.jsonl", "a") if cfg.run.trace else None  # noqa: SIM115
+        trace = open(self.out / f"trace-rank{d.rank}.jsonl", "a") if cfg.run.trace_samples else None  # noqa: SIM115
         try:
             while self.epoch < cfg.run.epochs and not stopped:
                 plan = EpochPlan(
@@ -589,7 +601,7 @@ class Trainer:
             if trace is not None:
                 trace.close()
         if d.is_main:
-            self.tb.flush()
+            self.report.flush()
             if not stopped or self.epoch >= cfg.run.epochs:
                 from training.curves import plot_curves
 
@@ -599,11 +611,17 @@ class Trainer:
     def close(self) -> None:
         """At the end, also after an error: TensorBoard flushed, the output folder's lock released."""
         try:
-            if self.tb is not None:
-                self.tb.close()
+            if self.report is not None:
+                self.report.close()
         finally:
             if self.output is not None:
                 self.output.release()
+
+
+def hms(seconds: float) -> str:
+    """1:02:03 (hours not padded, as datetime.timedelta prints)."""
+    s = max(0, round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
