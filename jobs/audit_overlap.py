@@ -24,6 +24,7 @@ import logging  # noqa: E402
 
 from dedup.audit import AuditConfig, AuditError, count_line, format_summary, run_audit  # noqa: E402
 from dedup.matcher import KINDS, MatchConfig  # noqa: E402
+from pipeline.cli import OneLineParser  # noqa: E402
 from pipeline.executor import make_executor  # noqa: E402
 from pipeline.job import job_main  # noqa: E402
 
@@ -31,7 +32,7 @@ log = logging.getLogger("audit_overlap")
 
 
 def parse_args(argv: list[str] | None) -> tuple[AuditConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = MatchConfig()
     p.add_argument("--corpus", required=True, help="build_corpus output (CORPUS/shards/ with sizes.json)")
     p.add_argument("--eval", action="append", required=True, metavar="NAME=PATH", dest="evals",

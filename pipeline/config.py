@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipeline.cli import OneLineParser
 from pipeline.fetch import DEFAULT_DISALLOWED, FetchConfig
 
 
@@ -79,7 +80,7 @@ def parse_config(cls: type[T], argv: list[str] | None, description: str = "", pr
     """Build `cls` from `--config FILE.yaml` and flags (flags win)."""
     hints = typing.get_type_hints(cls)
     docs = _field_docs(cls)
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = OneLineParser(prog=prog, description=description)
     p.add_argument("--config", help="YAML file with settings; flags override it")
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")

@@ -385,3 +385,18 @@ def test_killed_driver_leaves_no_ray_process_behind(tmp_path, web):
         for pid in left:
             os.kill(pid, signal.SIGKILL)
     assert not left, f"{len(left)} process(es) of the killed job's Ray still run after 15 s"
+
+
+@pytest.mark.parametrize("entry, argv", [
+    ("jobs/build_corpus.py", ["--urls", "x.parquet", "--bogus", "1"]),
+    ("jobs/audit_overlap.py", ["--corpus", "c"]),
+    ("training/train.py", ["--nope"]),
+])
+def test_a_usage_error_is_one_line_exit_2(tmp_path, entry, argv):
+    # argparse printed its whole usage block (a dozen lines) above the message.
+    r = subprocess.run([sys.executable, str(ROOT / entry), *argv], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "usage" not in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written

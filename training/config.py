@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.cli import OneLineParser
 from training.errors import TrainError
 
 PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_fp16", "pure_bf16")
@@ -231,7 +232,7 @@ def _optional(value: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="training/train.py",
         description="Contrastive (CLIP/SigLIP) pretraining on webdataset shards with open_clip models.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
