@@ -25,8 +25,10 @@ import torch
 from train_helpers import REPO, TINY, train, train_here
 
 from training.checkpoint import list_checkpoints, load_checkpoint, newest_readable, save_checkpoint
+from training.config import EvalConfig
 from training.data import EpochPlan, ShardDamaged, ShardSet, expand_shards, make_loader, read_sizes, tar_members
 from training.errors import TrainError
+from training.evaluate import load_overlap
 from training.synthetic import write_shape_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -135,6 +137,15 @@ def test_data_identity_on_s3_is_by_content(s3, local):
     assert there.fingerprint() == here.fingerprint()
     other = ShardSet.describe(expand_shards(f"{local}/{{00000..00002}}.tar"))
     assert other.fingerprint() != here.fingerprint()
+
+
+def test_overlap_audit_summary_read_from_s3(s3):
+    summary = {"eval_sets": {"shapes": {"items": 24, "overlapping_items": ["red-circle/0.jpg"]}}}
+    s3.fs().pipe(f"{s3.bucket}/audit/summary.json", json.dumps(summary).encode())
+    cfg = EvalConfig(overlap_audit=s3.url("audit/summary.json"))
+    assert load_overlap(cfg.overlap_audit) == ({"shapes": {"red-circle/0.jpg"}}, {"shapes": 24})
+    with pytest.raises(TrainError, match="--overlap-audit file not found"):
+        EvalConfig(overlap_audit=s3.url("audit/other.json"))
 
 
 # -- the web --------------------------------------------------------------------------------------

@@ -615,11 +615,12 @@ class Trainer:
     def close(self) -> None:
         """At the end, also after an error: logs and TensorBoard written, the output folder's lock released."""
         try:
-            if self.tb is not None:
+            try:
                 self.sync_outputs()
-                self.tb.close()
-            elif self.trace is not None:
-                self.trace.flush()
+                if self.tb is not None:
+                    self.tb.close()
+            except (RunFailed, OSError) as exc:  # after a failure, that failure is the one to report
+                log.warning("while closing the run: %s", exc)
         finally:
             if self.output is not None:
                 self.output.release()
