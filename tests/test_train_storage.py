@@ -24,7 +24,8 @@ import pytest
 import torch
 from train_helpers import REPO, TINY, train, train_here
 
-from training.checkpoint import list_checkpoints, load_checkpoint, newest_readable, save_checkpoint
+from pipeline.localweb import write_imagefolder
+from training.checkpoint import list_checkpoints, load_checkpoint, newest_readable, save_checkpoint, step_of
 from training.config import EvalConfig
 from training.data import EpochPlan, ShardDamaged, ShardSet, expand_shards, make_loader, read_sizes, tar_members
 from training.errors import TrainError
@@ -61,7 +62,10 @@ def test_train_from_s3_into_s3_killed_resumed_and_loaded_in_open_clip(s3, tmp_pa
     write_shape_shards(s3.url("shards"), 192, 32, seed=0, size=32)  # 6 shards and sizes.json, in the bucket
     data = s3.url("shards/{00000..00005}.tar")
     out = s3.url("run1")
-    args = common(data, "--save-every", "3", "--trace", "--output", out)
+    zs = tmp_path.parent / f"{tmp_path.name}-zs"  # eval sets stay local; the working folder stays empty
+    write_imagefolder(zs, per_class=1, seed=1, size=32)
+    args = common(data, "--batch-size", "16", "--save-every", "4", "--keep-last", "2", "--trace",
+                  "--zeroshot", f"shapes={zs}", "--output", out)
     # From an empty folder: nothing may land on the local disk (formerly a folder named "s3:").
     first = subprocess.Popen([sys.executable, str(REPO / "training/train.py"), *args], cwd=tmp_path,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -78,16 +82,18 @@ def test_train_from_s3_into_s3_killed_resumed_and_loaded_in_open_clip(s3, tmp_pa
         first.communicate()
     assert os.listdir(tmp_path) == []
     killed_at = list_checkpoints(f"{out}/checkpoints")[-1]
-    assert str(killed_at).startswith(f"{out}/checkpoints/step_") and killed_at.name.endswith(".pt")
+    assert str(killed_at).startswith(f"{out}/checkpoints/step_") and step_of(killed_at) < 12  # killed mid-run
 
-    r = train(*common(data, "--save-every", "3", "--trace", "--output", out, "--resume", "latest"), cwd=tmp_path)
+    r = train(*args, "--resume", "latest", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {killed_at}" in r.stderr
     assert os.listdir(tmp_path) == []
     names = bucket_names(s3, "run1")
-    # 192 samples / batch 8 = 24 steps in the epoch; the last 3 checkpoints are kept.
+    # 192 samples / batch 16 = 12 steps in the epoch; the last 2 checkpoints are kept (and best.json).
     assert [n for n in names if n.startswith("checkpoints/")] == [
-        "checkpoints/step_00000018.pt", "checkpoints/step_00000021.pt", "checkpoints/step_00000024.pt"]
+        "checkpoints/best.json", "checkpoints/step_00000008.pt", "checkpoints/step_00000012.pt"]
+    results = [json.loads(x) for x in s3.fs().cat(f"{s3.bucket}/run1/results.jsonl").decode().splitlines()]
+    assert [(r["step"], r["set"]) for r in results] == [(12, "shapes")]  # the epoch end's evaluation
     for name in ("run.json", "config.yaml", "model/tiny-vit.json", "results.jsonl", "train_log.jsonl",
                  "curves.png", "trace-rank0.jsonl"):
         assert name in names, (name, names)
@@ -95,19 +101,19 @@ def test_train_from_s3_into_s3_killed_resumed_and_loaded_in_open_clip(s3, tmp_pa
     assert len([n for n in names if n.startswith("tb/events.out.tfevents.")]) == 2  # one per process
     fs = s3.fs()
     log = [json.loads(x) for x in fs.cat(f"{s3.bucket}/run1/train_log.jsonl").decode().splitlines()]
-    assert log[-1]["step"] == 24 and {r["step"] for r in log} >= set(range(2, 25, 2))
+    assert log[-1]["step"] == 12 and {r["step"] for r in log} >= set(range(2, 13, 2))
     trace = {json.loads(x)["step"] for x in fs.cat(f"{s3.bucket}/run1/trace-rank0.jsonl").decode().splitlines()}
-    assert trace == set(range(1, 25))  # every step of the run, the replayed ones once more
+    assert trace == set(range(1, 13))  # every step of the run, the replayed ones once more
 
     # The final checkpoint, from the bucket, in open_clip (as the README says: register OUT/model first).
     local = tmp_path / "dl"
     local.mkdir()
-    fs.get(f"{s3.bucket}/run1/checkpoints/step_00000024.pt", str(local / "final.pt"))
+    fs.get(f"{s3.bucket}/run1/checkpoints/step_00000012.pt", str(local / "final.pt"))
     fs.get(f"{s3.bucket}/run1/model/tiny-vit.json", str(local / "tiny-vit.json"))
     open_clip.add_model_config(local / "tiny-vit.json")
     model, _, _ = open_clip.create_model_and_transforms("tiny-vit", pretrained=str(local / "final.pt"))
-    ours = load_checkpoint(f"{out}/checkpoints/step_00000024.pt")  # read straight from the bucket
-    assert ours["step"] == 24 and ours["config"]["data"]["train_data"] == data
+    ours = load_checkpoint(f"{out}/checkpoints/step_00000012.pt")  # read straight from the bucket
+    assert ours["step"] == 12 and ours["config"]["data"]["train_data"] == data
     theirs = model.state_dict()
     assert all(torch.equal(theirs[k], v) for k, v in ours["state_dict"].items())
 
