@@ -21,14 +21,16 @@ import logging
 import os
 import pickle
 import re
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.shards import atomic_write_json, get_fs
+from pipeline.shards import atomic_write_json
 from training.errors import RunFailed, TrainError
+from training.storage import Loc
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +62,35 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
-def step_of(path: Path) -> int:
+def step_of(path: Path | Loc) -> int:
     return int(CKPT_RE.match(path.name)[1])
 
 
-def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """step_XXXXXXXX.pt regular files, oldest first (a link with such a name is not one of ours)."""
-    if not ckpt_dir.is_dir() or ckpt_dir.is_symlink():
-        return []
-    return sorted(Path(e.path) for e in os.scandir(ckpt_dir)
-                  if CKPT_RE.match(e.name) and e.is_file(follow_symlinks=False))
+def list_checkpoints(ckpt_dir: str | Path | Loc) -> list[Loc]:
+    """step_XXXXXXXX.pt regular files, oldest first (a link with such a name is not one of ours).
+    Only finished names: an upload in progress has a temporary name (Loc.put), never one of these."""
+    d = Loc.of(ckpt_dir)
+    if d.local:
+        if not os.path.isdir(d.path) or os.path.islink(d.path):
+            return []
+        names = [e.name for e in os.scandir(d.path) if CKPT_RE.match(e.name) and e.is_file(follow_symlinks=False)]
+    else:
+        try:
+            entries = d.fs.ls(d.path, detail=True)
+        except FileNotFoundError:
+            return []
+        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file"]
+        names = [n for n in names if CKPT_RE.match(n)]
+    return [d / n for n in sorted(names)]
 
 
-def find_latest(ckpt_dir: Path) -> Path | None:
+def find_latest(ckpt_dir: str | Path | Loc) -> Loc | None:
     found = list_checkpoints(ckpt_dir)
     return found[-1] if found else None
 
 
-def read_best(ckpt_dir: Path) -> dict[str, Any] | None:
-    path = ckpt_dir / BEST_FILE
+def read_best(ckpt_dir: str | Path | Loc) -> dict[str, Any] | None:
+    path = Loc.of(ckpt_dir) / BEST_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -93,22 +105,32 @@ def all_finite(tensors: Any) -> bool:
     return True
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, payload: dict[str, Any], keep_last: int,
-                    score: tuple[str, float] | None = None) -> Path:
+def save_checkpoint(ckpt_dir: str | Path | Loc, step: int, payload: dict[str, Any], keep_last: int,
+                    score: tuple[str, float] | None = None) -> Loc:
     """Write step_XXXXXXXX.pt atomically, update best.json, prune all but last K and best.
 
-    A payload with a non-finite weight is a bug of the caller (the trainer stops before it
-    saves one): refused here too, so no NaN model is ever published or ranked."""
+    Locally through a temporary file in the folder, renamed into place; on object storage
+    through a local temporary file, uploaded to a temporary key and moved onto the final one
+    (Loc.put). A payload with a non-finite weight is a bug of the caller (the trainer stops
+    before it saves one): refused here too, so no NaN model is ever published or ranked."""
     if not (all_finite(payload["state_dict"]) and all_finite(payload.get("optimizer"))):
         raise RunFailed(f"step {step}: the model's weights or optimizer state are not finite; not saved")
+    ckpt_dir = Loc.of(ckpt_dir)
     path = ckpt_dir / checkpoint_name(step)
-    tmp = ckpt_dir / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if ckpt_dir.local:
+        tmp = f"{ckpt_dir.path}/.{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    else:
+        fd, tmp = tempfile.mkstemp(prefix="clipforge-", suffix=f"-{path.name}")
+        os.close(fd)
     try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir.mkdir()
         torch.save(payload, tmp)
         # Read back before publishing: a checkpoint that weights_only loading rejects is no checkpoint.
         torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+        if ckpt_dir.local:
+            os.replace(tmp, path.path)  # atomic on POSIX: readers see the old file or the new one
+        else:
+            path.put(tmp)
     except (OSError, RuntimeError) as exc:
         # torch.save reports an unwritable folder as "[enforce fail at inline_container.cc] open file
         # failed", without the path: name it.
@@ -116,12 +138,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, payload: dict[str, Any], keep_las
         raise RunFailed(f"{path}: cannot write the checkpoint ({reason}); the previous checkpoints are intact") \
             from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
     best = read_best(ckpt_dir)
     if score is not None and (best is None or score[1] > best["value"] or best["file"] == path.name):
         best = {"file": path.name, "step": step, "metric": score[0], "value": score[1]}
-        fs, root = get_fs(str(ckpt_dir))
-        atomic_write_json(fs, f"{root}/{BEST_FILE}", best)
+        atomic_write_json(ckpt_dir.fs, (ckpt_dir / BEST_FILE).path, best)
     keep = {p.name for p in list_checkpoints(ckpt_dir)[-keep_last:]}
     if best is not None:
         keep.add(best["file"])
@@ -134,7 +155,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, payload: dict[str, Any], keep_las
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def _load_problem(path: Path, exc: BaseException) -> str:
+def _load_problem(path: Path | Loc, exc: BaseException) -> str:
     """One line on why torch.load(weights_only=True) refused a file."""
     text = str(exc)
     if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
@@ -148,13 +169,15 @@ def _load_problem(path: Path, exc: BaseException) -> str:
     return f"unreadable ({type(exc).__name__}: {first[:160]}); truncated, or not a torch checkpoint"
 
 
-def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """A clipforge checkpoint, loaded with weights_only=True; TrainError (one line) if it is not one."""
-    path = Path(path)
+def load_checkpoint(path: str | Path | Loc, mmap: bool = False) -> dict[str, Any]:
+    """A clipforge checkpoint (a local path or a URL), loaded with weights_only=True; TrainError (one
+    line) if it is not one. One on object storage is downloaded to a temporary file first."""
+    path = Loc.of(path, "--resume")
     if not path.is_file():
         raise TrainError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with path.local_copy() as local:
+            ckpt = torch.load(local, map_location="cpu", weights_only=True, mmap=mmap and path.local)
     except Exception as exc:  # truncated, not a torch file, or unsafe content
         raise TrainError(f"{path}: {_load_problem(path, exc)}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION or "data" not in ckpt:
@@ -163,8 +186,8 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return ckpt
 
 
-def unreadable(path: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from (None if it can); memory-mapped, so cheap."""
+def unreadable(path: str | Path | Loc) -> str | None:
+    """Why a checkpoint cannot be resumed from (None if it can); memory-mapped where local, so cheap."""
     try:
         load_checkpoint(path, mmap=True)
     except TrainError as exc:
@@ -172,7 +195,7 @@ def unreadable(path: Path) -> str | None:
     return None
 
 
-def newest_readable(ckpt_dir: Path) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, str]]]:
+def newest_readable(ckpt_dir: str | Path | Loc) -> tuple[Loc | None, dict[str, Any] | None, list[tuple[Loc, str]]]:
     """The newest checkpoint that loads, the checkpoint itself, and each newer one passed over with why."""
     skipped = []
     for path in reversed(list_checkpoints(ckpt_dir)):
@@ -209,7 +232,7 @@ def _normalised_spec(spec: str) -> str:
     return "::".join(os.path.normpath(s.strip()) for s in spec.split("::") if s.strip())
 
 
-def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path | Loc) -> None:
     """Refuse to resume when a setting changed that the data position or the weights depend on."""
     changes = []
     for (section, key), label in RESUME_INVARIANTS.items():

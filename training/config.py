@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from pipeline.cli import OneLineParser
 from training.errors import TrainError
 
 PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_fp16", "pure_bf16")
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+"""A URL (s3://..., or a malformed s3:/...), not a local path (a one-letter scheme would be a drive)."""
 REPORTERS = ("tensorboard", "wandb", "all")
 OPENCLIP_LOGS = "./logs"
 """OpenCLIP's default --logs: where `--name NAME` alone puts the run."""
@@ -50,7 +53,8 @@ def _f(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - mirrors arg
 class DataConfig:
     """Where the training samples come from and how they are batched."""
 
-    train_data: str = _f("", "webdataset shards: brace ranges, several sources joined with '::'")
+    train_data: str = _f("", "webdataset shards, local or s3://, gs://, http(s):// URLs or pipe:CMD: brace ranges, "
+                         "several sources joined with '::'")
     train_num_samples: int | None = _f(None, "samples per epoch; default: the sum of sizes.json over the shards")
     batch_size: int = _f(64, "batch size per process (per micro-batch when --accum-freq > 1)")
     workers: int = _f(1, "data loader worker processes per rank (0: load in the training process)")
@@ -118,9 +122,22 @@ class EvalConfig:
     def __post_init__(self) -> None:
         for kind, sets in (("zeroshot", self.zeroshot), ("retrieval", self.retrieval)):
             for name, root in sets.items():
+                if _URL_RE.match(root):
+                    raise TrainError(f"--{kind} {name}={root}: eval sets are read from a local (or mounted) folder, "
+                                     f"not a URL; copy it to one first (e.g. aws s3 sync {root} evalsets/{name})")
                 if not Path(root).is_dir():
                     raise TrainError(f"{root}: --{kind} {name}={root} is not a directory")
-        if self.overlap_audit and not Path(self.overlap_audit).is_file():
+        if self.overlap_audit and _URL_RE.match(self.overlap_audit):
+            from pipeline.rundir import OutputError, resolve
+
+            try:  # a summary.json on object storage or the web is read through fsspec (one small file)
+                fs, path = resolve(self.overlap_audit, "--overlap-audit")
+                found = fs.isfile(path)
+            except OutputError as exc:
+                raise TrainError(str(exc)) from None
+            if not found:
+                raise TrainError(f"{self.overlap_audit}: --overlap-audit file not found")
+        elif self.overlap_audit and not Path(self.overlap_audit).is_file():
             raise TrainError(f"{self.overlap_audit}: --overlap-audit file not found")
 
 

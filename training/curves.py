@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -10,15 +11,18 @@ import matplotlib
 matplotlib.use("Agg")  # no display on training nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
+from training.storage import Loc  # noqa: E402
 
-def _read_jsonl(path: Path) -> list[dict]:
+
+def _read_jsonl(path: Loc) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(out: str | Path) -> Path:
-    out = Path(out)
+def plot_curves(out: str | Path | Loc) -> Loc:
+    """OUT/curves.png of OUT's logs; OUT a local folder or a URL."""
+    out = Loc.of(out)
     # A resumed run appends; keep the last record per step so a replayed step is drawn once.
     train = {r["step"]: r for r in _read_jsonl(out / "train_log.jsonl")}
     evals: dict[str, dict[int, float]] = {}
@@ -38,9 +42,9 @@ def plot_curves(out: str | Path) -> Path:
     if evals:
         ax_acc.legend()
     fig.tight_layout()
-    path = out / "curves.png"
-    tmp = out / ".curves.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
+    path = out / "curves.png"
+    path.write_bytes(buf.getvalue())  # atomically: curves.png.tmp-PID-HEX8, then renamed
     return path

@@ -35,19 +35,22 @@ import json
 import logging
 import random
 import re
+import subprocess
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 import braceexpand
+import fsspec
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.shards import SIZES_FILE, get_fs
+from pipeline.rundir import OutputError, resolve
+from pipeline.shards import SIZES_FILE
 from training.errors import TrainError
 
 log = logging.getLogger(__name__)
@@ -57,41 +60,97 @@ WARN_EVERY = 100
 """Bad samples: warn on the first, then every WARN_EVERY-th (per worker), never sleep."""
 
 
+PIPE = "pipe:"
+"""A shard that is a shell command's standard output (`pipe:aws s3 cp s3://b/00000.tar -`), as in
+webdataset and OpenCLIP: nothing to check before it runs, no sizes.json beside it."""
+
+
+def is_pipe(url: str) -> bool:
+    return url.startswith(PIPE)
+
+
+def source_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a shard or sizes.json: a local path, or a URL of any scheme fsspec
+    serves here (s3://, gs://, http(s)://, ...); a scheme it does not serve, or a malformed URL
+    (s3:/bucket), is a TrainError, never a local path named after it."""
+    try:
+        return resolve(url, "--train-data")
+    except OutputError as exc:
+        raise TrainError(str(exc)) from None
+
+
 def expand_shards(spec: str) -> list[str]:
-    """'a/{000..009}.tar::b/x.tar' -> shard URLs, checking that local ones exist."""
+    """'a/{000..009}.tar::s3://b/x.tar::pipe:CMD' -> shard URLs, checking that those with a path exist
+    (a pipe: command is only run by the loader)."""
     urls: list[str] = []
     for source in spec.split("::"):
         source = source.strip()
         if source:
+            # Braces in a pipe: command expand too (pipe:aws s3 cp s3://b/{000..009}.tar -), as in webdataset.
             urls.extend(braceexpand.braceexpand(source))
     if not urls:
         raise TrainError(f"--train-data {spec!r}: expands to no shards")
     missing = []
     for url in urls:
-        fs, path = get_fs(url)
-        if not fs.exists(path):
+        if is_pipe(url):
+            if not url[len(PIPE):].strip():
+                raise TrainError(f"--train-data {url!r}: a pipe: source needs a command (pipe:CMD)")
+            continue
+        fs, path = source_fs(url)
+        try:
+            found = fs.exists(path)
+        except Exception as exc:  # no credentials, no route, access denied: name the shard, not a traceback
+            raise TrainError(f"{url}: cannot check the shard ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]})") from None
+        if not found:
             missing.append(url)
     if missing:
         raise TrainError(f"{missing[0]}: shard not found ({len(missing)} of {len(urls)} listed shards are missing)")
     return urls
 
 
+def _stats_count(fs: fsspec.AbstractFileSystem, parent: str, name: str) -> int | None:
+    """Samples in NAME.tar by img2dataset's NAME_stats.json beside it ("successes": its tar holds
+    only the successful rows), None if there is none."""
+    stats = f"{parent}/{name.rsplit('.', 1)[0]}_stats.json"
+    try:
+        with fs.open(stats, "rb") as f:
+            n = json.load(f)["successes"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrainError(f"{stats}: not an img2dataset shard stats file ({type(exc).__name__}: {exc})") from None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise TrainError(f"{stats}: successes {n!r} is not a sample count")
+    return n
+
+
 def read_sizes(urls: list[str], required: bool = False) -> dict[str, int | None]:
-    """Each shard's sample count from the sizes.json next to it (shard basename -> count); None where
-    there is no sizes.json (an error if `required`)."""
+    """Each shard's sample count from the sizes.json next to it (shard basename -> count), or where a
+    folder has none, from img2dataset's per-shard NAME_stats.json; None where neither is there (an
+    error if `required`). A pipe: shard has neither."""
     by_dir: dict[str, list[str]] = {}
+    counts: dict[str, int | None] = {}
     for url in urls:
+        if is_pipe(url):
+            if required:
+                raise TrainError(f"--train-data {url!r}: a pipe: source has no sizes.json to count its samples; "
+                                 "pass --train-num-samples (samples per epoch)")
+            counts[url] = None
+            continue
         parent, _, name = url.rpartition("/")
         by_dir.setdefault(parent or ".", []).append(url)
-    counts: dict[str, int | None] = {}
     for parent, members in by_dir.items():
         sizes_url = f"{parent}/{SIZES_FILE}"
-        fs, path = get_fs(sizes_url)
+        fs, path = source_fs(sizes_url)
         if not fs.exists(path):
-            if required:
-                raise TrainError(f"{sizes_url}: missing; write it (shard name -> sample count) or pass "
-                                 "--train-num-samples")
-            counts.update(dict.fromkeys(members))
+            folder = path.rsplit("/", 1)[0]
+            for url in members:
+                counts[url] = _stats_count(fs, folder, url.rpartition("/")[2])
+                if counts[url] is None and required:
+                    raise TrainError(f"{sizes_url}: missing (nor is there an img2dataset "
+                                     f"{url.rpartition('/')[2].rsplit('.', 1)[0]}_stats.json); write it "
+                                     "(shard name -> sample count) or pass --train-num-samples")
             continue
         try:
             with fs.open(path, "rb") as f:
@@ -140,21 +199,29 @@ class ShardSet:
     def describe(cls, urls: list[str]) -> ShardSet:
         nbytes = []
         for url in urls:
-            fs, path = get_fs(url)
-            nbytes.append(int(fs.size(path)))
+            if is_pipe(url):
+                nbytes.append(0)  # unknown until the command runs
+                continue
+            fs, path = source_fs(url)
+            nbytes.append(int(fs.size(path) or 0))  # a web server may not say (then no head is read either)
         return cls(urls, nbytes, read_sizes(urls))
 
     def fingerprint(self) -> dict[str, Any]:
         """Identity by content, not by path spelling: each shard's name, size in bytes, sizes.json count
         and first HEAD_BYTES (its first sample), in order (the order decides the shuffle). The head is
         needed because tar sizes are rounded up to 10 KiB records: other shards of the same sample
-        count often have the very same sizes. Computed once, on first use."""
+        count often have the very same sizes. On object storage the head is one ranged read. A pipe:
+        shard cannot be looked at without running it: its command stands for it. Computed once, on
+        first use."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             for url, n in zip(self.urls, self.nbytes, strict=True):
-                fs, path = get_fs(url)
-                with fs.open(path, "rb") as f:
-                    head = f.read(HEAD_BYTES)
+                if is_pipe(url):
+                    h.update(f"{url}\0".encode())
+                    continue
+                fs, path = source_fs(url)
+                # Sliced again: a web server that ignores Range sends the whole file.
+                head = fs.cat_file(path, start=0, end=min(n, HEAD_BYTES))[:HEAD_BYTES] if n else b""
                 h.update(f"{url.rpartition('/')[2]}\0{n}\0{self.counts.get(url)}\0".encode())
                 h.update(hashlib.blake2b(head, digest_size=16).digest())
             self._fingerprint = {"shards": len(self.urls), "bytes": sum(self.nbytes), "digest": h.hexdigest()[:32]}
@@ -289,34 +356,18 @@ def tar_members(url: str, handler: Callable[[BaseException], bool]) -> Iterator[
     archive and stops without a word: the samples after the cut would vanish uncounted. A
     complete tar has only zero blocks (at least one) after its last member; anything else is
     reported to `handler` as ShardDamaged, naming the shard and the byte.
+
+    Shards on object storage or the web are streamed through fsspec; a pipe: shard is its
+    command's output, and a command that fails is a damaged shard.
     """
-    fs, path = get_fs(url)
+    if is_pipe(url):
+        yield from _pipe_members(url, handler)
+        return
+    fs, path = source_fs(url)
     with fs.open(path, "rb") as f:
-        try:
-            tar = tarfile.open(fileobj=f, mode="r|*")
-        except Exception as exc:  # empty, garbage, unknown compression: the whole shard is bad
-            handler(ShardDamaged(url, f"not a readable tar ({type(exc).__name__}: {exc})"))
+        tar = yield from _members(url, f, handler)
+        if tar is None:
             return
-        while True:
-            try:
-                info = tar.next()
-            except Exception as exc:  # a header tarfile calls damaged: the rest of the stream is lost
-                handler(ShardDamaged(url, f"unreadable after byte {tar.offset} ({type(exc).__name__}: {exc})"))
-                return
-            if info is None:
-                break
-            name = info.name
-            if not info.isreg() or _META_RE.match(name) or ("/" not in name and name.startswith("__")
-                                                            and name.endswith("__")):
-                continue
-            try:
-                data = tar.extractfile(info).read()
-            except Exception as exc:  # cut inside the member's data: nothing after it can be read
-                handler(ShardDamaged(url, f"the tar ends early, inside the data of {name} "
-                                          f"({type(exc).__name__}: {exc})"))
-                return
-            tar.members = []  # a stream reader must not keep every header of a long shard
-            yield {"fname": name, "data": data, "__url__": url}
         if getattr(tar.fileobj, "comptype", "tar") != "tar":
             return  # offsets count uncompressed bytes: only the sizes.json comparison checks these
         end = tar.offset
@@ -336,6 +387,60 @@ def tar_members(url: str, handler: Callable[[BaseException], bool]) -> Iterator[
     else:
         why = "data that is not a tar member header (the rest of the shard cannot be read)"
     handler(ShardDamaged(url, f"the tar ends early: after the last readable member, at byte {end}, {why}"))
+
+
+def _members(url: str, f: IO[bytes], handler: Callable[[BaseException], bool]
+             ) -> Generator[dict[str, Any], None, tarfile.TarFile | None]:
+    """The members of the tar stream `f`; returns the TarFile at its end, None if it broke off
+    (reported to `handler`)."""
+    try:
+        tar = tarfile.open(fileobj=f, mode="r|*")
+    except Exception as exc:  # empty, garbage, unknown compression: the whole shard is bad
+        handler(ShardDamaged(url, f"not a readable tar ({type(exc).__name__}: {exc})"))
+        return None
+    while True:
+        try:
+            info = tar.next()
+        except Exception as exc:  # a header tarfile calls damaged: the rest of the stream is lost
+            handler(ShardDamaged(url, f"unreadable after byte {tar.offset} ({type(exc).__name__}: {exc})"))
+            return None
+        if info is None:
+            return tar
+        name = info.name
+        if not info.isreg() or _META_RE.match(name) or ("/" not in name and name.startswith("__")
+                                                        and name.endswith("__")):
+            continue
+        try:
+            data = tar.extractfile(info).read()
+        except Exception as exc:  # cut inside the member's data: nothing after it can be read
+            handler(ShardDamaged(url, f"the tar ends early, inside the data of {name} "
+                                      f"({type(exc).__name__}: {exc})"))
+            return None
+        tar.members = []  # a stream reader must not keep every header of a long shard
+        yield {"fname": name, "data": data, "__url__": url}
+
+
+def _pipe_members(url: str, handler: Callable[[BaseException], bool]) -> Iterator[dict[str, Any]]:
+    """The members of a pipe: shard: its command runs in a shell (as webdataset's gopen runs it),
+    its standard error goes to ours. A command that exits non-zero may have stopped early
+    (`aws s3 cp` losing its connection): a damaged shard. Killed if the reader stops first."""
+    cmd = url[len(PIPE):]
+    proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    try:
+        tar = yield from _members(url, proc.stdout, handler)
+        if tar is None:
+            return
+        while proc.stdout.read(1 << 16):
+            pass  # the end-of-archive padding: the command must see its output read to the end
+        status = proc.wait()
+        if status != 0:
+            handler(ShardDamaged(url, f"the command exited with status {status} after the last readable member "
+                                      "(its output may be cut short)"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
 
 class ShardStream(IterableDataset):

@@ -40,6 +40,7 @@ from PIL import Image
 from dedup.evalsets import CLASSIFICATION, RETRIEVAL, EvalItem, EvalSet, EvalSetError, load_eval_set
 from training.dist import gather_objects
 from training.errors import TrainError
+from training.storage import Loc
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def load_overlap(path: str | None) -> tuple[dict[str, set[str]], dict[str, int |
     if not path:
         return {}, {}
     try:
-        sets = json.loads(Path(path).read_text())["eval_sets"]
+        sets = json.loads(Loc.of(path, "--overlap-audit").read_text())["eval_sets"]  # a local path or a URL
         return ({n: set(v.get("overlapping_items", [])) for n, v in sets.items()},
                 {n: v.get("items") for n, v in sets.items()})
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:

@@ -35,8 +35,12 @@ PROBE = ".write-probe"
 OWN_TEMPORARIES = {
     # pipeline.shards.atomic_open's NAME.tmp-PID-HEX8, for the names this run writes that way;
     # the lock's own takeover temporary; the write probe.
-    "": re.compile(rf"^(?:{RUN_FILE}|config\.yaml|{re.escape(LOCK_FILE)}|{re.escape(PROBE)}){_TMP}$"),
+    # The logs and curves too: on object storage they are rewritten whole, the same way (training/storage.py).
+    "": re.compile(rf"^(?:{RUN_FILE}|config\.yaml|{re.escape(LOCK_FILE)}|{re.escape(PROBE)}|results\.jsonl|"
+                   rf"train_log\.jsonl|curves\.png|trace-rank\d+\.jsonl){_TMP}$"),
     "checkpoints": re.compile(rf"^(?:\.step_\d{{8}}\.pt|best\.json|{re.escape(PROBE)}){_TMP}$"),
+    # TensorBoard's event files, uploaded from a local folder when OUT is on object storage (Loc.put).
+    "tb": re.compile(rf"^\.events\.out\.tfevents\.[^/]+{_TMP}$"),
     # clipforge 0.1 wrote the model config through .NAME.json.tmp-PID.
     "model": re.compile(rf"^(?:[^/]+\.json{_TMP}|\.[^/]+\.json\.tmp-\d+|{re.escape(PROBE)}{_TMP})$"),
 }
@@ -50,6 +54,10 @@ class RunOutput:
 
     def __init__(self, url: str) -> None:
         self.dir = RunDir(url, job="train")  # OutputError for a URL no filesystem serves
+        protocols = self.dir.fs.protocol if isinstance(self.dir.fs.protocol, (tuple, list)) else [self.dir.fs.protocol]
+        if {"http", "https"} & set(protocols):
+            raise OutputError(f"--output {url}: a web address cannot be written to; use a local folder or "
+                              "object storage (s3://BUCKET/PATH, gs://...)")
         self.fs, self.root = self.dir.fs, self.dir.root
         self.recorded: dict[str, Any] | None = None
         self.legacy = False

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
 from typing import Any
 
 from training.errors import TrainError
@@ -81,20 +80,20 @@ def wandb_run_id(output: str, created: str) -> str:
 class Reporter:
     """Where rank 0's scalars go: TensorBoard, and wandb when given (the imported module)."""
 
-    def __init__(self, out: Path, wandb: Any = None, *, project: str = "clipforge", run_id: str | None = None,
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(self, tb: Any, name: str, wandb_dir: str, wandb: Any = None, *, project: str = "clipforge",
+                 run_id: str | None = None, config: dict[str, Any] | None = None) -> None:
+        """`tb`: the run's training.storage.TensorBoard (OUT/tb, uploaded when OUT is on object
+        storage); `wandb_dir`: a local folder (wandb writes only to local disks)."""
         self.wandb_run = None
         if wandb is not None:
             try:
                 # resume="allow": the same id again (a resumed run) continues that wandb run.
-                self.wandb_run = wandb.init(project=project, name=out.name, id=run_id, resume="allow",
-                                            dir=str(out), config=config)
+                self.wandb_run = wandb.init(project=project, name=name, id=run_id, resume="allow",
+                                            dir=wandb_dir, config=config)
             except Exception as exc:  # wandb's own errors (not logged in, no network): one line, not a traceback
                 raise TrainError(f"--report-to wandb: wandb.init failed ({' '.join(str(exc).split())[:300]}); "
                                  "set WANDB_MODE=offline to log without a network, or run `wandb login`") from None
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(out / "tb"))
+        self.tb = tb
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         for tag, value in scalars.items():

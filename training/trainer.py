@@ -13,11 +13,11 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import open_clip
@@ -43,7 +43,7 @@ from training.checkpoint import (
     unreadable,
 )
 from training.config import TrainConfig, run_precision
-from training.data import EpochPlan, ShardSet, count_samples, expand_shards, make_loader
+from training.data import EpochPlan, ShardSet, count_samples, expand_shards, is_pipe, make_loader
 from training.dist import DistInfo, any_rank, gather_objects, set_cpu_threads
 from training.errors import RunFailed, TrainError
 from training.evaluate import Evaluator
@@ -52,6 +52,7 @@ from training.model import build_model, model_definition, recorded_model_change,
 from training.optim import build_optimizer, cosine_lr, set_lr
 from training.output import OutputError, RunOutput
 from training.report import Reporter, eval_scalars, import_wandb, train_scalars, wandb_run_id
+from training.storage import Appender, Loc, TensorBoard
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ class Trainer:
         """What --precision computes in here (OpenCLIP's `amp` depends on the device)."""
         self.report: Reporter | None = None
         self.wandb: Any = None
+        self.tb: TensorBoard | None = None
+        self.logs: dict[str, Appender] = {}
+        self.trace: Appender | None = None
         self.output: RunOutput | None = None
         try:
             self._build()
@@ -111,10 +115,9 @@ class Trainer:
                         "fp16) this run computes in %s: bf16 autocast, fp32 weights, no GradScaler", cfg.run.precision,
                         self.device.type, self.precision)
         self.output = RunOutput(cfg.run.output)
-        if not isinstance(self.output.fs, LocalFileSystem):
-            raise TrainError(f"--output {cfg.run.output}: the trainer writes only to a local (or mounted) folder "
-                             "so far; train into one and copy it to object storage")
-        self.out = Path(self.output.root)
+        # A local folder or object storage alike (training/storage.py); a URL no filesystem serves
+        # was refused above, never taken for a local folder named after it.
+        self.out = Loc(self.output.fs, self.output.root)
         self.ckpt_dir = self.out / "checkpoints"
 
         # Data first: a bad --train-data should fail before minutes of model building.
@@ -145,8 +148,8 @@ class Trainer:
         self.bad_in_epoch: list[int] = []
         self.resume_bad_in_epoch: list[int] = []
         self.nonfinite_skipped = 0
-        self.last_saved: Path | None = None
-        self._set_aside: list[Path] = []  # unreadable checkpoints a resume went past
+        self.last_saved: Loc | None = None
+        self._set_aside: list[Loc] = []  # unreadable checkpoints a resume went past
 
         self._together(self.output.claim if dist.is_main else lambda: None)
         self._together(self._prepare)
@@ -197,9 +200,11 @@ class Trainer:
             log.warning("sizes.json over-states %d shard(s), e.g. %s; samples per epoch (%d) comes from it, so "
                         "each epoch re-reads the shards to make up the difference: rewrite sizes.json or pass "
                         "--train-num-samples", len(implausible), implausible[0], self.samples_per_epoch)
+        if not self.out.local:
+            return
         out = os.path.realpath(self.out)
         for folder in sorted({os.path.realpath(os.path.dirname(u)) for u in self.urls
-                              if isinstance(get_fs(u)[0], LocalFileSystem)}):
+                              if not is_pipe(u) and isinstance(get_fs(u)[0], LocalFileSystem)}):
             if out == folder or out.startswith(folder + os.sep):
                 log.warning("--output %s is inside the shards folder %s: checkpoints and logs then mix with the "
                             "data (and travel with it); keep runs in a folder of their own", self.out, folder)
@@ -254,14 +259,23 @@ class Trainer:
             log.warning("%s: unreadable, renamed to %s (out of the way of pruning and --resume latest)",
                         path, aside.name)
         self.output.remove_temporaries()
-        fs, root = get_fs(str(self.out))
-        atomic_write_bytes(fs, f"{root}/config.yaml",
+        atomic_write_bytes(self.output.fs, self.output.path("config.yaml"),
                            yaml.safe_dump(self.config_record(), sort_keys=False).encode())
-        self.report = Reporter(self.out, self.wandb, project=self.cfg.run.wandb_project_name,
+        self.tb = TensorBoard(self.out / "tb")
+        self.logs = {name: Appender(self.out / name) for name in ("results.jsonl", "train_log.jsonl")}
+        self.report = Reporter(self.tb, self.out.name, self._wandb_dir(), self.wandb,
+                               project=self.cfg.run.wandb_project_name,
                                run_id=wandb_run_id(self.output.display(), str(self.output.recorded.get("created"))),
                                config=self.config_record())
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _wandb_dir(self) -> str:
+        """wandb writes only to a local disk: OUT itself when local, else WANDB_DIR or a temporary folder
+        (offline runs there are for `wandb sync`; online ones are uploaded by wandb itself)."""
+        if self.out.local:
+            return self.out.path
+        return os.environ.get("WANDB_DIR") or tempfile.mkdtemp(prefix="clipforge-wandb-")
 
     @contextmanager
     def autocast(self) -> Iterator[None]:
@@ -302,7 +316,7 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------
 
-    def _checkpoint_to_resume(self, resume: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+    def _checkpoint_to_resume(self, resume: str | None) -> tuple[Loc | None, dict[str, Any] | None]:
         """The checkpoint to resume from (loaded), after the checks that can refuse it; (None, None) for
         a fresh start. Unreadable checkpoints are passed over with a warning naming each one."""
         if not resume:
@@ -322,10 +336,10 @@ class Trainer:
                 log.info("--resume latest: no %scheckpoint in %s, starting from scratch",
                          "readable " if skipped else "", self.ckpt_dir)
             return path, ckpt
-        path = Path(resume)
+        path = Loc.of(resume, "--resume")
         return path, load_checkpoint(path)
 
-    def _check_resume_position(self, path: Path, ckpt: dict[str, Any]) -> None:
+    def _check_resume_position(self, path: Loc, ckpt: dict[str, Any]) -> None:
         """Refusals that depend on where in the data and in the folder's history the checkpoint lies."""
         batch = ckpt["data"]["batch"]
         if not 0 <= batch <= self.micro_batches_per_epoch:
@@ -347,7 +361,7 @@ class Trainer:
             log.warning("--resume %s: step %d, past the later %s: %s", path, step, p.name, why)
         self._set_aside += list(later)
 
-    def _resume(self, path: Path, ckpt: dict[str, Any]) -> None:
+    def _resume(self, path: Loc, ckpt: dict[str, Any]) -> None:
         try:
             self.raw_model.load_state_dict(ckpt["state_dict"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -404,6 +418,9 @@ class Trainer:
                 "nonfinite_skipped": self.nonfinite_skipped,
             }
             try:
+                # The logs first: once a checkpoint is visible, the logs up to its step are too (a resume
+                # continues them from there).
+                self.sync_outputs()
                 log.info("saved %s", save_checkpoint(self.ckpt_dir, self.step, payload, self.cfg.ckpt.keep_last,
                                                      score))
             except RunFailed as exc:
@@ -441,7 +458,7 @@ class Trainer:
         bad = self.bad_samples()
         score = None
         if self.dist.is_main:
-            with open(self.out / "results.jsonl", "a") as f:
+            with self.logs["results.jsonl"] as f:  # written at once, on object storage too
                 for name, metrics in results.items():
                     f.write(json.dumps({"step": self.step, "epoch": self.epoch, "set": name, **metrics,
                                         "bad_samples": bad}) + "\n")
@@ -518,9 +535,9 @@ class Trainer:
         rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "logit_scale": scale,
                "samples_per_s": sps, "samples_per_s_per_device": sps / self.dist.world_size,
                "data_s": data_s, "step_s": step_s, "bad_samples": bad}
-        with open(self.out / "train_log.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        self.logs["train_log.jsonl"].write(json.dumps(rec) + "\n")
         self.report.log(train_scalars(rec), self.step)
+        self.sync_outputs(force=False)
 
     def train(self) -> dict[str, Any]:
         """Run to the end (or --stop-after); returns the last eval results summary on rank 0."""
@@ -530,7 +547,8 @@ class Trainer:
         self.t_start = time.perf_counter()
         if cfg.run.trace_samples:
             self.out.mkdir(parents=True, exist_ok=True)
-        trace = open(self.out / f"trace-rank{d.rank}.jsonl", "a") if cfg.run.trace_samples else None  # noqa: SIM115
+        trace = Appender(self.out / f"trace-rank{d.rank}.jsonl") if cfg.run.trace_samples else None
+        self.trace = trace
         try:
             while self.epoch < cfg.run.epochs and not stopped:
                 plan = EpochPlan(
@@ -570,7 +588,7 @@ class Trainer:
                     window = [*window[-(cfg.run.log_every - 1):], stats] if cfg.run.log_every > 1 else [stats]
                     if trace is not None:
                         trace.write(json.dumps({"step": self.step, "loss": shown, "keys": keys}) + "\n")
-                        trace.flush()
+                        trace.flush(force=False)
                     if log_now:
                         bad = self.bad_samples()  # a collective: on every rank, at the same steps
                         if d.is_main:
@@ -601,18 +619,35 @@ class Trainer:
             if trace is not None:
                 trace.close()
         if d.is_main:
-            self.report.flush()
+            self.sync_outputs()
             if not stopped or self.epoch >= cfg.run.epochs:
                 from training.curves import plot_curves
 
                 log.info("curves: %s", plot_curves(self.out))
         return {"step": self.step, "epoch": self.epoch, "stopped": stopped}
 
-    def close(self) -> None:
-        """At the end, also after an error: TensorBoard flushed, the output folder's lock released."""
+    def sync_outputs(self, force: bool = True) -> None:
+        """Logs and TensorBoard onto object storage (locally they are written as they go); `force`
+        False: only if the last upload is SYNC_EVERY seconds old."""
         try:
-            if self.report is not None:
-                self.report.close()
+            for f in [*self.logs.values(), *([self.trace] if self.trace is not None else [])]:
+                f.flush(force=force)
+            if self.tb is not None:
+                self.tb.sync(force=force)
+        except OSError as exc:
+            raise RunFailed(f"{self.out}: cannot write the run's logs ({exc.strerror or exc})") from exc
+
+    def close(self) -> None:
+        """At the end, also after an error: logs and TensorBoard written, the output folder's lock released."""
+        try:
+            try:
+                self.sync_outputs()
+                if self.report is not None:
+                    self.report.close()  # TensorBoard's last upload, and wandb's finish
+                elif self.tb is not None:
+                    self.tb.close()
+            except (RunFailed, OSError) as exc:  # after a failure, that failure is the one to report
+                log.warning("while closing the run: %s", exc)
         finally:
             if self.output is not None:
                 self.output.release()

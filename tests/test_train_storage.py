@@ -1,0 +1,270 @@
+"""The trainer on object storage and pipes: moto's S3 server (conftest `s3`) stands for the bucket.
+
+Shards are written to the bucket and read from it; `--output s3://...` puts everything in the
+bucket (checkpoints, logs, TensorBoard, curves), a run killed mid-way resumes from the bucket, and
+its final checkpoint loads in open_clip from there. `pipe:` shards are a command's output. URLs
+nothing can serve are refused with one line, and nothing is written locally.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from train_helpers import REPO, TINY, train, train_here
+
+from pipeline.localweb import write_imagefolder
+from training.checkpoint import list_checkpoints, load_checkpoint, newest_readable, save_checkpoint, step_of
+from training.config import EvalConfig
+from training.data import EpochPlan, ShardDamaged, ShardSet, expand_shards, make_loader, read_sizes, tar_members
+from training.errors import TrainError
+from training.evaluate import load_overlap
+from training.synthetic import write_shape_shards
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("storage-data")
+    write_shape_shards(d / "shards", 192, 32, seed=0, size=32)
+    return d / "shards"
+
+
+def errors(r: subprocess.CompletedProcess) -> list[str]:
+    return [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+
+
+def common(train_data: str, *extra: str) -> list[str]:
+    return ["--train-data", train_data, "--model", TINY, "--batch-size", "8", "--workers", "1",
+            "--precision", "fp32", "--log-every", "2", "--warmup", "2", *extra]
+
+
+def bucket_names(s3, prefix: str) -> list[str]:
+    return [k[len(prefix) + 1:] for k in s3.keys() if k.startswith(prefix + "/")]
+
+
+# -- object storage, both ways ---------------------------------------------------------------------
+
+
+def test_train_from_s3_into_s3_killed_resumed_and_loaded_in_open_clip(s3, tmp_path):
+    write_shape_shards(s3.url("shards"), 192, 32, seed=0, size=32)  # 6 shards and sizes.json, in the bucket
+    data = s3.url("shards/{00000..00005}.tar")
+    out = s3.url("run1")
+    zs = tmp_path.parent / f"{tmp_path.name}-zs"  # eval sets stay local; the working folder stays empty
+    write_imagefolder(zs, per_class=1, seed=1, size=32)
+    args = common(data, "--batch-size", "16", "--save-every", "4", "--keep-last", "2", "--trace-samples",
+                  "--zeroshot", f"shapes={zs}", "--output", out)
+    # From an empty folder: nothing may land on the local disk (formerly a folder named "s3:").
+    first = subprocess.Popen([sys.executable, str(REPO / "training/train.py"), *args], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list_checkpoints(f"{out}/checkpoints"):
+            if first.poll() is not None:
+                pytest.fail(f"the run ended (exit {first.returncode}) before its first checkpoint: "
+                            f"{first.stderr.read()[-3000:]}")
+            assert time.monotonic() < deadline, "no checkpoint in the bucket after 180s"
+            time.sleep(0.3)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # as a lost node would
+        first.communicate()
+    assert os.listdir(tmp_path) == []
+    killed_at = list_checkpoints(f"{out}/checkpoints")[-1]
+    assert str(killed_at).startswith(f"{out}/checkpoints/step_") and step_of(killed_at) < 12  # killed mid-run
+
+    r = train(*args, "--resume", "latest", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {killed_at}" in r.stderr
+    assert os.listdir(tmp_path) == []
+    names = bucket_names(s3, "run1")
+    # 192 samples / batch 16 = 12 steps in the epoch; the last 2 checkpoints are kept (and best.json).
+    assert [n for n in names if n.startswith("checkpoints/")] == [
+        "checkpoints/best.json", "checkpoints/step_00000008.pt", "checkpoints/step_00000012.pt"]
+    results = [json.loads(x) for x in s3.fs().cat(f"{s3.bucket}/run1/results.jsonl").decode().splitlines()]
+    assert [(r["step"], r["set"]) for r in results] == [(12, "shapes")]  # the epoch end's evaluation
+    for name in ("run.json", "config.yaml", "model/tiny-vit.json", "results.jsonl", "train_log.jsonl",
+                 "curves.png", "trace-rank0.jsonl"):
+        assert name in names, (name, names)
+    assert not [n for n in names if ".tmp-" in n or n.endswith(".clipforge.lock")], names  # no leftovers, lock freed
+    assert len([n for n in names if n.startswith("tb/events.out.tfevents.")]) == 2  # one per process
+    fs = s3.fs()
+    log = [json.loads(x) for x in fs.cat(f"{s3.bucket}/run1/train_log.jsonl").decode().splitlines()]
+    assert log[-1]["step"] == 12 and {r["step"] for r in log} >= set(range(2, 13, 2))
+    trace = {json.loads(x)["step"] for x in fs.cat(f"{s3.bucket}/run1/trace-rank0.jsonl").decode().splitlines()}
+    assert trace == set(range(1, 13))  # every step of the run, the replayed ones once more
+
+    # The final checkpoint, from the bucket, in open_clip (as the README says: register OUT/model first).
+    local = tmp_path / "dl"
+    local.mkdir()
+    fs.get(f"{s3.bucket}/run1/checkpoints/step_00000012.pt", str(local / "final.pt"))
+    fs.get(f"{s3.bucket}/run1/model/tiny-vit.json", str(local / "tiny-vit.json"))
+    open_clip.add_model_config(local / "tiny-vit.json")
+    model, _, _ = open_clip.create_model_and_transforms("tiny-vit", pretrained=str(local / "final.pt"))
+    ours = load_checkpoint(f"{out}/checkpoints/step_00000012.pt")  # read straight from the bucket
+    assert ours["step"] == 12 and ours["config"]["data"]["train_data"] == data
+    theirs = model.state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in ours["state_dict"].items())
+
+
+def test_checkpoints_on_s3_are_published_whole_and_resume_takes_only_finished_ones(s3):
+    ckpts = s3.url("run/checkpoints")
+    payload = {"state_dict": {"w": torch.ones(3)}, "optimizer": {}, "format": 1, "step": 2, "data": {}}
+    path = save_checkpoint(ckpts, 2, payload, keep_last=2)
+    assert str(path) == f"{ckpts}/step_00000002.pt"
+    assert bucket_names(s3, "run/checkpoints") == ["step_00000002.pt"]  # the temporary key is gone
+    fs = s3.fs()
+    # What a kill mid-upload leaves (a temporary key), and a newer checkpoint cut short.
+    fs.pipe(f"{s3.bucket}/run/checkpoints/.step_00000004.pt.tmp-1-0123abcd", b"partial")
+    fs.pipe(f"{s3.bucket}/run/checkpoints/step_00000003.pt", fs.cat(f"{s3.bucket}/run/checkpoints/step_00000002.pt")[:500])
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002.pt", "step_00000003.pt"]
+    found, ckpt, skipped = newest_readable(ckpts)
+    assert found.name == "step_00000002.pt" and torch.equal(ckpt["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p, _ in skipped] == ["step_00000003.pt"] and "unreadable" in skipped[0][1]
+
+
+def test_data_identity_on_s3_is_by_content(s3, local):
+    for name in ("00000.tar", "00001.tar", "sizes.json"):
+        s3.fs().put(str(local / name), f"{s3.bucket}/copy/{name}")
+    there = ShardSet.describe(expand_shards(s3.url("copy/{00000..00001}.tar")))
+    here = ShardSet.describe(expand_shards(f"{local}/{{00000..00001}}.tar"))
+    assert there.counts == {s3.url("copy/00000.tar"): 32, s3.url("copy/00001.tar"): 32}
+    assert there.fingerprint() == here.fingerprint()
+    other = ShardSet.describe(expand_shards(f"{local}/{{00000..00002}}.tar"))
+    assert other.fingerprint() != here.fingerprint()
+
+
+def test_overlap_audit_summary_read_from_s3(s3):
+    summary = {"eval_sets": {"shapes": {"items": 24, "overlapping_items": ["red-circle/0.jpg"]}}}
+    s3.fs().pipe(f"{s3.bucket}/audit/summary.json", json.dumps(summary).encode())
+    cfg = EvalConfig(overlap_audit=s3.url("audit/summary.json"))
+    assert load_overlap(cfg.overlap_audit) == ({"shapes": {"red-circle/0.jpg"}}, {"shapes": 24})
+    with pytest.raises(TrainError, match="--overlap-audit file not found"):
+        EvalConfig(overlap_audit=s3.url("audit/other.json"))
+
+
+# -- the web --------------------------------------------------------------------------------------
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # a reader that stops early (a ranged read of a server that ignores Range) closes the connection
+
+
+@pytest.fixture
+def http_shards(local):
+    """The shards served from 127.0.0.1 by a plain file server (HEAD, no Range support)."""
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = _QuietServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(local)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join(10)
+
+
+def test_shards_over_http_read_counted_and_identified_as_local_ones(local, http_shards):
+    urls = expand_shards(f"{http_shards}/{{00000..00001}}.tar")
+    there = ShardSet.describe(urls)
+    assert list(there.counts.values()) == [32, 32]  # the sizes.json beside them, over HTTP
+    assert there.fingerprint() == ShardSet.describe(expand_shards(f"{local}/{{00000..00001}}.tar")).fingerprint()
+    plan = EpochPlan(urls=urls, seed=0, epoch=0, rank=0, world_size=1, workers=1, batch_size=8, batches=8,
+                     sizes=there.counts)
+    batches = list(make_loader(plan, lambda im: torch.zeros(3, 4, 4), lambda caps: torch.zeros(len(caps), 2)))
+    keys = [k for _, _, meta in batches for k in meta["keys"]]
+    assert len(keys) == 64 and len(set(keys)) == 64 and batches[-1][2]["bad"] == 0  # every sample, once
+    with pytest.raises(TrainError, match="00009.tar: shard not found"):
+        expand_shards(f"{http_shards}/00009.tar")
+
+
+# -- pipe: shards --------------------------------------------------------------------------------
+
+
+def test_train_from_pipe_shards(local, tmp_path):
+    data = f"pipe:cat {local}/{{00000..00003}}.tar"
+    # A command has no sizes.json beside it: the samples per epoch must be given.
+    r = train_here(*common(data, "--workers", "0", "--output", str(tmp_path / "refused")))
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = errors(r)
+    assert "pipe:cat" in line and "--train-num-samples" in line and "Protocol" not in line
+    assert not (tmp_path / "refused").exists()
+
+    out = tmp_path / "run"
+    r = train(*common(data, "--train-num-samples", "128", "--stop-after", "3", "--save-every", "3", "--trace-samples",
+                      "--output", str(out)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "4 shards, 128 samples/epoch" in r.stderr and "| 0 bad samples skipped" in r.stderr
+    keys = [k for line in (out / "trace-rank0.jsonl").read_text().splitlines() for k in json.loads(line)["keys"]]
+    assert len(keys) == 24 and all(k.split("/")[0] in {f"0000{i}.tar" for i in range(4)} for k in keys)
+    fp = load_checkpoint(out / "checkpoints/step_00000003.pt")["config"]["data"]["fingerprint"]
+    # The command stands for the data: resuming with another command is refused.
+    r = train_here(*common(f"pipe:cat {local}/{{00001..00004}}.tar", "--workers", "0", "--train-num-samples", "128",
+                           "--resume", "latest", "--output", str(out)))
+    assert r.returncode == 2 and "--train-data: other data" in errors(r)[0], r.stderr[-2000:]
+    assert fp["shards"] == 4
+
+
+def test_a_pipe_command_that_fails_is_a_damaged_shard(local, tmp_path):
+    seen: list[BaseException] = []
+    whole = list(tar_members(f"pipe:cat {local}/00000.tar", seen.append))
+    assert len(whole) == 3 * 32 and seen == []  # jpg, txt and json of 32 samples
+    failed = list(tar_members(f"pipe:cat {local}/00000.tar; exit 3", seen.append))
+    assert len(failed) == len(whole)
+    assert len(seen) == 1 and isinstance(seen[0], ShardDamaged) and "exited with status 3" in str(seen[0])
+    assert list(tar_members(f"pipe:cat {tmp_path}/missing.tar", seen.append)) == []
+    assert len(seen) == 2 and "not a readable tar" in str(seen[1])
+
+
+# -- img2dataset's per-shard counts ----------------------------------------------------------------
+
+
+def test_sample_counts_from_img2dataset_stats_files(local, tmp_path):
+    folder = tmp_path / "i2d"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"0000{i}.tar").write_bytes((local / f"0000{i}.tar").read_bytes())
+        # img2dataset's NNNNN_stats.json: its tar holds the successes only.
+        (folder / f"0000{i}_stats.json").write_text(json.dumps({"count": 40, "successes": 32, "failed_to_download": 8}))
+    urls = expand_shards(f"{folder}/{{00000..00001}}.tar")
+    assert read_sizes(urls, required=True) == {urls[0]: 32, urls[1]: 32}
+
+
+# -- URLs that nothing serves ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("--output", "foo://bucket/run", "no filesystem for foo://"),
+    ("--output", "s3:/bucket/run", "malformed URL"),
+    ("--output", "http://127.0.0.1:9/run", "cannot be written"),
+    ("--train-data", "foo://bucket/{00000..00001}.tar", "no filesystem for foo://"),
+    ("--train-data", "s3:/bucket/00000.tar", "malformed URL"),
+    ("--zeroshot", "shapes=s3://bucket/zs", "not a URL"),
+])
+def test_urls_nothing_serves_are_refused_and_nothing_is_written(local, tmp_path, monkeypatch, flag, value, says):
+    monkeypatch.chdir(tmp_path)
+    args = {"--train-data": f"{local}/{{00000..00001}}.tar", "--output": "run"}
+    if flag == "--zeroshot":
+        extra = [flag, value]
+    else:
+        args[flag] = value
+        extra = []
+    r = train_here("--train-data", args["--train-data"], "--model", TINY, "--workers", "0", "--output", args["--output"],
+                   *extra)
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = errors(r)
+    assert says in line and value.split("=")[-1].split("{")[0] in line, line
+    assert os.listdir(tmp_path) == []
