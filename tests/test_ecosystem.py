@@ -149,3 +149,21 @@ def test_extra_columns_keep_their_types_and_nulls(tmp_path, web):
         assert s["nsfw"] is bool(i % 2) and s["width_hint"] == i
     buf = io.BytesIO((out / "shards" / "00000.parquet").read_bytes())
     assert pq.read_table(buf).schema.field("similarity").type == pa.float64()
+
+
+def test_trainer_takes_an_img2dataset_corpus_as_it_is(img2dataset_corpus, tmp_path):
+    # img2dataset writes no sizes.json: the trainer counts samples from its NNNNN_stats.json files
+    # (its failed rows are in no tar) and trains on the folder as img2dataset left it.
+    from train_helpers import TINY, train
+
+    _, i2d, _ = img2dataset_corpus
+    assert not (i2d / "sizes.json").exists()
+    tars = sorted(i2d.glob("*.tar"))
+    spec = f"{i2d}/{{{tars[0].stem}..{tars[-1].stem}}}.tar"
+    r = train("--train-data", spec, "--model", TINY, "--batch-size", "4", "--workers", "1", "--precision", "fp32",
+              "--epochs", "1", "--log-every", "1", "--warmup", "1", "--output", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    successes = sum(json.loads(p.read_text())["successes"] for p in i2d.glob("*_stats.json"))
+    assert successes == 8
+    log = [json.loads(x) for x in (tmp_path / "run/train_log.jsonl").read_text().splitlines()]
+    assert log and log[-1]["step"] == successes // 4 and log[-1]["bad_samples"] == 0
