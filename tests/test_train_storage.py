@@ -62,8 +62,10 @@ def test_train_from_s3_into_s3_killed_resumed_and_loaded_in_open_clip(s3, tmp_pa
     write_shape_shards(s3.url("shards"), 192, 32, seed=0, size=32)  # 6 shards and sizes.json, in the bucket
     data = s3.url("shards/{00000..00005}.tar")
     out = s3.url("run1")
-    zs = tmp_path.parent / f"{tmp_path.name}-zs"  # eval sets stay local; the working folder stays empty
-    write_imagefolder(zs, per_class=1, seed=1, size=32)
+    zs_local = tmp_path.parent / f"{tmp_path.name}-zs"  # the working folder stays empty
+    write_imagefolder(zs_local, per_class=1, seed=1, size=32)
+    s3.fs().put(f"{zs_local}/", f"{s3.bucket}/evalsets/shapes/", recursive=True)
+    zs = s3.url("evalsets/shapes")  # an eval set in the bucket too: copied to a local folder by each rank
     args = common(data, "--batch-size", "16", "--save-every", "4", "--keep-last", "2", "--trace-samples",
                   "--zeroshot", f"shapes={zs}", "--output", out)
     # From an empty folder: nothing may land on the local disk (formerly a folder named "s3:").
@@ -94,6 +96,7 @@ def test_train_from_s3_into_s3_killed_resumed_and_loaded_in_open_clip(s3, tmp_pa
         "checkpoints/best.json", "checkpoints/step_00000008.pt", "checkpoints/step_00000012.pt"]
     results = [json.loads(x) for x in s3.fs().cat(f"{s3.bucket}/run1/results.jsonl").decode().splitlines()]
     assert [(r["step"], r["set"]) for r in results] == [(12, "shapes")]  # the epoch end's evaluation
+    assert results[0]["items"] == 24  # every image of the bucket's eval set
     for name in ("run.json", "config.yaml", "model/tiny-vit.json", "results.jsonl", "train_log.jsonl",
                  "curves.png", "trace-rank0.jsonl"):
         assert name in names, (name, names)
@@ -252,7 +255,7 @@ def test_sample_counts_from_img2dataset_stats_files(local, tmp_path):
     ("--output", "http://127.0.0.1:9/run", "cannot be written"),
     ("--train-data", "foo://bucket/{00000..00001}.tar", "no filesystem for foo://"),
     ("--train-data", "s3:/bucket/00000.tar", "malformed URL"),
-    ("--zeroshot", "shapes=s3://bucket/zs", "not a URL"),
+    ("--zeroshot", "shapes=foo://bucket/zs", "no filesystem for foo://"),
 ])
 def test_urls_nothing_serves_are_refused_and_nothing_is_written(local, tmp_path, monkeypatch, flag, value, says):
     monkeypatch.chdir(tmp_path)

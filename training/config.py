@@ -113,8 +113,10 @@ class OptimConfig:
 class EvalConfig:
     """Zero-shot classification and retrieval."""
 
-    zeroshot: dict[str, str] = _f({}, "NAME=DIR ImageFolder eval set (repeatable)", pairs=True)
-    retrieval: dict[str, str] = _f({}, "NAME=DIR of KEY.jpg+KEY.txt pairs (repeatable)", pairs=True)
+    zeroshot: dict[str, str] = _f({}, "NAME=DIR classification eval set: class folders or clip_benchmark shards, "
+                                     "a local folder or a URL (repeatable)", pairs=True)
+    retrieval: dict[str, str] = _f({}, "NAME=DIR retrieval eval set: KEY.jpg+KEY.txt pairs or clip_benchmark shards, "
+                                     "a local folder or a URL (repeatable)", pairs=True)
     eval_every: int | None = _f(None, "also evaluate every N steps (always at each epoch end)")
     overlap_audit: str | None = _f(None, "dedup audit summary.json: also report clean/overlapping subsets")
     eval_batch_size: int = _f(128, "images per forward pass during evaluation")
@@ -123,9 +125,16 @@ class EvalConfig:
         for kind, sets in (("zeroshot", self.zeroshot), ("retrieval", self.retrieval)):
             for name, root in sets.items():
                 if _URL_RE.match(root):
-                    raise TrainError(f"--{kind} {name}={root}: eval sets are read from a local (or mounted) folder, "
-                                     f"not a URL; copy it to one first (e.g. aws s3 sync {root} evalsets/{name})")
-                if not Path(root).is_dir():
+                    from pipeline.rundir import OutputError, resolve
+
+                    try:  # copied to a local folder when the evaluator is built (training/evaluate.py)
+                        fs, path = resolve(root, f"--{kind} {name}")
+                        found = fs.isdir(path)
+                    except OutputError as exc:
+                        raise TrainError(str(exc)) from None
+                    if not found:
+                        raise TrainError(f"{root}: --{kind} {name}={root}: no such folder")
+                elif not Path(root).is_dir():
                     raise TrainError(f"{root}: --{kind} {name}={root} is not a directory")
         if self.overlap_audit and _URL_RE.match(self.overlap_audit):
             from pipeline.rundir import OutputError, resolve

@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ from training.errors import TrainError
 from training.storage import Loc
 
 log = logging.getLogger(__name__)
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+"""An eval set given as a URL (s3://, gs://, http(s)://): copied to a local folder first."""
 
 @dataclass
 class ClassificationSet:
@@ -65,6 +69,31 @@ class RetrievalSet:
     source: EvalSet
 
 
+def _local_copy(name: str, url: str) -> Path:
+    """An eval set on object storage or the web, copied once to a local folder (removed at exit).
+
+    Eval sets are small (thousands of images) and every image is read at each evaluation, so one
+    copy per process beats a request per image per evaluation; the loader then works unchanged."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from pipeline.rundir import OutputError, resolve
+
+    try:
+        fs, path = resolve(url, "eval set")
+    except OutputError as exc:
+        raise TrainError(str(exc)) from None
+    local = Path(tempfile.mkdtemp(prefix=f"clipforge-eval-{name}-"))
+    atexit.register(shutil.rmtree, local, True)
+    try:
+        fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"{url}: cannot copy eval set {name!r} ({exc})") from None
+    log.info("eval set %r: %s copied to %s", name, url, local)
+    return local
+
+
 def _load(name: str, root: str | Path, kind: str, flag: str) -> EvalSet:
     try:
         es = load_eval_set(name, str(root))
@@ -76,6 +105,8 @@ def _load(name: str, root: str | Path, kind: str, flag: str) -> EvalSet:
 
 
 def load_classification(name: str, root: str | Path) -> ClassificationSet:
+    if isinstance(root, str) and _URL.match(root):
+        root = _local_copy(name, root)
     root = Path(root)
     if root.is_dir() and not any(p.is_dir() and not p.name.startswith(".") or p.suffix == ".tar"
                                  for p in root.iterdir()):
@@ -101,6 +132,8 @@ def load_classification(name: str, root: str | Path) -> ClassificationSet:
 
 
 def load_retrieval(name: str, root: str | Path) -> RetrievalSet:
+    if isinstance(root, str) and _URL.match(root):
+        root = _local_copy(name, root)
     root = Path(root)
     es = _load(name, root, RETRIEVAL, "retrieval")
     items = [(it.id, i, it.captions) for i, it in enumerate(es.items) if it.captions]
