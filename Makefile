@@ -12,13 +12,15 @@ WDS := webdataset==0.2.86
 
 .PHONY: venv demo test lint bench browser clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]' '$(WDS)' $(TORCH)
 	# A second webdataset, outside the venv, for the test that our loader does not care.
 	$(BIN)/pip install -q --no-deps --target .wds-new webdataset==0.2.111
+	# And the current one, for the test that webdataset 1.x reads our shards.
+	$(BIN)/pip install -q --no-deps --target .wds-1 webdataset==1.0.2
 	touch $@
 
 venv: $(BIN)/.installed

@@ -167,3 +167,36 @@ def test_trainer_takes_an_img2dataset_corpus_as_it_is(img2dataset_corpus, tmp_pa
     assert successes == 8
     log = [json.loads(x) for x in (tmp_path / "run/train_log.jsonl").read_text().splitlines()]
     assert log and log[-1]["step"] == successes // 4 and log[-1]["bad_samples"] == 0
+
+
+_READ_WITH_WEBDATASET_1 = """
+import json, sys
+import webdataset as wds
+urls = json.loads(sys.argv[1])
+rows = [(key, img.size, txt, meta) for key, img, txt, meta in
+        wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "txt", "json")]
+print(json.dumps({"version": wds.__version__, "file": wds.__file__, "keys": [r[0] for r in rows],
+                  "sizes": [list(r[1]) for r in rows], "captions": [r[2] for r in rows],
+                  "meta_keys": sorted(set().union(*(r[3] for r in rows)))}))
+"""
+
+
+def test_webdataset_1_reads_our_shards(img2dataset_corpus):
+    # The current webdataset (1.x, a side install outside the venv, as `make test` puts it in .wds-1)
+    # reads our corpus: every sample, decoded, with img2dataset's json fields.
+    _, _, ours = img2dataset_corpus
+    side = Path(__file__).resolve().parents[1] / ".wds-1"
+    if not (side / "webdataset").is_dir():
+        pytest.fail(f"{side} missing: pip install --no-deps --target .wds-1 webdataset==1.0.2")
+    shards = ours / "shards"
+    urls = [str(p) for p in sorted(shards.glob("*.tar"))]
+    r = subprocess.run([sys.executable, "-c", _READ_WITH_WEBDATASET_1, json.dumps(urls)], capture_output=True,
+                       text=True, timeout=120, env={"PYTHONPATH": str(side), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout)
+    assert got["version"].startswith("1.") and ".wds-1" in got["file"]
+    sizes = json.loads((shards / "sizes.json").read_text())
+    assert len(got["keys"]) == sum(sizes.values()) == 8
+    assert got["sizes"] == [[64, 64]] * 8 and all(got["captions"])
+    assert {"key", "url", "caption", "status", "error_message", "width", "height", "sha256", "exif"} <= set(
+        got["meta_keys"])
