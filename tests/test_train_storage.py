@@ -22,7 +22,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from train_helpers import REPO, TINY, train, train_here
+from train_helpers import REPO, TINY, run, train, train_here
 
 from pipeline.localweb import write_imagefolder
 from training.checkpoint import list_checkpoints, load_checkpoint, newest_readable, save_checkpoint, step_of
@@ -271,3 +271,19 @@ def test_urls_nothing_serves_are_refused_and_nothing_is_written(local, tmp_path,
     (line,) = errors(r)
     assert says in line and value.split("=")[-1].split("{")[0] in line, line
     assert os.listdir(tmp_path) == []
+
+
+# -- nothing outside --output ----------------------------------------------------------------------
+
+
+def test_a_run_into_s3_leaves_nothing_in_the_temporary_folder(s3, local, tmp_path):
+    """TensorBoard's local staging folder and the rest are removed; no wandb folder is made for a run
+    that did not ask for wandb (formerly one empty clipforge-wandb-* folder leaked per run)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = run([sys.executable, str(REPO / "training/train.py"),
+             *common(f"{local}/{{00000..00001}}.tar", "--stop-after", "2", "--output", s3.url("run"))],
+            timeout=240, cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoints/step_00000002.pt" in bucket_names(s3, "run")
+    assert os.listdir(tmp) == []

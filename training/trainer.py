@@ -263,7 +263,9 @@ class Trainer:
                            yaml.safe_dump(self.config_record(), sort_keys=False).encode())
         self.tb = TensorBoard(self.out / "tb")
         self.logs = {name: Appender(self.out / name) for name in ("results.jsonl", "train_log.jsonl")}
-        self.report = Reporter(self.tb, self.out.name, self._wandb_dir(), self.wandb,
+        # A wandb folder only when wandb is asked for: made for every run, an s3 one left an empty
+        # clipforge-wandb-* folder in /tmp each time.
+        self.report = Reporter(self.tb, self.out.name, self._wandb_dir() if self.wandb is not None else "", self.wandb,
                                project=self.cfg.run.wandb_project_name,
                                run_id=wandb_run_id(self.output.display(), str(self.output.recorded.get("created"))),
                                config=self.config_record())
