@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -287,3 +288,20 @@ def test_a_run_into_s3_leaves_nothing_in_the_temporary_folder(s3, local, tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     assert "checkpoints/step_00000002.pt" in bucket_names(s3, "run")
     assert os.listdir(tmp) == []
+
+
+def test_eval_sets_given_as_urls_any_name_and_errors_name_the_url(s3, tmp_path):
+    from training.evaluate import load_classification
+
+    zs = tmp_path / "zs"
+    write_imagefolder(zs, per_class=1, seed=1, size=32)
+    s3.fs().put(f"{zs}/", f"{s3.bucket}/evalsets/shapes/", recursive=True)
+    s3.fs().pipe(f"{s3.bucket}/evalsets/nothing/readme.txt", b"not an eval set")
+    # A set name with a slash (tags are NAME-zeroshot-val-top1): formerly FileNotFoundError from
+    # tempfile.mkdtemp, a traceback instead of a run.
+    cs = load_classification("imagenet/val", s3.url("evalsets/shapes"))
+    assert len(cs.items) == 24 and cs.root.parent == Path(tempfile.gettempdir())
+    # What is wrong with a set on object storage names its URL, not the local copy nobody knows of.
+    with pytest.raises(TrainError) as e:
+        load_classification("nothing", s3.url("evalsets/nothing"))
+    assert str(e.value).startswith(s3.url("evalsets/nothing") + ": ") and "clipforge-eval" not in str(e.value)
