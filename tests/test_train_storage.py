@@ -29,7 +29,7 @@ from pipeline.localweb import write_imagefolder
 from training.checkpoint import list_checkpoints, load_checkpoint, newest_readable, save_checkpoint, step_of
 from training.config import EvalConfig
 from training.data import EpochPlan, ShardDamaged, ShardSet, expand_shards, make_loader, read_sizes, tar_members
-from training.errors import TrainError
+from training.errors import RunFailed, TrainError
 from training.evaluate import load_overlap
 from training.synthetic import write_shape_shards
 
@@ -305,3 +305,24 @@ def test_eval_sets_given_as_urls_any_name_and_errors_name_the_url(s3, tmp_path):
     with pytest.raises(TrainError) as e:
         load_classification("nothing", s3.url("evalsets/nothing"))
     assert str(e.value).startswith(s3.url("evalsets/nothing") + ": ") and "clipforge-eval" not in str(e.value)
+
+
+def test_an_object_store_that_cannot_be_reached_is_one_line(s3, local, tmp_path, monkeypatch):
+    """botocore's connection errors are no OSError: s3fs lets them through after its retries. Formerly
+    a traceback at the claim of --output (exit 1; under torchrun the other ranks, waiting in the
+    setup's collective, learnt nothing), and at a checkpoint's upload."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.chdir(tmp_path)
+    r = train_here(*common(f"{local}/{{00000..00001}}.tar", "--workers", "0", "--output", "s3://nowhere/run"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = errors(r)
+    assert line.startswith("error: s3://nowhere/run: cannot reach") and "Traceback" not in r.stderr, r.stderr[-2000:]
+    payload = {"state_dict": {"w": torch.ones(3)}, "optimizer": {}, "format": 1, "step": 2, "data": {}}
+    with pytest.raises(RunFailed, match="s3://nowhere/run/checkpoints/step_00000002.pt: cannot write the checkpoint"):
+        save_checkpoint("s3://nowhere/run/checkpoints", 2, payload, keep_last=2)
+    assert os.listdir(tmp_path) == []
+    s3fs.S3FileSystem.clear_instance_cache()

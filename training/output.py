@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.rundir import LOCK_FILE, RUN_FILE, OutputError, RunDir
 from training.errors import TrainError
+from training.storage import STORE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ class RunOutput:
         except OSError as exc:  # a folder we may not even read
             raise TrainError(f"{exc.filename or self.display()}: {exc.strerror or exc}; use another --output") \
                 from None
+        except STORE_ERRORS as exc:  # an object store that cannot be reached: before anything is written
+            raise TrainError(f"{self.display()}: cannot reach the output folder ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]}); check the URL, the endpoint and the "
+                             "credentials") from None
 
     def _claim(self) -> None:
         self._check_ours()
@@ -152,9 +157,9 @@ class RunOutput:
                 with self.fs.open(probe, "wb") as f:
                     f.write(b"clipforge write check\n")
                 self.fs.rm(probe)
-            except OSError as exc:
+            except STORE_ERRORS as exc:
                 where = self.display(sub) if sub else self.display()
-                raise TrainError(f"{where}: cannot write here ({exc.strerror or exc}); this run writes "
+                raise TrainError(f"{where}: cannot write here ({getattr(exc, 'strerror', None) or exc}); this run writes "
                                  f"{_WHAT.get(sub, 'its outputs')} there: fix the permissions or use another "
                                  "--output") from None
 

@@ -37,6 +37,19 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.rundir import resolve
 from pipeline.shards import atomic_write_bytes
 
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError)
+
+
+STORE_ERRORS = _store_errors()
+"""What a failing store raises: OSError (fsspec translates most failures), and botocore's own errors
+(EndpointConnectionError, ...), which are no OSError and which s3fs lets through after its retries."""
+
 SYNC_EVERY = 30.0
 """Seconds between uploads of the logs of a run on object storage (checkpoints always upload them)."""
 

@@ -52,7 +52,7 @@ from training.model import build_model, model_definition, recorded_model_change,
 from training.optim import build_optimizer, cosine_lr, set_lr
 from training.output import OutputError, RunOutput
 from training.report import Reporter, eval_scalars, import_wandb, train_scalars, wandb_run_id
-from training.storage import Appender, Loc, TensorBoard
+from training.storage import STORE_ERRORS, Appender, Loc, TensorBoard
 
 log = logging.getLogger(__name__)
 
@@ -636,8 +636,9 @@ class Trainer:
                 f.flush(force=force)
             if self.tb is not None:
                 self.tb.sync(force=force)
-        except OSError as exc:
-            raise RunFailed(f"{self.out}: cannot write the run's logs ({exc.strerror or exc})") from exc
+        except STORE_ERRORS as exc:
+            raise RunFailed(f"{self.out}: cannot write the run's logs ({getattr(exc, 'strerror', None) or exc})") \
+                from exc
 
     def close(self) -> None:
         """At the end, also after an error: logs and TensorBoard written, the output folder's lock released."""
@@ -648,7 +649,7 @@ class Trainer:
                     self.report.close()  # TensorBoard's last upload, and wandb's finish
                 elif self.tb is not None:
                     self.tb.close()
-            except (RunFailed, OSError) as exc:  # after a failure, that failure is the one to report
+            except (RunFailed, *STORE_ERRORS) as exc:  # after a failure, that failure is the one to report
                 log.warning("while closing the run: %s", exc)
         finally:
             if self.output is not None:
