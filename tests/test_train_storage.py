@@ -326,3 +326,16 @@ def test_an_object_store_that_cannot_be_reached_is_one_line(s3, local, tmp_path,
         save_checkpoint("s3://nowhere/run/checkpoints", 2, payload, keep_last=2)
     assert os.listdir(tmp_path) == []
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_output_in_a_bucket_that_does_not_exist(s3, local, tmp_path, monkeypatch):
+    """Formerly an endless loop (the claim looked for an existing parent above the bucket, appending
+    to a list at each turn until memory ran out)."""
+    monkeypatch.chdir(tmp_path)
+    out = f"s3://{s3.bucket}-missing/run"
+    r = train_here(*common(f"{local}/{{00000..00001}}.tar", "--workers", "0", "--stop-after", "1",
+                           "--output", out))
+    # s3fs makes the bucket (as `aws s3 mb` would; a store that refuses is a one-line error): the run is there.
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(f"{out}/checkpoints")] == ["step_00000001.pt"]
+    assert os.listdir(tmp_path) == []

@@ -91,6 +91,8 @@ class RunOutput:
         parent, missing = self.root, []
         while parent and not self.fs.exists(parent):
             missing.append(parent)
+            if "/" not in parent.strip("/"):
+                break  # a bucket that does not exist: it has no parent ("b".rsplit("/") is "b" again, forever)
             parent = parent.rsplit("/", 1)[0]
         try:
             self.dir.lock()
