@@ -339,3 +339,14 @@ def test_output_in_a_bucket_that_does_not_exist(s3, local, tmp_path, monkeypatch
     assert r.returncode == 0, r.stderr[-2000:]
     assert [p.name for p in list_checkpoints(f"{out}/checkpoints")] == ["step_00000001.pt"]
     assert os.listdir(tmp_path) == []
+
+
+def test_an_eval_set_on_a_store_that_cannot_be_reached_is_one_line(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(TrainError, match=r"^s3://nowhere/set: --zeroshot x=s3://nowhere/set: cannot reach it "):
+        EvalConfig(zeroshot={"x": "s3://nowhere/set"})  # formerly botocore's EndpointConnectionError
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -126,12 +126,16 @@ class EvalConfig:
             for name, root in sets.items():
                 if _URL_RE.match(root):
                     from pipeline.rundir import OutputError, resolve
+                    from training.storage import STORE_ERRORS
 
                     try:  # copied to a local folder when the evaluator is built (training/evaluate.py)
                         fs, path = resolve(root, f"--{kind} {name}")
                         found = fs.isdir(path)
                     except OutputError as exc:
                         raise TrainError(str(exc)) from None
+                    except STORE_ERRORS as exc:  # no route, no credentials: botocore's are no OSError
+                        raise TrainError(f"{root}: --{kind} {name}={root}: cannot reach it ({type(exc).__name__}: "
+                                         f"{' '.join(str(exc).split())[:200]})") from None
                     if not found:
                         raise TrainError(f"{root}: --{kind} {name}={root}: no such folder")
                 elif not Path(root).is_dir():
