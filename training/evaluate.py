@@ -41,7 +41,7 @@ from PIL import Image
 from dedup.evalsets import CLASSIFICATION, RETRIEVAL, EvalItem, EvalSet, EvalSetError, load_eval_set
 from training.dist import gather_objects
 from training.errors import TrainError
-from training.storage import Loc
+from training.storage import STORE_ERRORS, Loc
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,9 @@ def _local_copy(name: str, url: str) -> Path:
     atexit.register(shutil.rmtree, local, True)
     try:
         fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"{url}: cannot copy eval set {name!r} ({exc})") from None
+    except (*STORE_ERRORS, ValueError) as exc:  # botocore's connection errors are no OSError
+        raise TrainError(f"{url}: cannot copy eval set {name!r} ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})") from None
     log.info("eval set %r: %s copied to %s", name, url, local)
     return local
 
