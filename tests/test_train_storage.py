@@ -354,3 +354,33 @@ def test_an_eval_set_on_a_store_that_cannot_be_reached_is_one_line(s3, monkeypat
     with pytest.raises(TrainError, match=r"^s3://nowhere/set: cannot copy eval set 'x' \(EndpointConnectionError"):
         load_retrieval("x", "s3://nowhere/set")
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_sigterm_removes_the_temporaries_of_a_run_into_s3(s3, local, tmp_path):
+    """SIGTERM is what schedulers send to preempt. Formerly it ended the process without its `finally`
+    blocks: a checkpoint-sized clipforge-*-step_*.pt, the TensorBoard staging folder (and eval-set
+    copies) stayed in /tmp at every preemption, and the bucket kept the lock."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = s3.url("run")
+    proc = subprocess.Popen([sys.executable, str(REPO / "training/train.py"),
+                             *common(f"{local}/{{00000..00001}}.tar", "--epochs", "50", "--save-every", "2",
+                                     "--output", out)],
+                            cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(f"{out}/checkpoints"):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint in the bucket after 120s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert [n for n in os.listdir(tmp) if "clipforge" in n or "wandb" in n] == []
+    assert ".clipforge.lock" not in bucket_names(s3, "run")  # released: a resume elsewhere need not wait
+    assert "train_log.jsonl" in bucket_names(s3, "run")
