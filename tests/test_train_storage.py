@@ -254,6 +254,7 @@ def test_sample_counts_from_img2dataset_stats_files(local, tmp_path):
     ("--output", "foo://bucket/run", "no filesystem for foo://"),
     ("--output", "s3:/bucket/run", "malformed URL"),
     ("--output", "http://127.0.0.1:9/run", "cannot be written"),
+    ("--output", "memory://run", "lives only as long as this process"),  # formerly exit 0, nothing kept
     ("--train-data", "foo://bucket/{00000..00001}.tar", "no filesystem for foo://"),
     ("--train-data", "s3:/bucket/00000.tar", "malformed URL"),
     ("--zeroshot", "shapes=foo://bucket/zs", "no filesystem for foo://"),

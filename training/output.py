@@ -59,6 +59,9 @@ class RunOutput:
         if {"http", "https"} & set(protocols):
             raise OutputError(f"--output {url}: a web address cannot be written to; use a local folder or "
                               "object storage (s3://BUCKET/PATH, gs://...)")
+        if "memory" in protocols:  # fsspec's in-process store: everything would vanish at exit, with exit 0
+            raise OutputError(f"--output {url}: memory:// lives only as long as this process; use a local folder "
+                              "or object storage (s3://BUCKET/PATH, gs://...)")
         self.fs, self.root = self.dir.fs, self.dir.root
         self.recorded: dict[str, Any] | None = None
         self.legacy = False
