@@ -385,3 +385,22 @@ def test_sigterm_removes_the_temporaries_of_a_run_into_s3(s3, local, tmp_path):
     assert [n for n in os.listdir(tmp) if "clipforge" in n or "wandb" in n] == []
     assert ".clipforge.lock" not in bucket_names(s3, "run")  # released: a resume elsewhere need not wait
     assert "train_log.jsonl" in bucket_names(s3, "run")
+
+
+def test_a_wandb_that_fails_to_start_leaves_nothing_in_the_temporary_folder(s3, local, tmp_path, monkeypatch):
+    """wandb.init failing (not logged in, no network) is a one-line refusal; formerly the TensorBoard
+    staging folder (with an event file) and the wandb folder made for it stayed in /tmp."""
+    import types
+
+    def init(**_):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    r = train_here(*common(f"{local}/{{00000..00001}}.tar", "--workers", "0", "--report-to", "wandb",
+                           "--output", s3.url("run")))
+    assert r.returncode == 2 and "wandb.init failed (api_key not configured" in errors(r)[0], r.stderr[-2000:]
+    assert os.listdir(tmp) == []

@@ -243,6 +243,14 @@ class TensorBoard:
             if f.is_file():
                 (self.loc / f.name).put(str(f))
 
+    def discard(self) -> None:
+        """Close without uploading (a run refused at its start): the local staging folder removed."""
+        try:
+            self.writer.close()
+        finally:
+            if not self.loc.local:
+                shutil.rmtree(self.local_dir, ignore_errors=True)
+
     def close(self) -> None:
         try:
             self.writer.close()

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -99,9 +100,16 @@ class Trainer:
         self.logs: dict[str, Appender] = {}
         self.trace: Appender | None = None
         self.output: RunOutput | None = None
+        self._wandb_tmp: str | None = None
         try:
             self._build()
         except BaseException:
+            # A refusal at the very end (wandb.init failing) comes after TensorBoard's writer was
+            # opened: its local staging folder and the wandb folder go, not left in /tmp.
+            if self.tb is not None:
+                self.tb.discard()
+            if self._wandb_tmp is not None:
+                shutil.rmtree(self._wandb_tmp, ignore_errors=True)
             if self.output is not None:
                 self.output.abandon()  # the lock, and a folder that only the lock had created
             raise
@@ -277,7 +285,10 @@ class Trainer:
         (offline runs there are for `wandb sync`; online ones are uploaded by wandb itself)."""
         if self.out.local:
             return self.out.path
-        return os.environ.get("WANDB_DIR") or tempfile.mkdtemp(prefix="clipforge-wandb-")
+        if os.environ.get("WANDB_DIR"):
+            return os.environ["WANDB_DIR"]
+        self._wandb_tmp = tempfile.mkdtemp(prefix="clipforge-wandb-")
+        return self._wandb_tmp
 
     @contextmanager
     def autocast(self) -> Iterator[None]:
