@@ -350,6 +350,8 @@ def test_an_eval_set_on_a_store_that_cannot_be_reached_is_one_line(s3, monkeypat
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(TrainError, match=r"^s3://nowhere/set: --zeroshot x=s3://nowhere/set: cannot reach it "):
         EvalConfig(zeroshot={"x": "s3://nowhere/set"})  # formerly botocore's EndpointConnectionError
+    with pytest.raises(TrainError, match=r"^s3://nowhere/a.json: --overlap-audit: cannot reach it "):
+        EvalConfig(overlap_audit="s3://nowhere/a.json")  # formerly "file not found": s3fs's isfile says False
     from training.evaluate import load_retrieval  # the copy, when the store went away after the check
 
     with pytest.raises(TrainError, match=r"^s3://nowhere/set: cannot copy eval set 'x' \(EndpointConnectionError"):
