@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         close_distributed()
-        if in_main_thread:
+        if in_main_thread and previous is not None:  # None: a handler installed outside Python, left as is
             signal.signal(signal.SIGTERM, previous)  # main() may be called in a longer-lived process (tests)
 
 
