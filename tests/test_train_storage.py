@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -22,13 +23,13 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from train_helpers import REPO, TINY, train, train_here
+from train_helpers import REPO, TINY, run, train, train_here
 
 from pipeline.localweb import write_imagefolder
 from training.checkpoint import list_checkpoints, load_checkpoint, newest_readable, save_checkpoint, step_of
 from training.config import EvalConfig
 from training.data import EpochPlan, ShardDamaged, ShardSet, expand_shards, make_loader, read_sizes, tar_members
-from training.errors import TrainError
+from training.errors import RunFailed, TrainError
 from training.evaluate import load_overlap
 from training.synthetic import write_shape_shards
 
@@ -253,6 +254,7 @@ def test_sample_counts_from_img2dataset_stats_files(local, tmp_path):
     ("--output", "foo://bucket/run", "no filesystem for foo://"),
     ("--output", "s3:/bucket/run", "malformed URL"),
     ("--output", "http://127.0.0.1:9/run", "cannot be written"),
+    ("--output", "memory://run", "lives only as long as this process"),  # formerly exit 0, nothing kept
     ("--train-data", "foo://bucket/{00000..00001}.tar", "no filesystem for foo://"),
     ("--train-data", "s3:/bucket/00000.tar", "malformed URL"),
     ("--zeroshot", "shapes=foo://bucket/zs", "no filesystem for foo://"),
@@ -271,3 +273,136 @@ def test_urls_nothing_serves_are_refused_and_nothing_is_written(local, tmp_path,
     (line,) = errors(r)
     assert says in line and value.split("=")[-1].split("{")[0] in line, line
     assert os.listdir(tmp_path) == []
+
+
+# -- nothing outside --output ----------------------------------------------------------------------
+
+
+def test_a_run_into_s3_leaves_nothing_in_the_temporary_folder(s3, local, tmp_path):
+    """TensorBoard's local staging folder and the rest are removed; no wandb folder is made for a run
+    that did not ask for wandb (formerly one empty clipforge-wandb-* folder leaked per run)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = run([sys.executable, str(REPO / "training/train.py"),
+             *common(f"{local}/{{00000..00001}}.tar", "--stop-after", "2", "--output", s3.url("run"))],
+            timeout=240, cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoints/step_00000002.pt" in bucket_names(s3, "run")
+    assert os.listdir(tmp) == []
+
+
+def test_eval_sets_given_as_urls_any_name_and_errors_name_the_url(s3, tmp_path):
+    from training.evaluate import load_classification
+
+    zs = tmp_path / "zs"
+    write_imagefolder(zs, per_class=1, seed=1, size=32)
+    s3.fs().put(f"{zs}/", f"{s3.bucket}/evalsets/shapes/", recursive=True)
+    s3.fs().pipe(f"{s3.bucket}/evalsets/nothing/readme.txt", b"not an eval set")
+    # A set name with a slash (tags are NAME-zeroshot-val-top1): formerly FileNotFoundError from
+    # tempfile.mkdtemp, a traceback instead of a run.
+    cs = load_classification("imagenet/val", s3.url("evalsets/shapes"))
+    assert len(cs.items) == 24 and cs.root.parent == Path(tempfile.gettempdir())
+    # What is wrong with a set on object storage names its URL, not the local copy nobody knows of.
+    with pytest.raises(TrainError) as e:
+        load_classification("nothing", s3.url("evalsets/nothing"))
+    assert str(e.value).startswith(s3.url("evalsets/nothing") + ": ") and "clipforge-eval" not in str(e.value)
+
+
+def test_an_object_store_that_cannot_be_reached_is_one_line(s3, local, tmp_path, monkeypatch):
+    """botocore's connection errors are no OSError: s3fs lets them through after its retries. Formerly
+    a traceback at the claim of --output (exit 1; under torchrun the other ranks, waiting in the
+    setup's collective, learnt nothing), and at a checkpoint's upload."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.chdir(tmp_path)
+    r = train_here(*common(f"{local}/{{00000..00001}}.tar", "--workers", "0", "--output", "s3://nowhere/run"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = errors(r)
+    assert line.startswith("error: s3://nowhere/run: cannot reach") and "Traceback" not in r.stderr, r.stderr[-2000:]
+    payload = {"state_dict": {"w": torch.ones(3)}, "optimizer": {}, "format": 1, "step": 2, "data": {}}
+    with pytest.raises(RunFailed, match="s3://nowhere/run/checkpoints/step_00000002.pt: cannot write the checkpoint"):
+        save_checkpoint("s3://nowhere/run/checkpoints", 2, payload, keep_last=2)
+    assert os.listdir(tmp_path) == []
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_output_in_a_bucket_that_does_not_exist(s3, local, tmp_path, monkeypatch):
+    """Formerly an endless loop (the claim looked for an existing parent above the bucket, appending
+    to a list at each turn until memory ran out)."""
+    monkeypatch.chdir(tmp_path)
+    out = f"s3://{s3.bucket}-missing/run"
+    r = train_here(*common(f"{local}/{{00000..00001}}.tar", "--workers", "0", "--stop-after", "1",
+                           "--output", out))
+    # s3fs makes the bucket (as `aws s3 mb` would; a store that refuses is a one-line error): the run is there.
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(f"{out}/checkpoints")] == ["step_00000001.pt"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_eval_set_on_a_store_that_cannot_be_reached_is_one_line(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(TrainError, match=r"^s3://nowhere/set: --zeroshot x=s3://nowhere/set: cannot reach it "):
+        EvalConfig(zeroshot={"x": "s3://nowhere/set"})  # formerly botocore's EndpointConnectionError
+    with pytest.raises(TrainError, match=r"^s3://nowhere/a.json: --overlap-audit: cannot reach it "):
+        EvalConfig(overlap_audit="s3://nowhere/a.json")  # formerly "file not found": s3fs's isfile says False
+    from training.evaluate import load_retrieval  # the copy, when the store went away after the check
+
+    with pytest.raises(TrainError, match=r"^s3://nowhere/set: cannot copy eval set 'x' \(EndpointConnectionError"):
+        load_retrieval("x", "s3://nowhere/set")
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_sigterm_removes_the_temporaries_of_a_run_into_s3(s3, local, tmp_path):
+    """SIGTERM is what schedulers send to preempt. Formerly it ended the process without its `finally`
+    blocks: a checkpoint-sized clipforge-*-step_*.pt, the TensorBoard staging folder (and eval-set
+    copies) stayed in /tmp at every preemption, and the bucket kept the lock."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = s3.url("run")
+    proc = subprocess.Popen([sys.executable, str(REPO / "training/train.py"),
+                             *common(f"{local}/{{00000..00001}}.tar", "--epochs", "50", "--save-every", "2",
+                                     "--output", out)],
+                            cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(f"{out}/checkpoints"):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint in the bucket after 120s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert [n for n in os.listdir(tmp) if "clipforge" in n or "wandb" in n] == []
+    assert ".clipforge.lock" not in bucket_names(s3, "run")  # released: a resume elsewhere need not wait
+    assert "train_log.jsonl" in bucket_names(s3, "run")
+
+
+def test_a_wandb_that_fails_to_start_leaves_nothing_in_the_temporary_folder(s3, local, tmp_path, monkeypatch):
+    """wandb.init failing (not logged in, no network) is a one-line refusal; formerly the TensorBoard
+    staging folder (with an event file) and the wandb folder made for it stayed in /tmp."""
+    import types
+
+    def init(**_):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    r = train_here(*common(f"{local}/{{00000..00001}}.tar", "--workers", "0", "--report-to", "wandb",
+                           "--output", s3.url("run")))
+    assert r.returncode == 2 and "wandb.init failed (api_key not configured" in errors(r)[0], r.stderr[-2000:]
+    assert os.listdir(tmp) == []

@@ -30,7 +30,7 @@ import torch
 
 from pipeline.shards import atomic_write_json
 from training.errors import RunFailed, TrainError
-from training.storage import Loc
+from training.storage import STORE_ERRORS, Loc
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def save_checkpoint(ckpt_dir: str | Path | Loc, step: int, payload: dict[str, An
             os.replace(tmp, path.path)  # atomic on POSIX: readers see the old file or the new one
         else:
             path.put(tmp)
-    except (OSError, RuntimeError) as exc:
+    except (*STORE_ERRORS, RuntimeError) as exc:
         # torch.save reports an unwritable folder as "[enforce fail at inline_container.cc] open file
         # failed", without the path: name it.
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:160]

@@ -126,24 +126,35 @@ class EvalConfig:
             for name, root in sets.items():
                 if _URL_RE.match(root):
                     from pipeline.rundir import OutputError, resolve
+                    from training.storage import STORE_ERRORS
 
                     try:  # copied to a local folder when the evaluator is built (training/evaluate.py)
                         fs, path = resolve(root, f"--{kind} {name}")
                         found = fs.isdir(path)
                     except OutputError as exc:
                         raise TrainError(str(exc)) from None
+                    except STORE_ERRORS as exc:  # no route, no credentials: botocore's are no OSError
+                        raise TrainError(f"{root}: --{kind} {name}={root}: cannot reach it ({type(exc).__name__}: "
+                                         f"{' '.join(str(exc).split())[:200]})") from None
                     if not found:
                         raise TrainError(f"{root}: --{kind} {name}={root}: no such folder")
                 elif not Path(root).is_dir():
                     raise TrainError(f"{root}: --{kind} {name}={root} is not a directory")
         if self.overlap_audit and _URL_RE.match(self.overlap_audit):
             from pipeline.rundir import OutputError, resolve
+            from training.storage import STORE_ERRORS
 
             try:  # a summary.json on object storage or the web is read through fsspec (one small file)
                 fs, path = resolve(self.overlap_audit, "--overlap-audit")
-                found = fs.isfile(path)
+                # info, not isfile: s3fs's isfile answers False for a store it cannot reach.
+                found = fs.info(path).get("type") == "file"
             except OutputError as exc:
                 raise TrainError(str(exc)) from None
+            except FileNotFoundError:
+                found = False
+            except STORE_ERRORS as exc:
+                raise TrainError(f"{self.overlap_audit}: --overlap-audit: cannot reach it ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:200]})") from None
             if not found:
                 raise TrainError(f"{self.overlap_audit}: --overlap-audit file not found")
         elif self.overlap_audit and not Path(self.overlap_audit).is_file():

@@ -41,7 +41,7 @@ from PIL import Image
 from dedup.evalsets import CLASSIFICATION, RETRIEVAL, EvalItem, EvalSet, EvalSetError, load_eval_set
 from training.dist import gather_objects
 from training.errors import TrainError
-from training.storage import Loc
+from training.storage import STORE_ERRORS, Loc
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,14 @@ def _local_copy(name: str, url: str) -> Path:
         fs, path = resolve(url, "eval set")
     except OutputError as exc:
         raise TrainError(str(exc)) from None
-    local = Path(tempfile.mkdtemp(prefix=f"clipforge-eval-{name}-"))
+    # The set's name is the user's (--zeroshot imagenet/val=...): only its safe characters in a file name.
+    local = Path(tempfile.mkdtemp(prefix=f"clipforge-eval-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-"))
     atexit.register(shutil.rmtree, local, True)
     try:
         fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"{url}: cannot copy eval set {name!r} ({exc})") from None
+    except (*STORE_ERRORS, ValueError) as exc:  # botocore's connection errors are no OSError
+        raise TrainError(f"{url}: cannot copy eval set {name!r} ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})") from None
     log.info("eval set %r: %s copied to %s", name, url, local)
     return local
 
@@ -104,9 +106,21 @@ def _load(name: str, root: str | Path, kind: str, flag: str) -> EvalSet:
     return es
 
 
+def _naming_the_url(load: Callable[[str, str | Path], Any]) -> Callable[[str, str | Path], Any]:
+    """An eval set given as a URL is loaded from its local copy; what is wrong with it names the URL."""
+    def wrapper(name: str, root: str | Path) -> Any:
+        if not (isinstance(root, str) and _URL.match(root)):
+            return load(name, root)
+        local = _local_copy(name, root)
+        try:
+            return load(name, local)
+        except TrainError as exc:
+            raise TrainError(str(exc).replace(str(local), root.rstrip("/"))) from None
+    return wrapper
+
+
+@_naming_the_url
 def load_classification(name: str, root: str | Path) -> ClassificationSet:
-    if isinstance(root, str) and _URL.match(root):
-        root = _local_copy(name, root)
     root = Path(root)
     if root.is_dir() and not any(p.is_dir() and not p.name.startswith(".") or p.suffix == ".tar"
                                  for p in root.iterdir()):
@@ -131,9 +145,8 @@ def load_classification(name: str, root: str | Path) -> ClassificationSet:
     return ClassificationSet(name, root, es.classnames, es.templates, items, es)
 
 
+@_naming_the_url
 def load_retrieval(name: str, root: str | Path) -> RetrievalSet:
-    if isinstance(root, str) and _URL.match(root):
-        root = _local_copy(name, root)
     root = Path(root)
     es = _load(name, root, RETRIEVAL, "retrieval")
     items = [(it.id, i, it.captions) for i, it in enumerate(es.items) if it.captions]

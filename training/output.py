@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.rundir import LOCK_FILE, RUN_FILE, OutputError, RunDir
 from training.errors import TrainError
+from training.storage import STORE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class RunOutput:
         if {"http", "https"} & set(protocols):
             raise OutputError(f"--output {url}: a web address cannot be written to; use a local folder or "
                               "object storage (s3://BUCKET/PATH, gs://...)")
+        if "memory" in protocols:  # fsspec's in-process store: everything would vanish at exit, with exit 0
+            raise OutputError(f"--output {url}: memory:// lives only as long as this process; use a local folder "
+                              "or object storage (s3://BUCKET/PATH, gs://...)")
         self.fs, self.root = self.dir.fs, self.dir.root
         self.recorded: dict[str, Any] | None = None
         self.legacy = False
@@ -79,6 +83,10 @@ class RunOutput:
         except OSError as exc:  # a folder we may not even read
             raise TrainError(f"{exc.filename or self.display()}: {exc.strerror or exc}; use another --output") \
                 from None
+        except STORE_ERRORS as exc:  # an object store that cannot be reached: before anything is written
+            raise TrainError(f"{self.display()}: cannot reach the output folder ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]}); check the URL, the endpoint and the "
+                             "credentials") from None
 
     def _claim(self) -> None:
         self._check_ours()
@@ -86,6 +94,8 @@ class RunOutput:
         parent, missing = self.root, []
         while parent and not self.fs.exists(parent):
             missing.append(parent)
+            if "/" not in parent.strip("/"):
+                break  # a bucket that does not exist: it has no parent ("b".rsplit("/") is "b" again, forever)
             parent = parent.rsplit("/", 1)[0]
         try:
             self.dir.lock()
@@ -152,9 +162,9 @@ class RunOutput:
                 with self.fs.open(probe, "wb") as f:
                     f.write(b"clipforge write check\n")
                 self.fs.rm(probe)
-            except OSError as exc:
+            except STORE_ERRORS as exc:
                 where = self.display(sub) if sub else self.display()
-                raise TrainError(f"{where}: cannot write here ({exc.strerror or exc}); this run writes "
+                raise TrainError(f"{where}: cannot write here ({getattr(exc, 'strerror', None) or exc}); this run writes "
                                  f"{_WHAT.get(sub, 'its outputs')} there: fix the permissions or use another "
                                  "--output") from None
 

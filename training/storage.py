@@ -37,6 +37,19 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.rundir import resolve
 from pipeline.shards import atomic_write_bytes
 
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError)
+
+
+STORE_ERRORS = _store_errors()
+"""What a failing store raises: OSError (fsspec translates most failures), and botocore's own errors
+(EndpointConnectionError, ...), which are no OSError and which s3fs lets through after its retries."""
+
 SYNC_EVERY = 30.0
 """Seconds between uploads of the logs of a run on object storage (checkpoints always upload them)."""
 
@@ -229,6 +242,14 @@ class TensorBoard:
         for f in sorted(Path(self.local_dir).iterdir()):
             if f.is_file():
                 (self.loc / f.name).put(str(f))
+
+    def discard(self) -> None:
+        """Close without uploading (a run refused at its start): the local staging folder removed."""
+        try:
+            self.writer.close()
+        finally:
+            if not self.loc.local:
+                shutil.rmtree(self.local_dir, ignore_errors=True)
 
     def close(self) -> None:
         try:

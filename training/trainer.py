@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -52,7 +53,7 @@ from training.model import build_model, model_definition, recorded_model_change,
 from training.optim import build_optimizer, cosine_lr, set_lr
 from training.output import OutputError, RunOutput
 from training.report import Reporter, eval_scalars, import_wandb, train_scalars, wandb_run_id
-from training.storage import Appender, Loc, TensorBoard
+from training.storage import STORE_ERRORS, Appender, Loc, TensorBoard
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,16 @@ class Trainer:
         self.logs: dict[str, Appender] = {}
         self.trace: Appender | None = None
         self.output: RunOutput | None = None
+        self._wandb_tmp: str | None = None
         try:
             self._build()
         except BaseException:
+            # A refusal at the very end (wandb.init failing) comes after TensorBoard's writer was
+            # opened: its local staging folder and the wandb folder go, not left in /tmp.
+            if self.tb is not None:
+                self.tb.discard()
+            if self._wandb_tmp is not None:
+                shutil.rmtree(self._wandb_tmp, ignore_errors=True)
             if self.output is not None:
                 self.output.abandon()  # the lock, and a folder that only the lock had created
             raise
@@ -263,7 +271,9 @@ class Trainer:
                            yaml.safe_dump(self.config_record(), sort_keys=False).encode())
         self.tb = TensorBoard(self.out / "tb")
         self.logs = {name: Appender(self.out / name) for name in ("results.jsonl", "train_log.jsonl")}
-        self.report = Reporter(self.tb, self.out.name, self._wandb_dir(), self.wandb,
+        # A wandb folder only when wandb is asked for: made for every run, an s3 one left an empty
+        # clipforge-wandb-* folder in /tmp each time.
+        self.report = Reporter(self.tb, self.out.name, self._wandb_dir() if self.wandb is not None else "", self.wandb,
                                project=self.cfg.run.wandb_project_name,
                                run_id=wandb_run_id(self.output.display(), str(self.output.recorded.get("created"))),
                                config=self.config_record())
@@ -275,7 +285,10 @@ class Trainer:
         (offline runs there are for `wandb sync`; online ones are uploaded by wandb itself)."""
         if self.out.local:
             return self.out.path
-        return os.environ.get("WANDB_DIR") or tempfile.mkdtemp(prefix="clipforge-wandb-")
+        if os.environ.get("WANDB_DIR"):
+            return os.environ["WANDB_DIR"]
+        self._wandb_tmp = tempfile.mkdtemp(prefix="clipforge-wandb-")
+        return self._wandb_tmp
 
     @contextmanager
     def autocast(self) -> Iterator[None]:
@@ -634,8 +647,9 @@ class Trainer:
                 f.flush(force=force)
             if self.tb is not None:
                 self.tb.sync(force=force)
-        except OSError as exc:
-            raise RunFailed(f"{self.out}: cannot write the run's logs ({exc.strerror or exc})") from exc
+        except STORE_ERRORS as exc:
+            raise RunFailed(f"{self.out}: cannot write the run's logs ({getattr(exc, 'strerror', None) or exc})") \
+                from exc
 
     def close(self) -> None:
         """At the end, also after an error: logs and TensorBoard written, the output folder's lock released."""
@@ -646,7 +660,7 @@ class Trainer:
                     self.report.close()  # TensorBoard's last upload, and wandb's finish
                 elif self.tb is not None:
                     self.tb.close()
-            except (RunFailed, OSError) as exc:  # after a failure, that failure is the one to report
+            except (RunFailed, *STORE_ERRORS) as exc:  # after a failure, that failure is the one to report
                 log.warning("while closing the run: %s", exc)
         finally:
             if self.output is not None:
