@@ -37,6 +37,7 @@ from dedup import image as im
 from dedup.evalsets import EvalSet, EvalSetError, load_eval_set, parse_eval_arg
 from dedup.matcher import MatchConfig, OverlapMatcher
 from dedup.removal import MATCH_SCHEMA, EvalOverlap, drop_reason, merge_overlap
+from pipeline.build import WriteShardsStep
 from pipeline.config import ConfigError
 from pipeline.job import Step, TaskContext, run_step
 from pipeline.rundir import OutputError, RunDir, resolve
@@ -49,9 +50,7 @@ from pipeline.shards import (
     Source,
     atomic_open,
     compare_settings,
-    plan_shard_tasks,
     read_tar,
-    write_shard_range,
 )
 
 log = logging.getLogger(__name__)
@@ -398,35 +397,17 @@ class MatchStep(Step):
         return len(records), sum(r["status"] == WRITTEN for r in records)
 
 
-class AuditShardsStep(Step):
+class AuditShardsStep(WriteShardsStep):
     """build_corpus's shard writer over the input shards (the kept samples of each)."""
 
-    name = "write_shards"
-    what = "samples"
-
     def __init__(self, sources: list[Source], samples_per_shard: int, shards_dir: str):
-        self.sources, self.samples_per_shard, self.shards_dir = sources, samples_per_shard, shards_dir
-        self.prefix, self.specs = plan_shard_tasks(sources, samples_per_shard, SHARDS_PER_TASK)
-
-    def tasks(self) -> list[tuple]:
-        return self.specs
-
-    def total(self, specs: list[Any]) -> int:
-        return self.prefix[-1]
+        super().__init__(sources, samples_per_shard, shards_dir, SHARDS_PER_TASK)
 
     def run(self, ctx: TaskContext, spec: tuple, shared: Any = None) -> dict[str, Any]:
-        done = [0]
-
-        def on_sample() -> None:
-            done[0] += 1
-            ctx.progress(done[0], done[0])
-
         try:
-            s = write_shard_range(ctx.rd.fs, self.sources, self.prefix, spec, self.samples_per_shard,
-                                  self.shards_dir, on_sample=on_sample)
-        except ShardError as exc:
+            return super().run(ctx, spec, shared)
+        except ShardError as exc:  # the input is the audit's: damaged input, not damaged output
             raise AuditError(f"{exc}; an input shard changed since it was audited: rerun with a new --out") from None
-        return {**s, "progress_rows": s["rows"], "progress_ok": s["rows"]}
 
 
 # -- the driver -------------------------------------------------------------------------------------

@@ -101,24 +101,6 @@ class EvalOverlap:
         return TaskMatcher(self)
 
 
-def small_jpeg(data: bytes, side: int = 160) -> bytes | None:
-    """A thumbnail of an image for the report (the training image itself is not kept)."""
-    import cv2
-    import numpy as np
-
-    from dedup.image import decode
-
-    img = decode(data) if data else None
-    if img is None:
-        return None
-    h, w = img.shape[:2]
-    scale = min(1.0, side / max(h, w))
-    if scale < 1.0:
-        img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
-    return np.asarray(buf).tobytes() if ok else None
-
-
 class TaskMatcher:
     """One task's matcher: (key, caption, image, meta) -> drop reason or None; keeps the task's match
     rows, and a thumbnail of the first `report_max_pairs` matched images per eval set (the report's)."""
@@ -137,6 +119,8 @@ class TaskMatcher:
             if r["key"] in drawn or len(drawn) < self.overlap.report_max_pairs:
                 drawn.add(r["key"])
                 if r["key"] not in self.thumbs and image:
+                    from dedup.report import small_jpeg
+
                     self.thumbs[r["key"]] = small_jpeg(image)
 
     def __call__(self, key: str, caption: str, image: bytes, meta: dict[str, Any],

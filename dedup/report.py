@@ -45,19 +45,24 @@ window.addEventListener('load', function () {
 """
 
 
-def thumb_uri(data: bytes | None) -> str | None:
-    """A small JPEG as a data: URI, or None when the bytes are not an image."""
+def small_jpeg(data: bytes | None, side: int = 160) -> bytes | None:
+    """A JPEG at most `side` pixels a side, or None when the bytes are not an image. Match tasks keep
+    one per reported training sample (the image itself is not kept); the report draws from them."""
     img = decode(data) if data else None
     if img is None:
         return None
     h, w = img.shape[:2]
-    scale = min(1.0, THUMB_SIDE / max(h, w))
+    scale = min(1.0, side / max(h, w))
     if scale < 1.0:
         img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
-    if not ok:
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(np.asarray(buf).tobytes()).decode()
+    return np.asarray(buf).tobytes() if ok else None
+
+
+def thumb_uri(data: bytes | None) -> str | None:
+    """A small JPEG as a data: URI, or None when the bytes are not an image."""
+    jpeg = small_jpeg(data, THUMB_SIDE)
+    return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
 def _img(uri: str | None) -> str:

@@ -315,8 +315,9 @@ class DownloadStep(Step):
 # -- step 4: sha keys, sha dedup, settle ---------------------------------------------------------
 
 
-class ShaKeysStep(Step):
-    name = "sha_keys"
+class _PartsBySliceStep(Step):
+    """A step with one task per input slice, over the download parts of that slice."""
+
     what = "slices"
 
     def __init__(self, plan: Plan):
@@ -326,14 +327,19 @@ class ShaKeysStep(Step):
     def tasks(self) -> list[int]:
         return list(range(len(self.plan.slices)))
 
+    def parts_of(self, s: int) -> list[tuple[int, int, int, int]]:
+        return [part for part in self.parts if part[1] == s]
+
+
+class ShaKeysStep(_PartsBySliceStep):
+    name = "sha_keys"
+
     def run(self, ctx: TaskContext, s: int, shared: Any = None) -> dict[str, Any]:
         rd = ctx.rd
         base = self.plan.slice_offsets[s]
         shas, rows = [], []
-        for t, ps, _g, _first in self.parts:
-            if ps != s:
-                continue
-            recs = _part_records(rd, self.plan, (t, ps, _g, _first))
+        for part in self.parts_of(s):
+            recs = _part_records(rd, self.plan, part)
             cand = recs.filter(pc.equal(recs.column("status"), CANDIDATE))
             shas += cand.column("sha256").to_pylist()
             rows += (cand.column("row").to_numpy() - base).tolist()
@@ -362,29 +368,19 @@ def _part_records(rd: RunDir, plan: Plan, part: tuple[int, int, int, int]) -> pa
     return recs
 
 
-class SettleStep(Step):
+class SettleStep(_PartsBySliceStep):
     """Per slice: each part's final records (candidates that are image duplicates dropped, the
     others `written`) and kept count, the input of the shard plan."""
 
     name = "settle"
-    what = "slices"
-
-    def __init__(self, plan: Plan):
-        self.plan = plan
-        self.parts = plan.download_tasks()
-
-    def tasks(self) -> list[int]:
-        return list(range(len(self.plan.slices)))
 
     def run(self, ctx: TaskContext, s: int, shared: Any = None) -> dict[str, Any]:
         rd = ctx.rd
         base = self.plan.slice_offsets[s]
         dups = gather_dups(rd.fs, rd.path("_dups", "sha"), self.plan.buckets, s) + base
         kept: dict[str, int] = {}
-        for part in self.parts:
-            t, ps, _g, _first = part
-            if ps != s:
-                continue
+        for part in self.parts_of(s):
+            t = part[0]
             recs = _part_records(rd, self.plan, part)
             cand = pc.equal(recs.column("status"), CANDIDATE).to_numpy(zero_copy_only=False)
             dup = cand & np.isin(recs.column("row").to_numpy(), dups)
