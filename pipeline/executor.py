@@ -82,28 +82,6 @@ class LocalExecutor:
     def put(self, obj: Any) -> Any:
         return obj
 
-    def map(
-        self,
-        fn: Callable[..., Any],
-        tasks: Sequence[tuple[int, tuple]],
-        on_result: Callable[[int, Any], None],
-        on_tick: Callable[[], None] | None = None,
-        tick_seconds: float = 5.0,
-    ) -> None:
-        failures = []
-        for index, args in tasks:
-            try:
-                on_result(index, fn(*args))
-            except ConfigError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - collected and raised below, like the Ray path
-                log.error("task %05d failed: %s", index, exc)
-                failures.append((index, exc))
-            if on_tick:
-                on_tick()
-        if failures:
-            raise TaskFailed(f"{len(failures)} task(s) failed, first: {failures[0][0]:05d}: {failures[0][1]}")
-
 
 class RayExecutor:
     name = "ray"
@@ -228,54 +206,6 @@ class RayExecutor:
             first_index, first_exc = failures[0]
             raise TaskFailed(f"{step.name}: {len(failures)} task(s) failed, first: {first_index:05d}: "
                              f"{_first_line(first_exc)}; rerun the same command to resume")
-
-    def map(
-        self,
-        fn: Callable[..., Any],
-        tasks: Sequence[tuple[int, tuple]],
-        on_result: Callable[[int, Any], None],
-        on_tick: Callable[[], None] | None = None,
-        tick_seconds: float = 5.0,
-    ) -> None:
-        import ray
-
-        # max_retries re-runs a task whose worker died (OOM, SIGKILL, node loss); the
-        # task's own outputs are atomic, so a re-run is harmless.
-        remote = ray.remote(num_cpus=1, max_retries=self.max_retries)(fn)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        # Bounded submission: arguments of queued tasks sit in the object store.
-        max_inflight = 2 * cpus + 2
-        pending = list(tasks)[::-1]
-        inflight: dict[Any, int] = {}
-        failures: list[tuple[int, BaseException]] = []
-        while pending or inflight:
-            while pending and len(inflight) < max_inflight:
-                index, args = pending.pop()
-                inflight[remote.remote(*args)] = index
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=tick_seconds)
-            for ref in ready:
-                index = inflight.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except (ray.exceptions.RayError, Exception) as exc:  # noqa: BLE001
-                    bad_input = input_error(exc)
-                    if bad_input is not None:
-                        for ref in inflight:
-                            ray.cancel(ref)
-                        raise type(bad_input)(*bad_input.args) from None
-                    msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                    log.error("task %05d failed: %s", index, msg)
-                    failures.append((index, exc))
-                    continue
-                on_result(index, result)
-            if on_tick:
-                on_tick()
-        if failures:
-            first_index, first_exc = failures[0]
-            raise TaskFailed(
-                f"{len(failures)} task(s) failed, first: {first_index:05d}: "
-                f"{str(first_exc).strip().splitlines()[-1][:300]}; rerun the same command to resume"
-            )
 
 
 def make_executor(kind: str, address: str | None = None, num_cpus: int | None = None) -> LocalExecutor | RayExecutor:
