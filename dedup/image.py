@@ -16,12 +16,16 @@ Loose search (a 64-bit hash per box and part, looked up within a few bits):
   come from two small products over their distinct row and column intervals (`_Plan`). The DC term
   carries only mean brightness and does not set the median, so brightness, contrast, gamma and
   saturation edits leave the hash almost unchanged.
-- Crops: an eval image is hashed for every box that cuts 0 or `crop` (7%) from each side (16 boxes):
-  a copy cropped by up to 10% a side lies within 3.5% a side of one of them.
+- Crops: an eval image is hashed for every box that cuts 0, 4 or 8% (`crop`) from each side (81
+  boxes): a copy cropped by up to 10% a side lies within 2% a side of one of them. A shift of 1% of
+  the side moves a hash by 2 to 4 bits (fine textures such as bricks most), so the coarser grid of
+  0 and 7% (3.5% a side) missed a tenth of the crops of the held-out brick tiles.
 - Flips: the DCT of a mirrored box is the box's DCT with the odd horizontal frequencies negated, so
   the eval boxes that cut no side, one side or all four are also indexed mirrored at no cost.
-- Rotations: the eval image turned by `ROTATIONS` (+/-3 degrees), whole and cut by 4% a side (what an
-  editor crops to hide the corners); a copy turned by up to 5 degrees is within 2 of one of them.
+- Rotations: the eval image turned by `ROTATIONS` (+/-2 and +/-4 degrees), whole and cut by what an
+  editor crops to hide the corners (`rotated_cut`); a copy turned by up to 5 degrees is within 1 of
+  one of them. Fine textures and print move too far in the hash when a turn is 2 degrees off (at
+  +/-3 alone, a text page and gravel were missed).
 - Letterbox / pad: plain borders are trimmed (`content_box`) on both sides; a training image is
   hashed as it is and as its content box.
 - Overlays: a caption strip or logo moves the whole-box hash by 8 to 16 bits, so each box is also
@@ -94,9 +98,17 @@ _REGION_BOX = ((0.0, 0.0, 1.0, 1.0), (0.0, 0.0, 1.0, PART), (0.0, 1 - PART, 1.0,
                (1 - PART, 0.0, 1.0, 1.0))
 _MIRRORED_REGION = np.array([0, 1, 2, 4, 3])
 """A mirrored copy's left part is the eval box's right part, mirrored."""
-ROTATIONS = (-3.0, 3.0)
-"""Degrees (counter-clockwise) the eval image is also indexed turned by."""
-ROTATED_CUT = 0.04
+ROTATIONS = (-4.0, -2.0, 2.0, 4.0)
+"""Degrees (counter-clockwise) the eval image is also indexed turned by: a copy turned by up to 5
+degrees is within 1 of one of them (or of 0)."""
+
+
+def rotated_cut(angle: float) -> float:
+    """What an editor crops from each side to hide the corners of a picture turned by `angle`
+    degrees (half the tangent of a side), plus a pixel or two."""
+    return 0.5 * float(np.tan(np.radians(abs(angle)))) + 0.005
+
+
 WHOLE = (0.0, 0.0, 1.0, 1.0)
 _FLIP8 = ((-1.0) ** np.arange(HASH_K)).astype(np.float32)
 _FLIP3 = ((-1.0) ** np.arange(CHROMA_K)).astype(np.float32)
@@ -142,6 +154,11 @@ class ViewFeatures:
     sha256: str
     chroma: np.ndarray | None = None
     """int8 (variants, N_REGIONS, CHROMA_DIM), as `ImageFeatures.chroma`."""
+    parts: np.ndarray | None = None
+    """bool (variants,): whether the variant's parts are indexed too (None: all are). Crop boxes that
+    cut `crop` / 2 off two sides or more are indexed whole only: indexing their parts too found no
+    more copies (crops, overlays, turns and two edits on both halves of the photographs, three draws
+    each: 1,313 of 1,332 against 1,314 without) and made the lookup 1.3x slower."""
 
 
 def decode(data: bytes) -> np.ndarray | None:
@@ -218,29 +235,40 @@ def dct_bits(coeffs: np.ndarray) -> np.ndarray:
     return np.packbits(bits, axis=1).view(">u8").astype(np.uint64)[:, 0]
 
 
-def _box_codes(grey: np.ndarray, chroma: np.ndarray, boxes: list[tuple[float, ...]], cache: bool = False
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _box_codes(grey: np.ndarray, chroma: np.ndarray, boxes: list[tuple[float, ...]], cache: bool = False,
+               mirror: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Hashes and chroma codes of every region of every box, plain and mirrored:
-    (hashes (n, R), chroma (n, R, CHROMA_DIM), mirrored hashes, mirrored chroma).
+    (hashes (n, R), chroma (n, R, CHROMA_DIM), mirrored hashes, mirrored chroma); `mirror`: the
+    boxes to mirror (default all), which the mirrored results then hold in that order.
+
+    `grey` (GRID, GRID) and `chroma` (GRID, GRID, 2), or stacks of m of them ((m, GRID, GRID) and
+    (m, GRID, GRID, 2)): then every result gains a leading axis of m. A stack costs one call's
+    overhead, which for small grids is most of the cost.
 
     The products are batches of small matrices on purpose: one large product would let OpenBLAS
     start its threads, which on a busy machine (or in a Ray worker with one CPU) costs 100x more
     than it saves.
     """
     plan = (_cached_plan if cache else _plan)(tuple(tuple(b[:4]) for b in boxes))
+    single = grey.ndim == 2
+    g, chm = (grey[None], chroma[None]) if single else (grey, chroma)
+    m = len(g)
     ny, nx = len(plan.rows), plan.cols_t.shape[1] // HASH_K
-    blocks = ((plan.rows @ grey) @ plan.cols_t).reshape(ny, HASH_K, nx, HASH_K)
-    coeffs = blocks[plan.yi, :, plan.xi, :]  # (n, 8, 8)
-    ch = np.ascontiguousarray(chroma.transpose(2, 0, 1))[:, None]  # (2, 1, GRID, GRID)
-    cblocks = ((plan.rows3[None] @ ch) @ plan.cols3_t).reshape(2, ny, CHROMA_K, nx, CHROMA_K)
-    cc = cblocks[:, plan.yi, :, plan.xi, :]  # (n, 2, 3, 3): advanced indices first
-    n = len(plan.yi)
-    shape = (len(boxes), N_REGIONS)
-    h = dct_bits(coeffs.reshape(n, -1)).reshape(shape)
-    hm = dct_bits((coeffs * _FLIP8).reshape(n, -1)).reshape(shape)[:, _MIRRORED_REGION]
-    c = cc.reshape(*shape, CHROMA_DIM)
-    c_m = (cc * _FLIP3).reshape(*shape, CHROMA_DIM)[:, _MIRRORED_REGION]
-    return h, _quantise(c), hm, _quantise(c_m)
+    blocks = ((plan.rows[None] @ g[:, None]) @ plan.cols_t).reshape(m, ny, HASH_K, nx, HASH_K)
+    coeffs = blocks[:, plan.yi, :, plan.xi, :]  # (n, m, 8, 8): advanced indices first
+    ch = np.ascontiguousarray(chm.transpose(0, 3, 1, 2))[:, :, None]  # (m, 2, 1, GRID, GRID)
+    cblocks = ((plan.rows3[None, None] @ ch) @ plan.cols3_t).reshape(m, 2, ny, CHROMA_K, nx, CHROMA_K)
+    cc = cblocks[:, :, plan.yi, :, plan.xi, :]  # (n, m, 2, 3, 3)
+    n, nb = len(plan.yi), len(boxes)
+    h = dct_bits(coeffs.reshape(n * m, -1)).reshape(n, m).T.reshape(m, nb, N_REGIONS)
+    c = cc.transpose(1, 0, 2, 3, 4).reshape(m, nb, N_REGIONS, CHROMA_DIM)
+    if mirror is not None:
+        rows = (np.asarray(mirror)[:, None] * N_REGIONS + np.arange(N_REGIONS)).ravel()
+        coeffs, cc, n, nb = coeffs[rows], cc[rows], len(rows), len(mirror)
+    hm = dct_bits((coeffs * _FLIP8).reshape(n * m, -1)).reshape(n, m).T.reshape(m, nb, N_REGIONS)
+    c_m = (cc * _FLIP3).transpose(1, 0, 2, 3, 4).reshape(m, nb, N_REGIONS, CHROMA_DIM)
+    out = (h, _quantise(c), hm[:, :, _MIRRORED_REGION], _quantise(c_m[:, :, _MIRRORED_REGION]))
+    return tuple(x[0] for x in out) if single else out  # type: ignore[return-value]
 
 
 CHROMA_STEP = 2.0
@@ -283,8 +311,9 @@ def content_box(grey: np.ndarray, tol: float = 6.0, max_cut: float = 0.3) -> tup
 
 
 def crop_boxes(crop: float) -> list[tuple[float, float, float, float]]:
-    """Every box cutting 0 or `crop` from each side (16 boxes; the whole image alone when crop is 0)."""
-    cuts = (0.0, crop) if crop > 0 else (0.0,)
+    """Every box cutting 0, `crop` / 2 or `crop` from each side (81 boxes; the whole image alone when
+    crop is 0)."""
+    cuts = (0.0, crop / 2, crop) if crop > 0 else (0.0,)
     return [(left, top, 1 - right, 1 - bottom) for left in cuts for top in cuts for right in cuts for bottom in cuts]
 
 
@@ -325,34 +354,87 @@ def _rotation(angle: float, side: float) -> np.ndarray:
     return cv2.getRotationMatrix2D((c, c), angle, 1.0)
 
 
-def eval_view_features(img: np.ndarray, crop: float, sha256: str) -> ViewFeatures:
-    grey, chroma = grids(img)
+@dataclass(frozen=True)
+class _EvalLayout:
+    """What every eval view shares for one `crop`: its boxes and variant rows, which rows are also
+    mirrored, the turns and the corners they uncover. Built once (`_eval_layout`), not per image."""
+
+    boxes: list[tuple[float, float, float, float]]
+    flip: np.ndarray
+    """Boxes also indexed mirrored: those that cut no side, one side or all four (a flipped copy
+    cropped on two or three sides is rarer, and lies within reach of one of these)."""
+    crop_variants: np.ndarray
+    crop_parts: np.ndarray
+    """bool: which crop variants have their parts indexed (`ViewFeatures.parts`)."""
+    turns: list[np.ndarray]
+    corners: np.ndarray
+    """float32 (turns, GRID, GRID): 1 where a turn uncovers the grid (a fill shows there)."""
+    turned_boxes: list[tuple[float, float, float, float]]
+    turned_rows: np.ndarray
+    """Rows of the (fills x turns x turned_boxes) stack that are indexed: per turn, the whole box
+    and its cut box with black corners, the whole box with white corners."""
+    turned_variants: np.ndarray
+
+
+PARTS_FINE_SIDES = 1
+"""Crop boxes cutting `crop` / 2 off more sides than this are indexed whole only (`ViewFeatures.parts`)."""
+
+
+@lru_cache(maxsize=8)
+def _eval_layout(crop: float) -> _EvalLayout:
     boxes = crop_boxes(crop)
-    h, c, hm, cm = _box_codes(grey, chroma, boxes, cache=True)
-    # Mirrored: the boxes that cut no side, one side or all four (a flipped copy cropped on two or
-    # three sides is rarer, and lies within reach of one of these); a third fewer rows to search.
-    flip = [i for i, b in enumerate(boxes) if sum(v > 0 for v in (b[0], b[1], 1 - b[2], 1 - b[3])) in (0, 1, 4)]
-    hs, cs = [h, hm[flip]], [c, cm[flip]]
-    variants = [(*b, 0.0, 0.0) for b in boxes] + [(*boxes[i], 1.0, 0.0) for i in flip]
+    flip = np.array([i for i, b in enumerate(boxes) if sum(v > 0 for v in (b[0], b[1], 1 - b[2], 1 - b[3]))
+                     in (0, 1, 4)])
+    crop_variants = np.array([(*b, 0.0, 0.0) for b in boxes] + [(*boxes[i], 1.0, 0.0) for i in flip], np.float32)
+    coarse = np.array([sum(abs(v - crop / 2) < 1e-9 for v in (b[0], b[1], 1 - b[2], 1 - b[3])) <= PARTS_FINE_SIDES
+                       for b in boxes])
+    crop_parts = np.concatenate([coarse, coarse[flip]])
+    turns = [_rotation(a, GRID) for a in ROTATIONS]
+    ones = np.ones((GRID, GRID), np.float32)
+    corners = np.stack([1 - cv2.warpAffine(ones, m, (GRID, GRID), flags=cv2.INTER_LINEAR,
+                                           borderMode=cv2.BORDER_CONSTANT) for m in turns])
+    cuts = sorted({rotated_cut(a) for a in ROTATIONS})
+    turned_boxes = [WHOLE] + [(c, c, 1 - c, 1 - c) for c in cuts]
+    k, nb = len(ROTATIONS), len(turned_boxes)
+    rows, variants = [], []
+    for i, angle in enumerate(ROTATIONS):
+        j = 1 + cuts.index(rotated_cut(angle))
+        rows += [i * nb, i * nb + j, (k + i) * nb]
+        variants += [(*WHOLE, 0.0, angle), (*turned_boxes[j], 0.0, angle), (*WHOLE, 0.0, angle)]
+    return _EvalLayout(boxes, flip, crop_variants, crop_parts, turns, corners, turned_boxes, np.array(rows),
+                       np.array(variants, np.float32))
+
+
+def eval_view_features(img: np.ndarray, crop: float, sha256: str) -> ViewFeatures:
+    lay = _eval_layout(crop)
+    grey, chroma = grids(img)
+    h, c, hm, cm = _box_codes(grey, chroma, lay.boxes, cache=True, mirror=lay.flip)
+    hs, cs, variants, parts = [h, hm], [c, cm], [lay.crop_variants], [lay.crop_parts]
     trimmed = content_box(grey)
     if trimmed != WHOLE:
         h, c, hm, cm = _box_codes(grey, chroma, [trimmed])
         hs += [h, hm]
         cs += [c, cm]
-        variants += [(*trimmed, 0.0, 0.0), (*trimmed, 1.0, 0.0)]
-    cut = ROTATED_CUT
-    turned_boxes = [WHOLE, (cut, cut, 1 - cut, 1 - cut)]
-    for angle in ROTATIONS:
-        m = _rotation(angle, GRID)
-        g = cv2.warpAffine(grey, m, (GRID, GRID), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        ch = cv2.warpAffine(chroma, m, (GRID, GRID), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        h, c, _, _ = _box_codes(g, ch, turned_boxes, cache=True)
-        hs.append(h)
-        cs.append(c)
-        variants += [(*b, 0.0, angle) for b in turned_boxes]
+        variants.append(np.array([(*trimmed, 0.0, 0.0), (*trimmed, 1.0, 0.0)], np.float32))
+        parts.append(np.ones(2, bool))
+    # The corners a turn uncovers are filled black (PIL, OpenCV) or white (editors' background),
+    # both grey and without chroma; the whole box keeps them, the cut box lies inside them.
+    # Replicated edges there instead moved the hashes of turned copies of fine textures and print
+    # past the search distance. Grey and chroma turn together; white corners are added, not warped
+    # again; every turn, fill and box in one call (a call's overhead is most of its cost here).
+    both = np.dstack([grey, chroma])
+    turned = np.stack([cv2.warpAffine(both, m, (GRID, GRID), flags=cv2.INTER_LINEAR,
+                                      borderMode=cv2.BORDER_CONSTANT) for m in lay.turns])
+    greys = np.concatenate([turned[..., 0], turned[..., 0] + 255.0 * lay.corners])
+    chromas = np.concatenate([turned[..., 1:], turned[..., 1:]])
+    h_t, c_t, _, _ = _box_codes(greys, chromas, lay.turned_boxes, cache=True)
+    hs.append(h_t.reshape(-1, N_REGIONS)[lay.turned_rows])
+    cs.append(c_t.reshape(-1, N_REGIONS, CHROMA_DIM)[lay.turned_rows])
+    variants.append(lay.turned_variants)
+    parts.append(np.ones(len(lay.turned_variants), bool))
     thumb, colour = _thumbs(img)
-    return ViewFeatures(np.concatenate(hs), np.array(variants, np.float32), thumb, colour, sha256,
-                        np.concatenate(cs))
+    return ViewFeatures(np.concatenate(hs), np.concatenate(variants), thumb, colour, sha256, np.concatenate(cs),
+                        np.concatenate(parts))
 
 
 def views(img: np.ndarray) -> list[np.ndarray]:
@@ -370,7 +452,7 @@ def views(img: np.ndarray) -> list[np.ndarray]:
     return [img, img[y0 : y0 + side, x0 : x0 + side], padded]
 
 
-def view_features(data: bytes, crop: float = 0.07) -> tuple[str, list[ViewFeatures]]:
+def view_features(data: bytes, crop: float = 0.08) -> tuple[str, list[ViewFeatures]]:
     """(sha256 of the bytes, fingerprints of each of `views`) of an eval image; no views when it does not decode.
 
     The digest is of the raw bytes either way: a byte-identical copy matches even

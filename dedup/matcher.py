@@ -71,8 +71,9 @@ class MatchConfig:
     image_max_displaced: float = 0.15
     """Precise check: fraction of the blocks with detail found 2+ pixels (of 48) from where the
     alignment puts them (a stereo partner, frames moments apart)."""
-    crop: float = 0.07
-    """Eval side: each side of an eval view is cut by 0 and by this fraction (16 crop boxes)."""
+    crop: float = 0.08
+    """Eval side: each side of an eval view is cut by 0, half this fraction and this fraction (81 crop
+    boxes)."""
     kinds: tuple[str, ...] = KINDS
     """Which matches to look for: image, text or both."""
 
@@ -125,7 +126,7 @@ class Match:
     similarity: float
     """Thumbnail correlation (image) or Jaccard (text)."""
     view: str | None = None
-    """Image: which eval view and variant matched, e.g. 'center_square crop=0,0.07,0,0 mirrored part=left
+    """Image: which eval view and variant matched, e.g. 'center_square crop=0,0.08,0,0 mirrored part=left
     query=content_box' (see dedup.image); None for text and sha256 matches."""
     colour_diff: float | None = None
     """Image: chroma the eval image does not explain (grey levels)."""
@@ -142,8 +143,10 @@ class ImageIndex:
     """The image side of an eval set's index (`image_index`)."""
 
     bands: list[BandedIndex] | None
-    """One index per `dedup.image.REGIONS` entry over every variant's hash of that region; hash row i is
-    variant row i. None when no image of the set decodes."""
+    """One index per `dedup.image.REGIONS` entry over the variants' hashes of that region (every
+    variant for the whole box, those with `ViewFeatures.parts` for the parts); hash row i of region r
+    is variant row `band_rows[r][i]`, or i where that is None. None when no image of the set decodes."""
+    band_rows: list[np.ndarray | None]
     variants: np.ndarray
     """float32 (rows, 6): box, mirrored flag and angle of each indexed variant (dedup.image.ViewFeatures)."""
     chroma: np.ndarray
@@ -197,7 +200,7 @@ def _set_features(es: EvalSet, crop: float, threads: int) -> list[tuple[str, lis
 def image_index(feats: Sequence[tuple[str, list[im.ViewFeatures]] | None], max_distance: int,
                 max_part_distance: int | None = None) -> ImageIndex:
     """The image side of an eval set's index from per-item `view_features` results (None: not read)."""
-    hashes, variants, chroma, variant_view, thumbs, colours, view_item, view_kind = ([] for _ in range(8))
+    hashes, variants, chroma, variant_view, thumbs, colours, view_item, view_kind, parts = ([] for _ in range(9))
     sha = {}
     for i, f in enumerate(feats):
         if f is None:
@@ -207,6 +210,7 @@ def image_index(feats: Sequence[tuple[str, list[im.ViewFeatures]] | None], max_d
             hashes.append(v.hashes)
             variants.append(v.variants)
             chroma.append(v.chroma)
+            parts.append(np.ones(len(v.variants), bool) if v.parts is None else v.parts)
             variant_view.append(np.full(len(v.variants), len(thumbs), np.int64))
             thumbs.append(v.thumb)
             colours.append(v.colour)
@@ -216,9 +220,12 @@ def image_index(feats: Sequence[tuple[str, list[im.ViewFeatures]] | None], max_d
     empty = not hashes
     all_hashes = np.zeros((0, im.N_REGIONS), np.uint64) if empty else np.concatenate(hashes)
     part = max_distance if max_part_distance is None else max_part_distance
+    part_rows = None if empty else np.flatnonzero(np.concatenate(parts))
+    band_rows = [None] + [part_rows] * (im.N_REGIONS - 1)
     return ImageIndex(
-        bands=None if empty else [BandedIndex(all_hashes[:, r], None, max_distance if r == 0 else part)
-                                  for r in range(im.N_REGIONS)],
+        bands=None if empty else [BandedIndex(all_hashes[:, 0], None, max_distance)] + [
+            BandedIndex(all_hashes[part_rows, r], None, part) for r in range(1, im.N_REGIONS)],
+        band_rows=band_rows,
         variants=np.zeros((0, 6), np.float32) if empty else np.concatenate(variants),
         chroma=np.zeros((0, im.N_REGIONS, im.CHROMA_DIM), np.int8) if empty else np.concatenate(chroma),
         variant_view=np.zeros(0, np.int32) if empty else np.concatenate(variant_view).astype(np.int32),
@@ -290,6 +297,8 @@ def _candidates(ii: ImageIndex, feats: Sequence[im.ImageFeatures], cfg: MatchCon
     for r in range(im.N_REGIONS):
         limit = cfg.image_max_distance if r == 0 else cfg.image_max_part_distance
         row, vrow, dist = pairs(r, hashes[:, r], limit)
+        if ii.band_rows[r] is not None:
+            vrow = ii.band_rows[r][vrow]
         ok = im.chroma_residual(chroma[row, r], ii.chroma[vrow, r]) <= cfg.image_max_chroma
         parts.append((row[ok], vrow[ok], dist[ok], np.full(int(ok.sum()), r, np.int64)))
     row, vrow, dist, region = (np.concatenate(x) for x in zip(*parts, strict=True))

@@ -340,9 +340,11 @@ def edit_overlay(img: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def edit_rotate(img: Image.Image, rng: random.Random) -> Image.Image:
-    """Up to 5 degrees either way; half the time the black corners are cropped away (as an editor does)."""
+    """Up to 5 degrees either way; half the time the uncovered corners are cropped away (as an editor
+    does), else they stay black (PIL's and OpenCV's fill) or white (an editor's background)."""
     a = rng.choice([-1, 1]) * rng.uniform(1.0, 5.0)
-    out = img.rotate(a, Image.Resampling.BICUBIC, expand=False)
+    fill = (255, 255, 255) if rng.random() < 0.5 else None
+    out = img.convert("RGB").rotate(a, Image.Resampling.BICUBIC, expand=False, fillcolor=fill)
     if rng.random() < 0.5:
         w, h = img.size
         t = math.tan(math.radians(abs(a)))

@@ -8,9 +8,11 @@ report` (which falls short on some of it: see the README).
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
+from PIL import Image
 
 from dedup import image as im
 from dedup.evalsets import load_eval_set
@@ -89,3 +91,52 @@ def test_lookalikes_are_not_matched(edit_set):
     assert len(queries) == 2 * (sum(p.lookalike for p in shots) + len(gens)) >= 40
     found = _found(matcher, queries)
     assert [(q.family, f) for q, f in zip(queries, found, strict=True) if f] == []
+
+
+def _turned(img, angle: float, fill, cut: bool):
+    out = img.convert("RGB").rotate(angle, Image.Resampling.BICUBIC, expand=False, fillcolor=fill)
+    if cut:
+        w, h = img.size
+        t = math.tan(math.radians(abs(angle)))
+        dx, dy = math.ceil(h * t / 2) + 1, math.ceil(w * t / 2) + 1
+        out = out.crop((dx, dy, w - dx, h - dy))
+    return out
+
+
+def _cropped(img, cuts):
+    w, h = img.size
+    return img.crop((round(w * cuts[0]), round(h * cuts[1]), w - round(w * cuts[2]), h - round(h * cuts[3])))
+
+
+FINE = ("text", "gravel", "ihc", "page")
+"""Print and fine textures (tuning half): their hashes move furthest under a shift or a turn."""
+
+
+def test_turned_copies_of_print_and_fine_texture_are_found(edit_set):
+    """Turns between the indexed angles, corners left black or white or cut away. Indexed at +/-3 degrees
+    alone with replicated corners, a third of these were missed (hash distances of 12 to 18 bits)."""
+    _, tuning, _, matcher = edit_set
+    shots = [(item, img) for item, img in tuning if any(k in item for k in FINE)]
+    assert len(shots) >= 3
+    queries = [Query(encode(_turned(img, a, fill, cut), "jpg", 90), "rotate", "photo", item)
+               for item, img in shots for a in (-4.9, -3.1, -1.2, 1.4, 2.9, 4.6)
+               for fill, cut in ((None, False), ((255, 255, 255), False), (None, True))]
+    found = _found(matcher, queries)
+    missed = [(q.target, i) for i, (q, f) in enumerate(zip(queries, found, strict=True)) if q.target not in f]
+    # The issue's bar for turns (text turned by nearly 5 degrees is the hardest here, and is missed).
+    assert 1 - len(missed) / len(queries) >= EDIT_RECALL_BAR["rotate"], missed
+    assert all(f <= {q.target} for q, f in zip(queries, found, strict=True))
+
+
+def test_crops_between_the_indexed_boxes_are_found(edit_set):
+    """Cuts of up to 10% a side that fall between the indexed crop boxes. With boxes cutting 0 or 7%
+    only (an offset of up to 3.5% a side), crops of fine textures were missed."""
+    _, tuning, _, matcher = edit_set
+    shots = [(item, img) for item, img in tuning if any(k in item for k in FINE)]
+    cuts = [(0.1, 0.0, 0.0, 0.1), (0.035, 0.035, 0.035, 0.035), (0.1, 0.1, 0.1, 0.1), (0.0, 0.1, 0.035, 0.0),
+            (0.1, 0.035, 0.1, 0.035), (0.06, 0.02, 0.0, 0.1)]
+    queries = [Query(encode(_cropped(img, c), "jpg", 90), "crop", "photo", item) for item, img in shots for c in cuts]
+    found = _found(matcher, queries)
+    missed = [(q.target, i) for i, (q, f) in enumerate(zip(queries, found, strict=True)) if q.target not in f]
+    assert not missed, missed
+    assert all(f <= {q.target} for q, f in zip(queries, found, strict=True))
