@@ -11,6 +11,7 @@ disk holds (img2dataset's Ray distributor needs a shared filesystem for that).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -168,7 +169,8 @@ class RayExecutor:
         step_ref = ray.put(step)
         shared_ref = shared if isinstance(shared, ray.ObjectRef) or shared is None else ray.put(shared)
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        max_inflight = 2 * cpus + 2  # arguments of queued tasks sit in the object store
+        # Arguments of queued tasks sit in the object store: about twice what can run at once.
+        max_inflight = 2 * math.ceil(cpus / options["num_cpus"]) + 2
         pending = list(tasks)[::-1]
         attempts: dict[int, int] = {}
         inflight: dict[Any, tuple[int, Any]] = {}
