@@ -624,13 +624,16 @@ class Attempt:
         """The descriptor to wait on until it is readable, then call resume()."""
         return self._sock.fileno()
 
-    def wait(self) -> None:
-        """Block until the answer starts or the deadline passes (poll: no FD_SETSIZE limit)."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the answer starts or the deadline passes, or for at most `timeout` seconds;
+        True if there is something to read (poll: no FD_SETSIZE limit)."""
         p = select.poll()
         p.register(self.fileno(), select.POLLIN)
         # The watchdog shuts the socket down at the deadline, which makes it readable; the
         # extra second only guards against a watchdog that failed to.
-        p.poll(1000 * (max(0.0, self.deadline - time.monotonic()) + 1.0))
+        if timeout is None:
+            timeout = max(0.0, self.deadline - time.monotonic()) + 1.0
+        return bool(p.poll(1000 * timeout))
 
     def send(self, fresh: bool = False) -> None:
         """Resolve, check and connect for the current URL (or reuse a pooled connection), send the request."""
