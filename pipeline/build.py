@@ -138,6 +138,11 @@ class Plan:
         return lo, min(self.slice_offsets[s] + self.slice_rows[s], lo + self.rows_per_task)
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (a Ray worker's, when a task reports it)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _path(rd: RunDir, *parts: str) -> str:
     return rd.url_of(*parts)
 
@@ -213,6 +218,8 @@ class DownloadStep(Step):
     def __init__(self, cfg: BuildConfig, plan: Plan, width: int, with_eval: bool):
         self.cfg, self.plan, self.width, self.with_eval = cfg, plan, width, with_eval
         self.parts = plan.download_tasks()
+        # The CPU a task asks Ray for: a fraction, so that --tasks-per-cpu tasks share a core (pipeline.executor).
+        self.num_cpus = round(1 / cfg.tasks_per_cpu, 4)  # Ray counts resources in units of 1/10,000
 
     def tasks(self) -> list[tuple[int, int, int, int]]:
         return self.parts
@@ -226,6 +233,7 @@ class DownloadStep(Step):
         from pipeline.fetch import Fetcher
 
         cfg, rd = self.cfg, ctx.rd
+        cpu0 = time.process_time()
         t, s, g, first = part
         lo, hi = self.plan.part_rows(part)
         with rd.fs.open(rd.path("_input", f"{s:05d}.parquet"), "rb") as f:
@@ -294,10 +302,12 @@ class DownloadStep(Step):
             "row": rows, "key": [f"{r:0{self.width}d}" for r in range(lo, hi)], "url": urls, "status": status,
             "reason": reasons, "error": error, "shard": pa.nulls(n, pa.string()), "sha256": sha,
             "source": pa.nulls(n, pa.string())}, schema=PART_SCHEMA)
+        write0 = time.thread_time()
         with atomic_open(rd.fs, rd.path("parts", f"{t:05d}.tar")) as f:
             write_tar(f, tar_samples)
         with atomic_open(rd.fs, rd.path("parts", f"{t:05d}.parquet")) as f:
             pq.write_table(records, f)
+        write_cpu = time.thread_time() - write0
         if matcher is not None:
             matcher.write(rd.fs, rd.path("parts", f"{t:05d}.matches.parquet"))
         counts = Counter(status)
@@ -307,9 +317,15 @@ class DownloadStep(Step):
         for name, st in (("caption_cleaner", cleaner), (dup_filter.name, dup_filter), (cap_filter.name, cap_filter),
                          (size_filter.name, size_filter)):
             stage_stats.update({f"{name}:{k}": v for k, v in st.stats.items()})
+        # CPU seconds by stage (benchmarks/ingest.py prints them per 1,000 images): the fetch threads',
+        # the main thread's decode/resize/encode and part writing, and the whole process's during the
+        # task (the rest: filters, the eval check, thread hand-offs, the watchdog, the interpreter).
+        cpu = {"fetch": download.cpu_seconds, "resize": resize.cpu_seconds, "write_parts": write_cpu,
+               "download_task": time.process_time() - cpu0}
         return {"rows": n, "candidates": counts[CANDIDATE], "dropped": counts[DROPPED],
                 "failed": counts[FAILED], "reasons": dict(why), "stage_stats": dict(stage_stats),
-                "progress_rows": n, "progress_ok": counts[CANDIDATE]}
+                "progress_rows": n, "progress_ok": counts[CANDIDATE], "fetch_attempts": download.attempts,
+                "cpu_seconds": {k: round(v, 4) for k, v in cpu.items()}, "peak_rss_mb": _peak_rss_mb()}
 
 
 # -- step 4: sha keys, sha dedup, settle ---------------------------------------------------------
@@ -417,6 +433,7 @@ class WriteShardsStep(Step):
 
     def run(self, ctx: TaskContext, spec: tuple, shared: Any = None) -> dict[str, Any]:
         done = [0]
+        cpu0 = time.process_time()
 
         def on_sample() -> None:
             done[0] += 1
@@ -424,7 +441,8 @@ class WriteShardsStep(Step):
 
         summary = write_shard_range(ctx.rd.fs, self.sources, self.prefix, spec, self.samples_per_shard,
                                     self.shards_dir, on_sample=on_sample)
-        return {**summary, "progress_rows": summary["rows"], "progress_ok": summary["rows"]}
+        return {**summary, "progress_rows": summary["rows"], "progress_ok": summary["rows"],
+                "cpu_seconds": round(time.process_time() - cpu0, 4), "peak_rss_mb": _peak_rss_mb()}
 
 
 # -- the driver ----------------------------------------------------------------------------------
@@ -610,8 +628,13 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
     result.rows_this_run = sum(int(s["rows"]) for s in this_run if s.get("fresh"))
     result.images_this_run = sum(int(s["candidates"]) for s in this_run if s.get("fresh"))
     stage_totals: Counter[str] = Counter()
+    cpu: Counter[str] = Counter(dict.fromkeys(("fetch", "resize", "write_parts", "download_task"), 0.0))
     for s in downloads:
         stage_totals.update(s.get("stage_stats", {}))
+        if s.get("fresh") and s.get("this_run", True):
+            cpu.update(s.get("cpu_seconds", {}))
+    cpu["write_shards"] = sum(float(s.get("cpu_seconds", 0)) for s in written if s.get("fresh"))
+    peak = [float(s["peak_rss_mb"]) for s in (*downloads, *written) if s.get("fresh") and "peak_rss_mb" in s]
     stats = {
         "rows_in": result.rows_in, "written": result.written, "dropped": result.dropped, "failed": result.failed,
         "shards": result.shards, "reasons": dict(result.reasons.most_common()),
@@ -623,7 +646,10 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
         "images_per_second": round(result.images_this_run / max(1e-9, elapsed), 2),
         "nodes": sorted({s["node"] for s in downloads if s.get("node")}),
         # The driver's own high-water mark: it holds O(tasks) state, so this must not grow with rows.
-        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "driver_peak_rss_mb": _peak_rss_mb(),
+        # This run's tasks: CPU seconds by stage, and the largest peak RSS of the processes that ran them.
+        "cpu_seconds": {k: round(v, 3) for k, v in sorted(cpu.items())},
+        "worker_peak_rss_mb": max(peak, default=None),
     }
     atomic_write_json(rd.fs, rd.path("stats.json"), stats)  # written last: the run is complete
     if not cfg.keep_parts:

@@ -158,6 +158,9 @@ class BuildConfig:
     the first run's); which row wins does not depend on it."""
     threads: int = 32
     """Download threads per task."""
+    tasks_per_cpu: int = 4
+    """Download tasks run at once per CPU, so that one task's network waits (its stragglers' deadlines, its
+    retries' backoffs) overlap another's decoding instead of idling the core; each is a Ray worker process."""
     num_cpus: int | None = None
     """CPUs of the local Ray started when no cluster address is given (default: all)."""
     ray_address: str | None = None
@@ -246,6 +249,7 @@ class BuildConfig:
         check(self.dedup_buckets is None or 1 <= self.dedup_buckets <= 4096,
               f"--dedup-buckets must be 1..4096, got {self.dedup_buckets}")
         check(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        check(1 <= self.tasks_per_cpu <= 16, f"--tasks-per-cpu must be 1..16, got {self.tasks_per_cpu}")
         check(self.executor in ("ray", "local"), f"--executor must be ray or local, got {self.executor!r}")
         check(self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}")
         check(self.max_image_pixels >= 1, f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
@@ -307,7 +311,7 @@ class BuildConfig:
 
     # Settings that change what is written; a resume with any of them changed is refused.
     RUNTIME_ONLY: typing.ClassVar[frozenset[str]] = frozenset(
-        {"threads", "num_cpus", "ray_address", "executor", "progress_every", "out", "keep_parts",
+        {"threads", "tasks_per_cpu", "num_cpus", "ray_address", "executor", "progress_every", "out", "keep_parts",
          "dedup_buckets"}
     )
 

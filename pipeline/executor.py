@@ -11,6 +11,7 @@ disk holds (img2dataset's Ray distributor needs a shared filesystem for that).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -92,6 +93,7 @@ class RayExecutor:
         self.max_retries = max_retries
         self._started = False
         self._reaper: subprocess.Popen | None = None
+        self._sink: Any = None
 
     def __enter__(self) -> RayExecutor:
         import ray
@@ -126,6 +128,12 @@ class RayExecutor:
     def __exit__(self, *_: Any) -> None:
         import ray
 
+        if self._sink is not None and ray.is_initialized():
+            try:
+                ray.kill(self._sink)
+            except Exception:  # noqa: BLE001 - gone with its node already
+                pass
+            self._sink = None
         if self._started:
             ray.shutdown()
         if self._reaper is not None:
@@ -164,11 +172,15 @@ class RayExecutor:
         remote = ray.remote(**options)(_ray_task)
         # The sink lives beside the driver: on a node that can be lost, it would take the job with it
         # (the driver drains it every tick), while the tasks themselves are simply re-run elsewhere.
-        sink = _progress_sink().options(scheduling_strategy=on_driver_node).remote()
+        # One for the whole job: an actor costs a worker process's start, about a second, per step.
+        if self._sink is None:
+            self._sink = _progress_sink().options(scheduling_strategy=on_driver_node).remote()
+        sink = self._sink
         step_ref = ray.put(step)
         shared_ref = shared if isinstance(shared, ray.ObjectRef) or shared is None else ray.put(shared)
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        max_inflight = 2 * cpus + 2  # arguments of queued tasks sit in the object store
+        # Arguments of queued tasks sit in the object store: about twice what can run at once.
+        max_inflight = 2 * math.ceil(cpus / options["num_cpus"]) + 2
         pending = list(tasks)[::-1]
         attempts: dict[int, int] = {}
         inflight: dict[Any, tuple[int, Any]] = {}
@@ -198,10 +210,10 @@ class RayExecutor:
                     continue
                 on_result(index, summary)
             for update in ray.get(sink.drain.remote()):
-                on_report(*update)
+                if update[0] == step.name:  # a late report of an earlier step's task is dropped
+                    on_report(*update)
             if on_tick:
                 on_tick()
-        ray.kill(sink)
         if failures:
             first_index, first_exc = failures[0]
             raise TaskFailed(f"{step.name}: {len(failures)} task(s) failed, first: {first_index:05d}: "

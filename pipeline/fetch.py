@@ -16,7 +16,13 @@ semantics, `is_disallowed` below, and its user-agent convention), and add:
   http.client reads the status line and headers itself), and the body is read
   with `read1` so the deadline is also checked between reads;
 - a body-size cap, checked against Content-Length and while reading;
-- retries with exponential backoff, only for transient failures;
+- retries with exponential backoff, only for transient failures (`fetch`
+  sleeps through them; the download stage queues them instead, `attempt`);
+- keep-alive: idle connections are kept per host (a bounded pool per Fetcher,
+  that is per task) and reused only for a request whose host, resolved and
+  checked again for that request, still answers with the very IP the
+  connection is open to; a redirect to another host looks up, checks and
+  connects anew like any first request;
 - a URL that cannot be sent as written (spaces, control characters) is refused
   as `bad_url` before any connection, and text the server controls (status
   lines, headers, redirect targets) is escaped before it reaches a log line or
@@ -34,6 +40,7 @@ import math
 import os
 import random
 import re
+import select
 import socket
 import ssl
 import threading
@@ -95,6 +102,8 @@ class FetchConfig:
     max_body_bytes: int = 20 * 2**20
     """Bodies larger than this are refused (Content-Length or bytes read)."""
     max_redirects: int = 5
+    idle_per_host: int = 32
+    """Idle keep-alive connections kept per host (scheme, name and port) for reuse; 0: one connection per request."""
     user_agent_token: str | None = "clipforge"
     """Token added to the user agent and matched against `X-Robots-Tag: token: ...`."""
     disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED
@@ -117,6 +126,7 @@ class FetchConfig:
         number("retry_backoff", self.retry_backoff, 0, 3600, True, "a number of seconds")
         number("max_body_bytes", self.max_body_bytes, 1, 2**40, True, "a byte count")
         number("max_redirects", self.max_redirects, 0, 100, True, "a count")
+        number("idle_per_host", self.idle_per_host, 0, 4096, True, "a count")
         for entry in self.allow_hosts:
             parse_allow_host(entry)
 
@@ -333,6 +343,9 @@ def _pinned(cls: type[http.client.HTTPConnection]) -> type[http.client.HTTPConne
     """A connection class that connects to a pre-checked IP, keeping Host/SNI as the name."""
 
     class Pinned(cls):  # type: ignore[valid-type,misc]
+        peer_ip: str | None = None
+        """The checked IP this connection is open to, once connected (the pool's key)."""
+
         def __init__(self, host: str, port: int, ips: list[str], deadline: float, watchdog: Watchdog | None = None,
                      **kw):
             super().__init__(host, port, **kw)
@@ -340,6 +353,13 @@ def _pinned(cls: type[http.client.HTTPConnection]) -> type[http.client.HTTPConne
             # HTTPConnection.__init__ sets this as an instance attribute, which would hide
             # a method override: connect() would resolve the name again (DNS rebinding).
             self._create_connection = self._connect_pinned
+
+        def arm(self, deadline: float, watchdog: Watchdog) -> None:
+            """Put this request's deadline and watchdog on the connection (a reused one included)."""
+            self._deadline, self._watchdog = deadline, watchdog
+            if self.sock is not None:
+                watchdog.watch(self.sock)
+                self.sock.settimeout(max(0.001, deadline - time.monotonic()))
 
         def _connect_pinned(self, address, timeout, source_address=None):  # noqa: ANN001
             # Each checked address in turn, as socket.create_connection does with a name's
@@ -356,6 +376,10 @@ def _pinned(cls: type[http.client.HTTPConnection]) -> type[http.client.HTTPConne
                     error = exc
             else:
                 raise error or OSError("no address to connect to")
+            # Never connect again by itself: http.client reopens a closed connection on the
+            # next request (auto_open), and a pooled connection must only ever be the one to
+            # the IP it was checked for; a request on a closed one raises NotConnected instead.
+            self.peer_ip, self._ips, self.auto_open = ip, [ip], 0
             if self._watchdog is not None:
                 # The raw socket, before any TLS handshake, so the handshake is covered too.
                 self._watchdog.watch(sock)
@@ -367,6 +391,90 @@ def _pinned(cls: type[http.client.HTTPConnection]) -> type[http.client.HTTPConne
 PinnedHTTP = _pinned(http.client.HTTPConnection)
 PinnedHTTPS = _pinned(http.client.HTTPSConnection)
 
+PoolKey = tuple[str, str, int, str]
+"""(scheme, host name, port, IP the connection is open to)."""
+
+
+class ConnectionPool:
+    """Idle keep-alive connections of one Fetcher: at most `per_host` per (scheme, host, port), `total` in all.
+
+    A connection is filed under the IP it is open to and handed out only for a request
+    whose freshly resolved and checked addresses include that IP: the pool never lets a
+    request reach an address its own check did not pass, however the name's DNS answer
+    changed since the connection was opened. Connections idle longer than `idle_seconds`
+    are closed when met (servers drop idle keep-alive connections after a few seconds).
+    """
+
+    def __init__(self, per_host: int, total: int = 128, idle_seconds: float = 15.0):
+        self.per_host, self.total, self.idle_seconds = per_host, total, idle_seconds
+        self._idle: dict[PoolKey, list[tuple[float, Any]]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self, scheme: str, host: str, port: int, ips: list[str]) -> Any:
+        """An idle connection to one of `ips` (the addresses just checked for host), or None."""
+        if self.per_host == 0:
+            return None
+        stale = []
+        found = None
+        now = time.monotonic()
+        with self._lock:
+            for ip in ips:
+                conns = self._idle.get((scheme, host.lower(), port, ip))
+                while conns:
+                    since, conn = conns.pop()
+                    if now - since > self.idle_seconds:
+                        stale.append(conn)
+                        continue
+                    found = conn
+                    break
+                if found is not None:
+                    break
+        for conn in stale:
+            conn.close()
+        return found
+
+    def put(self, scheme: str, host: str, conn: Any) -> None:
+        """File a connection whose response was read to the end; closed instead if the pool is full."""
+        key = (scheme, host.lower(), conn.port, conn.peer_ip)
+        evicted = []
+        with self._lock:
+            if self._closed or conn.peer_ip is None or self.per_host == 0:
+                evicted.append(conn)
+            else:
+                same_host = sum(len(v) for k, v in self._idle.items() if k[:3] == key[:3])
+                if same_host >= self.per_host:
+                    evicted.append(conn)
+                else:
+                    self._idle.setdefault(key, []).append((time.monotonic(), conn))
+                    count = sum(len(v) for v in self._idle.values())
+                    while count > self.total:  # the longest idle goes
+                        k = min((k for k in self._idle if self._idle[k]), key=lambda k: self._idle[k][0][0])
+                        evicted.append(self._idle[k].pop(0)[1])
+                        count -= 1
+                self._idle = {k: v for k, v in self._idle.items() if v}
+        for c in evicted:
+            c.close()
+
+    def idle(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._idle.values())
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns = [c for v in self._idle.values() for _, c in v]
+            self._idle.clear()
+        for c in conns:
+            c.close()
+
+
+# What a request on a connection the server already closed raises before any response byte.
+_STALE_ERRORS = (http.client.RemoteDisconnected, http.client.NotConnected, BrokenPipeError, ConnectionResetError,
+                 ConnectionAbortedError)
+# A redirect's or an error's body is read to the end (so the connection can be reused) up to this size.
+_DRAIN_LIMIT = 64 * 1024
+
 
 @dataclass
 class Fetcher:
@@ -377,6 +485,7 @@ class Fetcher:
 
     def __post_init__(self) -> None:
         self._watchdogs = Watchdogs()
+        self.pool = ConnectionPool(self.cfg.idle_per_host)
         # is_disallowed lowercases the header's token and compares it as is with ours.
         self._ua_token = self.cfg.user_agent_token.lower() if self.cfg.user_agent_token else None
         self._disallowed = frozenset(self.cfg.disallowed_header_directives)
@@ -409,87 +518,58 @@ class Fetcher:
         return list(dict.fromkeys(ips))  # getaddrinfo repeats an address per protocol
 
     def close(self) -> None:
-        """Stop the watchdog thread (a Ray worker process runs many tasks, each with its Fetcher)."""
+        """Stop the watchdog thread and close idle connections (a Ray worker runs many tasks, each with its Fetcher)."""
         self._watchdogs.close()
+        self.pool.close()
 
     def fetch(self, url: str) -> bytes:
-        """The body of `url`, retrying transient failures with backoff."""
+        """The body of `url`, retrying transient failures with backoff (sleeping in this thread)."""
         for attempt in range(self.cfg.retries + 1):
             try:
-                return self._fetch_once(url, time.monotonic() + self.cfg.timeout)
+                return self.attempt(url)
             except FetchError as exc:
                 if not exc.transient or attempt == self.cfg.retries:
                     raise
-            delay = self.cfg.retry_backoff * (2**attempt) * random.uniform(0.5, 1.5)
-            time.sleep(delay)
+            time.sleep(self.backoff(attempt))
         raise AssertionError("unreachable")
 
-    def _fetch_once(self, url: str, deadline: float) -> bytes:
-        current = url
-        for _hop in range(self.cfg.max_redirects + 1):
-            parts, port = _split_url(current)
-            ips = self.resolve(parts.hostname, port, deadline)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise FetchError("timeout", f"deadline of {self.cfg.timeout}s", transient=True)
-            watchdog = self._watchdogs.arm(deadline)
-            if parts.scheme == "https":
-                conn = PinnedHTTPS(parts.hostname, port, ips, deadline, watchdog, timeout=remaining, context=self._ssl)
-            else:
-                conn = PinnedHTTP(parts.hostname, port, ips, deadline, watchdog, timeout=remaining)
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            resp: http.client.HTTPResponse | None = None
-            try:
-                conn.request("GET", path, headers={
-                    "User-Agent": self.cfg.user_agent,
-                    "Accept": "image/*,*/*;q=0.5",
-                    "Accept-Encoding": "identity",
-                    "Connection": "close",
-                })
-                # Kept before getresponse: with "Connection: close" http.client hands the
-                # socket to the response and sets conn.sock to None.
-                sock = conn.sock
-                resp = conn.getresponse()
-                if resp.status in REDIRECTS:
-                    location = resp.getheader("Location")
-                    if not location:
-                        raise FetchError(f"http_{resp.status}", "redirect without Location")
-                    # http.client decodes header bytes as latin-1: back to the bytes the
-                    # server sent, so a UTF-8 path is percent-encoded as UTF-8.
-                    try:
-                        current = urljoin(current, _percent_encode_bytes(location.encode("latin-1", "replace")))
-                    except ValueError as exc:  # e.g. brackets that are not an IPv6 address
-                        raise FetchError("bad_url", f"redirect to {location}: {exc}") from None
-                    continue
-                if resp.status == 429 or 500 <= resp.status < 600:
-                    raise FetchError(f"http_{resp.status}", transient=True)
-                if resp.status != 200:
-                    raise FetchError(f"http_{resp.status}")
-                if self._disallowed and is_disallowed(resp.headers, self._ua_token, self._disallowed):
-                    raise OptedOut("opted_out", ", ".join(resp.headers.get_all("X-Robots-Tag", [])))
-                body = self._read_body(sock, resp, deadline)
-                if watchdog.expired:  # a body without Content-Length looks complete when shut down
-                    raise self._timeout()
-                return body
-            except Exception as exc:
-                # Whatever a shut-down socket made http.client raise, the deadline was the cause.
-                if watchdog.expired and not isinstance(exc, OptedOut):
-                    raise self._timeout() from None
-                raise _classify(exc) from None
-            finally:
-                watchdog.stop()
-                # The response owns the socket after getresponse: closed here, not when an
-                # exception's traceback that holds it is collected.
-                if resp is not None:
-                    resp.close()
-                conn.close()
-        raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects}")
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt + 1`: exponential, with jitter."""
+        return self.cfg.retry_backoff * (2**attempt) * random.uniform(0.5, 1.5)
+
+    def attempt(self, url: str) -> bytes:
+        """One attempt at `url` under the total deadline, in this thread; FetchError.transient says
+        whether a retry may help."""
+        a = self.start(url)
+        while a.body is None:
+            a.wait()
+            a.resume()
+        return a.body
+
+    def start(self, url: str) -> Attempt:
+        """Begin one attempt at `url`: connect and send the request, then return without waiting for
+        the answer (see Attempt). Raises FetchError if it fails before that."""
+        a = Attempt(self, url, time.monotonic() + self.cfg.timeout)
+        a.send()
+        return a
 
     def _timeout(self) -> FetchError:
         return FetchError("timeout", f"deadline of {self.cfg.timeout}s", transient=True)
 
-    def _read_body(self, sock: socket.socket | None, resp: http.client.HTTPResponse, deadline: float) -> bytes:
-        cap = self.cfg.max_body_bytes
+    def _drain(self, sock: socket.socket | None, resp: http.client.HTTPResponse, deadline: float) -> bool:
+        """Read a small body to its end so the connection can carry the next request; False if not worth it."""
+        length = resp.getheader("Content-Length")
+        if resp.will_close or not (length and length.isdigit() and int(length) <= _DRAIN_LIMIT):
+            return False
+        try:
+            self._read_body(sock, resp, deadline, cap=_DRAIN_LIMIT)
+        except (FetchError, OSError, http.client.HTTPException):
+            return False
+        return True
+
+    def _read_body(self, sock: socket.socket | None, resp: http.client.HTTPResponse, deadline: float,
+                   cap: int | None = None) -> bytes:
+        cap = self.cfg.max_body_bytes if cap is None else cap
         length = resp.getheader("Content-Length")
         if length and length.isdigit() and int(length) > cap:
             raise FetchError("body_too_large", f"Content-Length {length} > {cap}")
@@ -512,7 +592,163 @@ class Fetcher:
             chunks.append(chunk)
         if length and length.isdigit() and size < int(length):
             raise FetchError("truncated_body", f"got {size} of {length} bytes", transient=True)
+        # Read to its end (all of Content-Length, the last chunk, or the close that ends a body
+        # without either): the connection can carry another request unless the response said close.
         return b"".join(chunks)
+
+
+class Attempt:
+    """One attempt at a URL, paused while it waits for a server to answer.
+
+    `Fetcher.start(url)` resolves, checks, connects and sends the request, and returns.
+    The caller waits until `fileno()` is readable (the answer's first bytes, or the
+    watchdog's shutdown of the socket at the deadline) and calls `resume()`, which reads
+    the answer: the body (then `body` is set), an error (raised), or a redirect, whose
+    request it sends before returning to wait again. A thread is busy only while bytes
+    move, never while a server thinks, so a download stage keeps many slow requests
+    open with few threads (pipeline.download); `Fetcher.attempt` waits in its own thread.
+    """
+
+    def __init__(self, fetcher: Fetcher, url: str, deadline: float):
+        self._f, self.url, self.deadline = fetcher, url, deadline
+        self._current = url
+        self._hops = 0
+        self.body: bytes | None = None
+        self._conn: Any = None
+        self._sock: Any = None
+        self._watchdog: Watchdog | None = None
+        self._reused = False
+        self._parts: Any = None
+
+    def fileno(self) -> int:
+        """The descriptor to wait on until it is readable, then call resume()."""
+        return self._sock.fileno()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the answer starts or the deadline passes, or for at most `timeout` seconds;
+        True if there is something to read (poll: no FD_SETSIZE limit)."""
+        p = select.poll()
+        p.register(self.fileno(), select.POLLIN)
+        # The watchdog shuts the socket down at the deadline, which makes it readable; the
+        # extra second only guards against a watchdog that failed to.
+        if timeout is None:
+            timeout = max(0.0, self.deadline - time.monotonic()) + 1.0
+        return bool(p.poll(1000 * timeout))
+
+    def send(self, fresh: bool = False) -> None:
+        """Resolve, check and connect for the current URL (or reuse a pooled connection), send the request."""
+        f = self._f
+        if self._hops > f.cfg.max_redirects:
+            raise FetchError("too_many_redirects", f"more than {f.cfg.max_redirects}")
+        parts, port = _split_url(self._current)
+        ips = f.resolve(parts.hostname, port, self.deadline)
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise f._timeout()
+        conn = None if fresh else f.pool.take(parts.scheme, parts.hostname, port, ips)
+        self._reused = conn is not None
+        if conn is None:
+            if parts.scheme == "https":
+                conn = PinnedHTTPS(parts.hostname, port, ips, self.deadline, timeout=remaining, context=f._ssl)
+            else:
+                conn = PinnedHTTP(parts.hostname, port, ips, self.deadline, timeout=remaining)
+        self._parts, self._conn = parts, conn
+        self._watchdog = f._watchdogs.arm(self.deadline)
+        conn.arm(self.deadline, self._watchdog)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = {"User-Agent": f.cfg.user_agent, "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity"}
+        if f.cfg.idle_per_host == 0:
+            headers["Connection"] = "close"
+        try:
+            conn.request("GET", path, headers=headers)
+        except _STALE_ERRORS as exc:
+            if self._reused and not self._watchdog.expired:
+                self._close()
+                self.send(fresh=True)  # the server had closed the idle connection: a new one
+                return
+            raise self._error(exc) from None
+        except Exception as exc:
+            raise self._error(exc) from None
+        # Kept before getresponse: with "Connection: close" http.client hands the socket
+        # to the response and sets conn.sock to None.
+        self._sock = conn.sock
+
+    def resume(self) -> None:
+        """Read the answer (call when fileno() is readable): sets `body`, raises FetchError, or
+        follows a redirect (sends its request and returns with `body` still None)."""
+        f, conn, sock = self._f, self._conn, self._sock
+        resp: http.client.HTTPResponse | None = None
+        location = None
+        try:
+            try:
+                resp = conn.getresponse()
+            except _STALE_ERRORS:
+                if self._reused and not self._watchdog.expired:
+                    self._close()
+                    self.send(fresh=True)
+                    return
+                raise
+            if resp.status in REDIRECTS:
+                location = resp.getheader("Location")
+                if not location:
+                    raise FetchError(f"http_{resp.status}", "redirect without Location")
+                self._close(f._drain(sock, resp, self.deadline), resp)
+            else:
+                if resp.status == 429 or 500 <= resp.status < 600:
+                    self._close(f._drain(sock, resp, self.deadline), resp)
+                    raise FetchError(f"http_{resp.status}", transient=True)
+                if resp.status != 200:
+                    self._close(f._drain(sock, resp, self.deadline), resp)
+                    raise FetchError(f"http_{resp.status}")
+                if f._disallowed and is_disallowed(resp.headers, f._ua_token, f._disallowed):
+                    raise OptedOut("opted_out", ", ".join(resp.headers.get_all("X-Robots-Tag", [])))
+                body = f._read_body(sock, resp, self.deadline)
+                if self._watchdog.expired:  # a body without Content-Length looks complete when shut down
+                    raise f._timeout()
+                self._close(True, resp)
+                self.body = body
+                return
+        except Exception as exc:
+            raise self._error(exc, resp) from None
+        # http.client decodes header bytes as latin-1: back to the bytes the server
+        # sent, so a UTF-8 path is percent-encoded as UTF-8.
+        try:
+            self._current = urljoin(self._current, _percent_encode_bytes(location.encode("latin-1", "replace")))
+        except ValueError as exc:  # e.g. brackets that are not an IPv6 address
+            raise FetchError("bad_url", f"redirect to {location}: {exc}") from None
+        self._hops += 1
+        self.send()
+
+    def abandon(self) -> None:
+        """Give the attempt up (its stage is closing): its connection is closed, not pooled."""
+        self._close()
+
+    def _error(self, exc: Exception, resp: http.client.HTTPResponse | None = None) -> Exception:
+        """The FetchError for `exc`, with this hop's connection closed."""
+        expired = self._watchdog is not None and self._watchdog.expired
+        self._close(False, resp)
+        # Whatever a shut-down socket made http.client raise, the deadline was the cause.
+        if (expired or (self._watchdog is not None and self._watchdog.expired)) and not isinstance(exc, OptedOut):
+            return self._f._timeout()
+        return _classify(exc)
+
+    def _close(self, keep: bool = False, resp: http.client.HTTPResponse | None = None) -> None:
+        """End this hop: the connection goes back to the pool if its answer was read to the end
+        (`keep`), else it is closed. Safe to call twice."""
+        conn, self._conn = self._conn, None
+        if self._watchdog is not None:
+            self._watchdog.stop()  # after this, `expired` is final: a shut-down connection is never pooled
+        # The response owns the socket after getresponse: closed here, not when an exception's
+        # traceback that holds it is collected. Closing a response read to its end leaves the
+        # connection open and ready for the next request.
+        if resp is not None:
+            resp.close()
+        if conn is None:
+            return
+        if keep and not self._watchdog.expired and resp is not None and not resp.will_close and conn.sock is not None:
+            self._f.pool.put(self._parts.scheme, self._parts.hostname, conn)
+        else:
+            conn.close()
 
 
 # What http.client refuses to put in a request line (it raises InvalidURL), and what

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import random
+import socket
 import struct
 import threading
 import time
@@ -112,6 +113,22 @@ class Resource:
     """Promise the full Content-Length, send half, close."""
     fail_first: int = 0
     """Answer 503 this many times, then the resource (a transient failure)."""
+    reset: bool = False
+    """Read the request, then reset the connection (TCP RST) without answering."""
+
+    def wire(self) -> bytes:
+        """The whole response of a plain resource, status line to body, rendered once and cached:
+        the benchmark's web answers thousands of requests a second from a process that shares
+        the machine's cores with the tools it measures."""
+        cached = self.__dict__.get("_wire")
+        if cached is None:
+            reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}
+            head = [f"HTTP/1.1 {self.status} {reason.get(self.status, 'Status')}",
+                    f"Content-Type: {self.content_type}", f"Content-Length: {len(self.body)}",
+                    *(f"{k}: {v}" for k, v in self.headers.items())]
+            cached = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + self.body
+            self.__dict__["_wire"] = cached
+        return cached
 
 
 class LocalWeb:
@@ -122,11 +139,18 @@ class LocalWeb:
         self.hits: Counter[str] = Counter()
         self.request_headers: dict[str, list[dict[str, str]]] = {}
         """Headers of each request received, by path, in arrival order."""
+        self.connections = 0
+        """TCP connections accepted so far (keep-alive carries several requests on one)."""
         self._lock = threading.Lock()
         web = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with web._lock:
+                    web.connections += 1
 
             def log_message(self, *args: object) -> None:  # quiet
                 pass
@@ -143,6 +167,12 @@ class LocalWeb:
                     return
                 if res.delay:
                     time.sleep(res.delay)
+                if res.reset:
+                    # SO_LINGER 0: close() sends RST, not FIN (a peer that crashed or a middlebox).
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                    return
                 if hit <= res.fail_first:
                     self._send(503, b"busy", "text/plain")
                     return
@@ -180,7 +210,10 @@ class LocalWeb:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self._send(res.status, res.body, res.content_type, res.headers)
+                try:
+                    self.wfile.write(res.wire())
+                except OSError:
+                    pass
 
             def _send(self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
                 try:
@@ -194,7 +227,7 @@ class LocalWeb:
                 except OSError:
                     pass
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server = _Server((host, port), Handler)
         self.server.daemon_threads = True
         self.host, self.port = self.server.server_address[:2]
         self._thread: threading.Thread | None = None
@@ -222,6 +255,12 @@ class LocalWeb:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 drops connections when dozens of download
+    # threads connect at once (the client then waits a second for its SYN to be resent).
+    request_queue_size = 1024
 
 
 @contextmanager

@@ -412,12 +412,18 @@ def test_stats_count_this_run_and_sum_stage_counters(tmp_path, web):
     assert stats["stages"]["caption_cleaner:caption_cleaned"] == 1
     assert stats["stages"]["caption_cleaner:caption_truncated"] == 1
     assert stats["rows_this_run"] == 4 and stats["images_this_run"] == 4 and stats["images_per_second"] > 0
+    # CPU by stage and the workers' peak memory (benchmarks/ingest.py prints them): this run's tasks.
+    cpu = stats["cpu_seconds"]
+    assert set(cpu) == {"fetch", "resize", "write_parts", "write_shards", "download_task"}
+    assert cpu["resize"] > 0 and cpu["download_task"] >= cpu["resize"]
+    assert 50 < stats["worker_peak_rss_mb"] < 4096
     # A resumed build whose downloads were all done before does no download work: its rate is
     # zero, not all runs' images over its seconds.
     _unsettle(out)
     assert main(args) == 0
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rows_this_run"] == 0 and stats["images_per_second"] == 0
+    assert stats["cpu_seconds"]["resize"] == 0  # nothing resized by this run
     assert stats["stages"]["caption_cleaner:caption_truncated"] == 1
 
 

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from pipeline.download import sniff_image
+from pipeline.download import DownloadStage, ErrorLog, sniff_image
 from pipeline.fetch import FetchConfig, Fetcher, FetchError, OptedOut, Watchdog, Watchdogs, address_is_public
 from pipeline.filters import CaptionCleaner, CaptionFilter, clean_caption
-from pipeline.localweb import Resource, bomb_png, encode, make_image, populate_faults
+from pipeline.localweb import LocalWeb, Resource, bomb_png, encode, make_image, populate_faults
 from pipeline.sample import Sample
 
 pytestmark = pytest.mark.timeout(60)
@@ -141,6 +141,71 @@ def test_falls_back_to_the_next_checked_address(web, monkeypatch):
     f = fetcher(web, allow_hosts=(f"two.invalid:{web.port}",))
     monkeypatch.setattr(f, "resolve", lambda host, port, deadline=None: ["127.0.0.3", "127.0.0.1"])
     assert len(f.fetch(url.replace("127.0.0.1", "two.invalid"))) > 100
+
+
+def test_keep_alive_one_connection_for_many_requests_to_a_host(web, faults):
+    f = fetcher(web)
+    urls = [web.add(f"/k{i}.jpg", Resource(bytes([i]) * 100, "image/jpeg")) for i in range(4)]
+    # Error answers with small bodies are read to their end: their connection is reused too.
+    assert reason(f, faults["not_found"]["url"]) == "http_404"
+    assert [f.fetch(u) for u in urls] == [bytes([i]) * 100 for i in range(4)]
+    assert web.connections == 1
+    f.close()
+    assert f.pool.idle() == 0
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced(web):
+    f = fetcher(web, retries=0)
+    url = web.add("/k.jpg", Resource(b"k" * 100, "image/jpeg"))
+    assert f.fetch(url) == b"k" * 100
+    ((_, conn),) = [c for conns in f.pool._idle.values() for c in conns]
+    conn.sock.shutdown(socket.SHUT_RDWR)  # as a server's idle timeout leaves it: the next send fails
+    assert f.fetch(url) == b"k" * 100  # on a new connection, not an error (retries=0)
+    assert web.connections == 2
+
+
+def test_a_reused_connection_reaches_only_the_address_checked_for_this_request(web, internal, monkeypatch):
+    # A name whose DNS answer changes between two requests: the second must go where its own,
+    # fresh lookup and check point, never down the idle connection to the first answer's IP.
+    other = LocalWeb("127.0.0.3", port=web.port).start()
+    try:
+        web.add("/a.jpg", Resource(b"from .1", "image/jpeg"))
+        other.add("/a.jpg", Resource(b"from .3", "image/jpeg"))
+        internal.add("/a.jpg", Resource(b"internal", "image/jpeg"))
+        answer = ["127.0.0.1"]
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, port, *a, **kw):
+            if host == "img.test":
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer[0], port))]
+            return real(host, port, *a, **kw)
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        f = fetcher(web, retries=0, allow_hosts=(web.hostport, other.hostport))
+        assert f.fetch(f"http://img.test:{web.port}/a.jpg") == b"from .1"
+        answer[0] = "127.0.0.3"  # another allowed address: a new connection to it
+        assert f.fetch(f"http://img.test:{web.port}/a.jpg") == b"from .3"
+        answer[0] = "127.0.0.2"  # the internal host: refused, and the pooled connections stay unused
+        assert reason(f, f"http://img.test:{internal.port}/a.jpg") == "blocked_address"
+        assert reason(f, f"http://img.test:{web.port}/a.jpg") == "blocked_address"
+        assert (web.hits["/a.jpg"], other.hits["/a.jpg"], internal.hits["/a.jpg"]) == (1, 1, 0)
+        assert f.pool.idle() == 2  # one to .1 and one to .3, each filed under its own IP
+    finally:
+        other.stop()
+
+
+def test_a_retry_waits_in_a_queue_not_in_a_thread(web):
+    # One thread; the first URL fails once (503) and backs off for at least a second: the
+    # others are fetched meanwhile (a retry slept in the only thread held them all back).
+    img = encode(make_image("circle", "red", (64, 64), random.Random(0)), "jpg")
+    flaky = web.add("/flaky.jpg", Resource(img, "image/jpeg", fail_first=1))
+    good = [web.add(f"/g{i}.jpg", Resource(img, "image/jpeg")) for i in range(3)]
+    stage = DownloadStage(fetcher(web, retries=1, retry_backoff=2.0), 1, 10**8, ErrorLog())
+    rows = [Sample(key=str(i), row=i, url=u, caption="c") for i, u in enumerate([flaky, *good])]
+    done = list(stage(iter(rows)))
+    assert sorted(s.url for s in done[:3]) == good and done[3].url == flaky
+    assert web.hits["/flaky.jpg"] == 2 and all(s.pending and s.image == img for s in done)
+    assert stage.attempts == 5
 
 
 def test_user_agent_token_matches_whatever_its_case(web):

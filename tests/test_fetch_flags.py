@@ -20,6 +20,7 @@ BAD = [
     ("--max-decode-bytes", "512"),  # megabytes meant: every image would be refused
     ("--image-size", "0"), ("--image-size", "-1"), ("--image-size", "inf"), ("--image-size", "nan"),
     ("--encode-quality", "0"), ("--encode-quality", "101"), ("--encode-quality", "inf"), ("--encode-quality", "nan"),
+    ("--tasks-per-cpu", "0"), ("--tasks-per-cpu", "17"),
 ]
 
 

@@ -152,9 +152,10 @@ def test_a_task_reports_progress_while_it_runs(tmp_path, web):
     from pipeline.localweb import Resource
 
     rows = populate_images(web, 12, seed=2)
-    for r in rows:  # each image answers after 0.3 s: the task takes about 2 s with 2 threads
+    for i, r in enumerate(rows):  # image i answers after 0.15 * (i + 1) s: the task takes about 2 s
         res = web.resources[r["url"].split(web.hostport)[1]]
-        r["url"] = web.add("/slow" + r["url"].split(web.hostport)[1], Resource(res.body, res.content_type, delay=0.3))
+        r["url"] = web.add("/slow" + r["url"].split(web.hostport)[1],
+                           Resource(res.body, res.content_type, delay=0.15 * (i + 1)))
     path = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     reports: list[tuple[str, int, int, int]] = []
