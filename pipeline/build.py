@@ -500,12 +500,12 @@ def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildR
     if check_columns(files, cfg.url_col, cfg.caption_col, cfg.extra_cols, not cfg.header) == 0:
         raise InputError(f"{cfg.urls}: no rows")
     slices = plan_slices(files)
-    spec = None
+    spec = weights = None
     if cfg.clip_filter:
-        from scoring.model import resolve_model
+        from scoring.model import resolve_weights
 
         # Checked before anything is written: the model, the checkpoint, and that its weights fit.
-        spec = resolve_model(cfg.clip_filter, cfg.clip_pretrained or "")
+        spec, weights = resolve_weights(cfg.clip_filter, cfg.clip_pretrained or "")
     with rd.lock():
         run = rd.check_ours(LEGACY_RUN_KEYS)
         rd.check_links(OWN_NAMES)
@@ -546,7 +546,7 @@ def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildR
             record["input_columns"], record["input_rows"] = run["input_columns"], run.get("input_rows")
         rd.write_run(record)
         atomic_write_bytes(rd.fs, rd.path("config.yaml"), to_yaml(cfg).encode())
-        return _build(cfg, rd, slices, buckets, record, executor, matcher, spec)
+        return _build(cfg, rd, slices, buckets, record, executor, matcher, spec, weights)
 
 
 def _estimate_rows(files: list[InputFile]) -> int:
@@ -571,7 +571,7 @@ def _already_complete(rd: RunDir) -> BuildResult:
 
 
 def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int, record: dict[str, Any],
-           executor: Any, matcher: Any, spec: Any = None) -> BuildResult:
+           executor: Any, matcher: Any, spec: Any = None, weights: Any = None) -> BuildResult:
     t0 = time.monotonic()
     every = cfg.progress_every
     read = run_step(rd, ReadStep(cfg, slices, buckets), executor, progress_every=every)
@@ -618,7 +618,7 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
                              rows=plan.part_rows(p)[1] - plan.part_rows(p)[0], first_row=plan.part_rows(p)[0],
                              records=rd.url_of("_final", f"{p[0]:05d}.parquet")) for p in parts]
         clip = score_and_write(rd, executor, cfg.clip_settings(), spec, inputs, cfg.samples_per_shard, plan.n_rows,
-                               work="_clip", progress_every=every)
+                               work="_clip", progress_every=every, weights=weights)
         result = clip.result
     else:
         sources = [Source(rd.url_of("parts", f"{t:05d}.tar"), rd.url_of("_final", f"{t:05d}.parquet"), kept[t],

@@ -58,8 +58,8 @@ class LocalExecutor:
         from pipeline.job import run_task
 
         # An actor step's worker state (a loaded model): set up once for all its tasks here.
-        state = step.setup(getattr(step, "device", "cpu"), local_threads()) if getattr(step, "actors", False) \
-            else None
+        state = step.setup(getattr(step, "device", "cpu"), local_threads(), shared) \
+            if getattr(step, "actors", False) else None
         failures = []
         for index, spec in tasks:
             for attempt in range(task_retries + 1):
@@ -372,7 +372,7 @@ class _StepActor:
             quiet_storage_loggers()
             # Set up in a call, not in __init__: an error there reaches the driver as this task's error
             # (bad input stops the job with its one line), not as a dead actor.
-            self.state = self.step.setup(self.device, self.cpus)
+            self.state = self.step.setup(self.device, self.cpus, shared)
             self.ready = True
 
         def report(step_name: str, i: int, rows: int, ok: int) -> None:

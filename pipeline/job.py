@@ -103,10 +103,10 @@ class Step:
     """With `actors`: "auto" (one GPU per actor when the cluster has GPUs, else CPU actors), "cuda"
     (GPU actors, an error without GPUs) or "cpu"."""
 
-    def setup(self, device: str, cpus: int) -> Any:
+    def setup(self, device: str, cpus: int, shared: Any = None) -> Any:
         """Worker side, once per worker of an actor step: what every task of it needs (a loaded
-        model), placed on `device` ("cpu", "cuda" or "auto"), using `cpus` threads; handed to
-        `run` as `ctx.state`."""
+        model), placed on `device` ("cpu", "cuda" or "auto"), using `cpus` threads, from the
+        step's `shared` object (weights the driver read); handed to `run` as `ctx.state`."""
         return None
 
 

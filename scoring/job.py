@@ -64,7 +64,7 @@ from pipeline.shards import (
     write_shard_range,
 )
 from scoring import EMBEDDINGS_NAMES, WORK_FILES
-from scoring.model import Embedder, ModelSpec, ScoreError, resolve_model
+from scoring.model import Embedder, ModelSpec, ScoreError, resolve_weights
 
 log = logging.getLogger("clipforge.score")
 
@@ -242,8 +242,8 @@ class EmbedStep(Step):
     def total(self, specs: list[Any]) -> int:
         return sum(inp.rows for inp in self.inputs)
 
-    def setup(self, device: str, cpus: int) -> Embedder:
-        return Embedder(self.spec, device, cpus)
+    def setup(self, device: str, cpus: int, shared: Any = None) -> Embedder:
+        return Embedder(self.spec, device, cpus, state_dict=shared)
 
     def run(self, ctx: TaskContext, i: int, shared: Any = None) -> dict[str, Any]:
         emb: Embedder = ctx.state
@@ -510,12 +510,18 @@ class Scored:
 
 
 def score_and_write(rd: RunDir, executor: Any, settings: ScoreSettings, spec: ModelSpec, inputs: list[ScoreInput],
-                    samples_per_shard: int, n_rows: int, work: str = WORK, progress_every: float = 5.0) -> Scored:
+                    samples_per_shard: int, n_rows: int, work: str = WORK, progress_every: float = 5.0,
+                    weights: dict[str, Any] | None = None) -> Scored:
     """The steps (see the module docstring) over `inputs`, into rd's shards/, embeddings/ and manifest/
-    (build_corpus --clip-filter runs them over its parts, score_corpus over an input corpus)."""
+    (build_corpus --clip-filter runs them over its parts, score_corpus over an input corpus). `weights`:
+    the state dict the driver checked, sent to the workers through the object store (else each worker
+    reads spec.checkpoint itself: a path every node must see)."""
     from pipeline.build import finish_shards, verify_earlier_shards
 
-    embedded = run_step(rd, EmbedStep(settings, inputs, spec, work), executor, progress_every=progress_every)
+    shared = executor.put(weights) if weights is not None else None
+    embedded = run_step(rd, EmbedStep(settings, inputs, spec, work), executor, shared=shared,
+                        progress_every=progress_every)
+    del shared
     hist = np.zeros(settings.score_bins, dtype=np.int64)
     for s in embedded:
         for b, c in s["hist"].items():
@@ -569,7 +575,7 @@ def run_score(cfg: ScoreConfig, executor: Any = None) -> dict[str, Any]:
     rd = RunDir(cfg.out, JOB)
     rd.check_ours()  # before anything else: a foreign folder gets nothing written
     corpus = read_corpus(cfg.corpus, cfg.out, rd)
-    spec = resolve_model(cfg.model, cfg.clip_pretrained)
+    spec, weights = resolve_weights(cfg.model, cfg.clip_pretrained)
     stems = [s.rsplit(".", 1)[0] for s in corpus.shards]
     samples_per_shard = cfg.samples_per_shard or max(corpus.sizes[corpus.shards[0]] if corpus.shards else 1, 1)
     settings = {**corpus.settings(), "model": spec.record(), "keep": cfg.keep_rules(),
@@ -588,7 +594,7 @@ def run_score(cfg: ScoreConfig, executor: Any = None) -> dict[str, Any]:
             log.info("%s holds a finished scoring of this corpus with this model and rules: nothing to do",
                      rd.url_of())
             return {**done, "already_complete": True}
-        scored = score_and_write(rd, executor, cfg, spec, inputs, samples_per_shard, row)
+        scored = score_and_write(rd, executor, cfg, spec, inputs, samples_per_shard, row, weights=weights)
         result = scored.result
         summary = {
             "corpus": {"input": cfg.corpus, "rows": result.rows_in, WRITTEN: result.written,

@@ -8,7 +8,11 @@ weights are already in the local cache: this tool never downloads weights at run
 result, a `ModelSpec`, is small and picklable (the config travels as a dict, so workers on other
 machines need no copy of NAME.json) and records the checkpoint's sha256.
 
-`Embedder(spec, device, threads)` is what a worker holds: the model in eval mode on its device,
+`resolve_weights` also returns the weights it checked: the jobs send them to the workers through
+Ray's object store, so no worker needs a copy of the checkpoint file (a worker given none reads
+the file itself and checks its sha256).
+
+`Embedder(spec, device, threads, state_dict)` is what a worker holds: the model in eval mode on its device,
 open_clip's own validation transform and tokenizer. `decode` turns image bytes into the model's
 input (PIL, then the transform), `embed` runs a batch and returns L2-normalised float32
 embeddings. Checkpoints are read with `torch.load(weights_only=True)`, as training/checkpoint.py
@@ -62,10 +66,11 @@ class ModelSpec:
         """What run.json and embeddings/model.json say about the model (the path is not part of the
         identity: the same file moved elsewhere is the same model)."""
         return {"name": self.name, "config": self.config, "pretrained_sha256": self.sha256,
-                "pretrained_tag": None if _is_file_spec(self.pretrained) else self.pretrained}
+                "pretrained_tag": None if is_file_spec(self.pretrained) else self.pretrained}
 
 
-def _is_file_spec(pretrained: str) -> bool:
+def is_file_spec(pretrained: str) -> bool:
+    """--clip-pretrained names a file or URL (else an open_clip tag)."""
     return ("://" in pretrained or "/" in pretrained or os.sep in pretrained
             or pretrained.endswith(WEIGHT_SUFFIXES) or Path(pretrained).exists())
 
@@ -121,6 +126,11 @@ def cached_pretrained(name: str, tag: str) -> str | None:
 
 def resolve_model(model: str, pretrained: str) -> ModelSpec:
     """Driver side: the model definition and the checkpoint file, checked (ScoreError: one line)."""
+    return resolve_weights(model, pretrained)[0]
+
+
+def resolve_weights(model: str, pretrained: str) -> tuple[ModelSpec, dict[str, Any]]:
+    """resolve_model, and the weights it checked (for the workers, through Ray's object store)."""
     import open_clip
 
     from training.config import ModelConfig
@@ -135,7 +145,7 @@ def resolve_model(model: str, pretrained: str) -> ModelSpec:
     if not pretrained:
         raise ScoreError("--clip-pretrained: give the weights to score with (a checkpoint file, e.g. "
                          "RUN/checkpoints/step_00001000.pt, or an open_clip pretrained tag)")
-    if _is_file_spec(pretrained):
+    if is_file_spec(pretrained):
         loc = _loc(pretrained)
         try:
             found = loc.is_file()
@@ -165,7 +175,7 @@ def resolve_model(model: str, pretrained: str) -> ModelSpec:
     init = {"init_logit_bias": 0.0} if "logit_bias" in state_dict and "init_logit_bias" not in spec.config else {}
     spec = dataclasses.replace(spec, init=init)
     build_model(spec, state_dict)  # the weights fit the model: checked here, before anything is written
-    return spec
+    return spec, state_dict
 
 
 def read_state_dict(spec: ModelSpec) -> dict[str, Any]:
@@ -243,7 +253,10 @@ def pick_device(device: str) -> str:
 class Embedder:
     """A loaded model on one device (a worker's state): images and captions in, normalised embeddings out."""
 
-    def __init__(self, spec: ModelSpec, device: str = "auto", threads: int = 1):
+    def __init__(self, spec: ModelSpec, device: str = "auto", threads: int = 1,
+                 state_dict: dict[str, Any] | None = None):
+        """`state_dict`: the weights the driver read (through Ray's object store: workers on other machines
+        need no copy of the checkpoint); None: read spec.checkpoint here, checking its sha256."""
         import torch
 
         self.spec = spec
@@ -263,10 +276,12 @@ class Embedder:
             # CPUs compute fp32 as fast as anything else here, and the scores then equal open_clip's own.
             torch.set_num_threads(max(1, threads))
             self.autocast_dtype = None
-        if sha256_of(spec.checkpoint) != spec.sha256:
-            raise ScoreError(f"{spec.pretrained}: the checkpoint changed since this run began (its sha256 differs "
-                             "from the one recorded); rerun the command to score with the new one into a new --out")
-        model, self.preprocess, self.tokenizer = build_model(spec, read_state_dict(spec))
+        if state_dict is None:
+            if sha256_of(spec.checkpoint) != spec.sha256:
+                raise ScoreError(f"{spec.pretrained}: the checkpoint changed since this run began (its sha256 "
+                                 "differs from the one recorded); score with the new one into a new --out")
+            state_dict = read_state_dict(spec)
+        model, self.preprocess, self.tokenizer = build_model(spec, state_dict)
         self.model = model.to(self.device)
         self.threads = max(1, threads)
         self._pool: Any = None

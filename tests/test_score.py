@@ -266,8 +266,8 @@ def test_the_gpu_paths_prefetch_gives_the_same_output(trained, tmp_path, monkeyp
     assert run(tmp_path / "corpus", tmp_path / "plain", trained, "--batch-size", "4") == 0
     setup = job.EmbedStep.setup
 
-    def with_prefetch(self, device, cpus):
-        emb = setup(self, device, cpus)
+    def with_prefetch(self, device, cpus, shared=None):
+        emb = setup(self, device, cpus, shared)
         emb.prefetch = True
         return emb
 
