@@ -274,7 +274,6 @@ class Embedder:
             self.autocast_dtype: Any = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
             # CPUs compute fp32 as fast as anything else here, and the scores then equal open_clip's own.
-            torch.set_num_threads(max(1, threads))
             self.autocast_dtype = None
         if state_dict is None:
             if sha256_of(spec.checkpoint) != spec.sha256:
@@ -283,11 +282,18 @@ class Embedder:
             state_dict = read_state_dict(spec)
         model, self.preprocess, self.tokenizer = build_model(spec, state_dict)
         self.model = model.to(self.device)
-        self.threads = max(1, threads)
+        threads = max(1, threads)
+        # The next batch is decoded while this one runs through the model. On a GPU every core decodes.
+        # On a CPU the cores are split between the two, so neither waits for the other and no core is
+        # asked for two things at once: torch's threads spin at their barriers, and a core they share
+        # with decoding (measured on 2 cores: 2 torch threads beside decoding) runs the model several
+        # times slower. One core: one after the other.
+        self.prefetch = self.device.type == "cuda" or threads > 1
+        self.decode_threads = threads if self.device.type == "cuda" else max(1, threads // 2)
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, threads - self.decode_threads) if self.prefetch else 1)
         self._pool: Any = None
         self._prefetch: Any = None
-        self.prefetch = self.device.type == "cuda"
-        """Decode the next batch while the device runs this one (on a CPU both would share the cores)."""
         self.dim = int(spec.config["embed_dim"])
 
     def decode(self, data: bytes) -> Any:
@@ -302,12 +308,12 @@ class Embedder:
 
     def decode_many(self, images: list[bytes]) -> list[Any]:
         """decode() over a batch, in threads when the worker has several cores (PIL releases the GIL)."""
-        if self.threads == 1 or len(images) < 2:
+        if self.decode_threads == 1 or len(images) < 2:
             return [self.decode(b) for b in images]
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
+            self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         return list(self._pool.map(self.decode, images))
 
     def decode_later(self, images: list[bytes]) -> Any:

@@ -257,25 +257,25 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(trained, tmp_path, caps
     assert len(err) == 1 and "keep.clip_score_min: 0.0 -> 0.1" in err[0], err
 
 
-def test_the_gpu_paths_prefetch_gives_the_same_output(trained, tmp_path, monkeypatch):
-    # The GPU path decodes the next batch while the device runs this one; its bookkeeping runs here on
-    # the CPU (the device itself cannot be tested on this machine).
+def test_decoding_ahead_of_the_model_gives_the_same_output(trained, tmp_path, monkeypatch):
+    # A worker with several cores (and every GPU worker) decodes the next batch while the model runs this
+    # one; a one-core worker does one after the other. Both give the same bytes.
     import scoring.job as job
 
     shape_corpus(tmp_path / "corpus", 21, 21, seed=9, broken=True)
-    assert run(tmp_path / "corpus", tmp_path / "plain", trained, "--batch-size", "4") == 0
     setup = job.EmbedStep.setup
+    for prefetch in (False, True):
+        def fixed(self, device, cpus, shared=None, prefetch=prefetch):
+            emb = setup(self, device, cpus, shared)
+            emb.prefetch = prefetch
+            return emb
 
-    def with_prefetch(self, device, cpus, shared=None):
-        emb = setup(self, device, cpus, shared)
-        emb.prefetch = True
-        return emb
-
-    monkeypatch.setattr(job.EmbedStep, "setup", with_prefetch)
-    assert run(tmp_path / "corpus", tmp_path / "prefetch", trained, "--batch-size", "4") == 0
-    assert manifest(tmp_path / "plain") == manifest(tmp_path / "prefetch")
+        monkeypatch.setattr(job.EmbedStep, "setup", fixed)
+        assert run(tmp_path / "corpus", tmp_path / f"prefetch-{prefetch}", trained, "--batch-size", "4") == 0
+    a, b = tmp_path / "prefetch-False", tmp_path / "prefetch-True"
+    assert manifest(a) == manifest(b) and len(manifest(a)) == 21
     for sub in ("shards/00000.tar", "embeddings/00000.npy"):
-        assert (tmp_path / "plain" / sub).read_bytes() == (tmp_path / "prefetch" / sub).read_bytes()
+        assert (a / sub).read_bytes() == (b / sub).read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -376,20 +376,27 @@ def test_an_img2dataset_corpus_on_s3(trained, tmp_path, s3, capsys):
 
 
 @pytest.mark.slow
-def test_ray_actor_pool_gives_the_same_result(trained, tmp_path, capsys, caplog):
+def test_ray_actor_pool_gives_the_same_result_and_replaces_a_dead_actor(trained, tmp_path, caplog):
+    from pipeline.executor import RayExecutor
+    from pipeline.job import run_step
+    from pipeline.rundir import RunDir
+    from scoring.job import ScoreConfig, run_score
+    from tests.actor_helpers import DiesOnce
+
     shape_corpus(tmp_path / "corpus", 24, 4, seed=8)
     assert run(tmp_path / "corpus", tmp_path / "local", trained, "--clip-score-top-frac", "0.5") == 0
-    argv = ["--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "ray"), "--model", TINY,
-            "--clip-pretrained", str(trained), "--batch-size", "16", "--clip-score-top-frac", "0.5",
-            "--executor", "ray", "--num-cpus", "2"]
-    try:
-        with caplog.at_level("INFO"):
-            assert main(argv) == 0
-    finally:
-        import ray
-
-        ray.shutdown()
-    assert "embed: 2 cpu actor(s) of 1 CPU(s)" in caplog.text
+    cfg = ScoreConfig(corpus=str(tmp_path / "corpus"), out=str(tmp_path / "ray"), model=TINY,
+                      clip_pretrained=str(trained), batch_size=16, clip_score_top_frac=0.5)
+    with caplog.at_level("INFO"), RayExecutor(num_cpus=2) as ex:
+        run_score(cfg, ex)
+        assert "embed: 2 cpu actor(s) of 1 CPU(s)" in caplog.text
+        rd = RunDir(str(tmp_path / "dies"), "test")
+        summaries = run_step(rd, DiesOnce(4, str(tmp_path / "died")), ex, shared=ex.put({"w": 1}))
+    died = int((tmp_path / "died").read_text())
+    assert [s["task"] for s in summaries] == [0, 1, 2, 3]
+    assert summaries[0]["task_pid"] != died and "an actor died" in caplog.text  # task 0 again, elsewhere
+    assert all(s["task_pid"] == s["pid"] and s["cpus"] == 1 and s["device"] == "cpu" for s in summaries)
+    assert all(s["shared"] == {"w": 1} for s in summaries)  # setup got the step's shared object
     assert manifest(tmp_path / "local") == manifest(tmp_path / "ray")
     for sub in ("shards", "embeddings"):
         for p in sorted((tmp_path / "local" / sub).iterdir()):
