@@ -21,8 +21,9 @@ also writes the kept samples' shards, manifests and per-sample scores.
 
 clip-retrieval pins numpy<2, pyarrow<16, open-clip-torch<3 and pulls in flask, faiss,
 sentence-transformers and transformers; it is installed beside our pins with `pip install --no-deps
---target .bench-clip-retrieval clip-retrieval==2.45.0 all-clip==1.3.0 clip-anytorch==2.6.0` (the
-Makefile's `bench` target does it), and put at the end of sys.path. Two of its imports are not
+--target .bench-clip-retrieval clip-retrieval==2.45.0 all-clip==1.3.0 clip-anytorch==2.6.0
+setuptools==80.9.0` (clip-anytorch imports pkg_resources; the Makefile's `bench` target does it,
+`--install` too), and put at the end of sys.path. Two of its imports are not
 installed and are stood in for, neither on the path measured: its package __init__ (which imports
 the web back end: flask, faiss) is skipped by importing clip_retrieval.clip_inference directly,
 and `sentence_transformers` (used only with --use_mclip) is an empty module. Its embeddings are
