@@ -174,33 +174,61 @@ def _eval_digest(es: EvalSet) -> str:
 
 
 @dataclass
-class Inputs:
-    """What the driver learned about the input: O(shards) names and counts, no samples."""
+class Corpus:
+    """What the driver learned about an input corpus: O(shards) names and counts, no samples."""
 
     fs: Any
     shards_dir: str
     shards: list[str]
     sizes: dict[str, int]
     sizes_raw: bytes
-    eval_sets: list[EvalSet]
 
     def url(self, shard: str) -> str:
         return _url(self.fs, f"{self.shards_dir}/{shard}")
 
+    def settings(self) -> dict[str, Any]:
+        """The corpus's identity for run.json: where it is, and a digest of its shards' sizes and versions."""
+        from pathlib import Path
+
+        where = _url(self.fs, self.shards_dir)
+        return {"corpus": where if "://" in where else str(Path(self.shards_dir).resolve()),
+                "corpus_digest": _corpus_digest(self.fs, self.shards_dir, self.sizes_raw, self.shards)}
+
+
+@dataclass
+class Inputs(Corpus):
+    """The corpus and the eval sets of an audit."""
+
+    eval_sets: list[EvalSet]
+
 
 def read_inputs(cfg: AuditConfig, rd: RunDir) -> Inputs:
     """Check the corpus and the eval sets (bad input: AuditError, one line). Reads only metadata."""
-    fs, shards_dir = resolve_shards_dir(cfg.corpus)
+    c = read_corpus(cfg.corpus, cfg.out, rd)
+    try:
+        eval_sets = [load_eval_set(*parse_eval_arg(e)) for e in cfg.evals]
+    except EvalSetError as exc:
+        raise AuditError(str(exc)) from exc
+    names = [es.name for es in eval_sets]
+    if len(set(names)) != len(names):
+        raise AuditError(f"--eval: eval set names must be unique, got {names}")
+    return Inputs(c.fs, c.shards_dir, c.shards, c.sizes, c.sizes_raw, eval_sets)
+
+
+def read_corpus(corpus: str, out: str, rd: RunDir) -> Corpus:
+    """Check an input corpus (build_corpus output or img2dataset webdataset output, local or URL)
+    and that --out lies outside it (bad input: AuditError, one line). Reads only metadata."""
+    fs, shards_dir = resolve_shards_dir(corpus)
     from fsspec.implementations.local import LocalFileSystem
 
     if isinstance(fs, LocalFileSystem) and isinstance(rd.fs, LocalFileSystem):
         from pathlib import Path
 
-        out = Path(rd.root).resolve()
-        corpus = Path(shards_dir).resolve()
-        corpus = corpus.parent if corpus.name == "shards" else corpus
-        if out == corpus or corpus in out.parents or out in corpus.parents:
-            raise AuditError(f"{cfg.out}: --out must lie outside the corpus folder {corpus} (the input is only "
+        out_path = Path(rd.root).resolve()
+        corpus_path = Path(shards_dir).resolve()
+        corpus_path = corpus_path.parent if corpus_path.name == "shards" else corpus_path
+        if out_path == corpus_path or corpus_path in out_path.parents or out_path in corpus_path.parents:
+            raise AuditError(f"{out}: --out must lie outside the corpus folder {corpus_path} (the input is only "
                              "read, never written into)")
     try:
         if fs.exists(f"{shards_dir}/{SIZES_FILE}"):
@@ -220,14 +248,7 @@ def read_inputs(cfg: AuditConfig, rd: RunDir) -> Inputs:
     for name in shards:
         if name not in present:
             raise AuditError(f"{_url(fs, shards_dir)}/{name}: listed in {SIZES_FILE} but missing")
-    try:
-        eval_sets = [load_eval_set(*parse_eval_arg(e)) for e in cfg.evals]
-    except EvalSetError as exc:
-        raise AuditError(str(exc)) from exc
-    names = [es.name for es in eval_sets]
-    if len(set(names)) != len(names):
-        raise AuditError(f"--eval: eval set names must be unique, got {names}")
-    return Inputs(fs, shards_dir, shards, sizes, sizes_raw, eval_sets)
+    return Corpus(fs, shards_dir, shards, sizes, sizes_raw)
 
 
 def img2dataset_sizes(fs: Any, folder: str) -> dict[str, int]:
@@ -261,9 +282,7 @@ def settings_of(cfg: AuditConfig, inp: Inputs) -> dict[str, Any]:
     from pathlib import Path
 
     return {
-        "corpus": _url(inp.fs, inp.shards_dir) if "://" in _url(inp.fs, inp.shards_dir)
-        else str(Path(inp.shards_dir).resolve()),
-        "corpus_digest": _corpus_digest(inp.fs, inp.shards_dir, inp.sizes_raw, inp.shards),
+        **inp.settings(),
         "match": cfg.match.thresholds(),
         "evals": {es.name: {"root": str(Path(es.root).resolve()), "items": len(es.items), "digest": _eval_digest(es)}
                   for es in inp.eval_sets},

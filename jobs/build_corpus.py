@@ -33,6 +33,13 @@ def refuse_relative_paths_in_ray_job(cfg: BuildConfig) -> None:
     if not (os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_JOB_ID")):
         return
     paths = {"--urls": cfg.urls, "--out": cfg.out, **{f"--eval {e}": e.split("=", 1)[1] for e in cfg.eval}}
+    if cfg.clip_filter and cfg.clip_filter.endswith(".json"):
+        paths["--clip-filter"] = cfg.clip_filter
+    if cfg.clip_pretrained:
+        from scoring.model import is_file_spec
+
+        if is_file_spec(cfg.clip_pretrained):  # not an open_clip tag
+            paths["--clip-pretrained"] = cfg.clip_pretrained
     for flag, path in paths.items():
         if "://" not in path and not Path(path).is_absolute():
             raise ConfigError(f"{flag}: {path!r} is relative, and under `ray job submit` it would resolve inside "

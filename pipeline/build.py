@@ -76,6 +76,7 @@ from pipeline.shards import (
     write_shard_range,
     write_tar,
 )
+from scoring import EMBEDDINGS_NAMES, WORK_FILES
 
 log = logging.getLogger("clipforge.build")
 
@@ -98,8 +99,11 @@ OWN_NAMES = {
     "_dups": re.compile(rf"(url|sha)/{_N}\.parquet|(url|sha)-{_N}\.parquet"),
     "_final": re.compile(rf"{_N}\.parquet"),
     "_steps": re.compile(rf"[a-z_]+/{_N}\.json|[a-z_]+\.json"),
+    # --clip-filter (scoring.job's steps over the parts)
+    "embeddings": EMBEDDINGS_NAMES,
+    "_clip": re.compile(rf"{_N}\.{WORK_FILES}"),
 }
-SCRATCH = ("parts", "_input", "_keys", "_dups", "_final", "_steps")
+SCRATCH = ("parts", "_input", "_keys", "_dups", "_final", "_clip", "_steps")
 """Folders removed after success unless --keep-parts (the shards and manifests are what stays)."""
 LEGACY_RUN_KEYS = ("input_fingerprint", "input_rows")
 """A run.json of clipforge 0.1's build_corpus (no "job" entry) holds these."""
@@ -462,6 +466,8 @@ class BuildResult:
     images_this_run: int = 0
     """Images downloaded and kept by this run's tasks (a resumed run skips finished tasks)."""
     already_complete: bool = False
+    clip: str | None = None
+    """With --clip-filter: what the CLIP-score filter did, one line."""
 
     @property
     def adds_up(self) -> bool:
@@ -512,11 +518,21 @@ def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildR
     if check_columns(files, cfg.url_col, cfg.caption_col, cfg.extra_cols, not cfg.header) == 0:
         raise InputError(f"{cfg.urls}: no rows")
     slices = plan_slices(files)
+    spec = weights = None
+    if cfg.clip_filter:
+        from scoring.model import resolve_weights
+
+        # Checked before anything is written: the model, the checkpoint, and that its weights fit.
+        spec, weights = resolve_weights(cfg.clip_filter, cfg.clip_pretrained or "")
     with rd.lock():
         run = rd.check_ours(LEGACY_RUN_KEYS)
         rd.check_links(OWN_NAMES)
         rd.check_foreign(OWN_NAMES)
         settings = {**cfg.output_settings()}
+        if spec is not None:
+            # The weights by content (sha256), not by how --clip-pretrained spells their path.
+            settings = {k: v for k, v in settings.items() if k != "clip_pretrained"}
+            settings["clip_model"] = spec.record()
         if run is not None:
             # The input is compared by its files' identity and content below, not by how --urls is spelled.
             skip = ("job", "input", "input_columns", "input_rows", "buckets", "urls")
@@ -548,7 +564,7 @@ def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildR
             record["input_columns"], record["input_rows"] = run["input_columns"], run.get("input_rows")
         rd.write_run(record)
         atomic_write_bytes(rd.fs, rd.path("config.yaml"), to_yaml(cfg).encode())
-        return _build(cfg, rd, slices, buckets, record, executor, matcher)
+        return _build(cfg, rd, slices, buckets, record, executor, matcher, spec, weights)
 
 
 def _estimate_rows(files: list[InputFile]) -> int:
@@ -573,7 +589,7 @@ def _already_complete(rd: RunDir) -> BuildResult:
 
 
 def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int, record: dict[str, Any],
-           executor: Any, matcher: Any) -> BuildResult:
+           executor: Any, matcher: Any, spec: Any = None, weights: Any = None) -> BuildResult:
     t0 = time.monotonic()
     every = cfg.progress_every
     read = run_step(rd, ReadStep(cfg, slices, buckets), executor, progress_every=every)
@@ -610,12 +626,25 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
     if sorted(kept) != [p[0] for p in parts]:
         raise AccountingError(f"{rd.url_of('_steps', 'settle')}: kept counts for {len(kept)} parts, "
                               f"{len(parts)} planned")
-    sources = [Source(rd.url_of("parts", f"{t:05d}.tar"), rd.url_of("_final", f"{t:05d}.parquet"), kept[t],
-                      rd.url_of("manifest", f"{t:05d}.parquet")) for t, *_ in parts]
-    writer = WriteShardsStep(sources, cfg.samples_per_shard, rd.url_of("shards"), SHARDS_PER_TASK)
-    written = run_step(rd, writer, executor, progress_every=every)
-    verify_earlier_shards(rd, writer, written, executor)
-    result = finish_shards(rd, written, plan.n_rows, writer.prefix[-1], cfg.samples_per_shard)
+    clip = None
+    if spec is not None:
+        # --clip-filter: score the parts' kept samples, keep by the rules, write the shards with their
+        # scores and the embeddings beside them (scoring.job's steps; rows already decided keep their fate).
+        from scoring.job import ScoreInput, format_keep, score_and_write
+
+        inputs = [ScoreInput(stem=f"{p[0]:05d}", tar=rd.url_of("parts", f"{p[0]:05d}.tar"),
+                             rows=plan.part_rows(p)[1] - plan.part_rows(p)[0], first_row=plan.part_rows(p)[0],
+                             records=rd.url_of("_final", f"{p[0]:05d}.parquet")) for p in parts]
+        clip = score_and_write(rd, executor, cfg.clip_settings(), spec, inputs, cfg.samples_per_shard, plan.n_rows,
+                               work="_clip", progress_every=every, weights=weights)
+        result = clip.result
+    else:
+        sources = [Source(rd.url_of("parts", f"{t:05d}.tar"), rd.url_of("_final", f"{t:05d}.parquet"), kept[t],
+                          rd.url_of("manifest", f"{t:05d}.parquet")) for t, *_ in parts]
+        writer = WriteShardsStep(sources, cfg.samples_per_shard, rd.url_of("shards"), SHARDS_PER_TASK)
+        written = run_step(rd, writer, executor, progress_every=every)
+        verify_earlier_shards(rd, writer, written, executor)
+        result = finish_shards(rd, written, plan.n_rows, writer.prefix[-1], cfg.samples_per_shard)
     if matcher is not None:
         from dedup.removal import merge_overlap
 
@@ -651,6 +680,9 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
         "cpu_seconds": {k: round(v, 3) for k, v in sorted(cpu.items())},
         "worker_peak_rss_mb": max(peak, default=None),
     }
+    if clip is not None:
+        stats["clip"] = {"keep": clip.keep, "model": clip.model, "histogram": clip.histogram}
+        result.clip = format_keep(clip.keep, clip.model)
     atomic_write_json(rd.fs, rd.path("stats.json"), stats)  # written last: the run is complete
     if not cfg.keep_parts:
         for sub in SCRATCH:
@@ -752,6 +784,8 @@ def print_summary(result: BuildResult) -> None:
         print(f"corpus written to {root}/shards: {result.shards} shards, {result.written} samples; this run: "
               f"{result.rows_this_run} rows in {fmt_duration(elapsed)} "
               f"({result.images_this_run / max(1e-9, elapsed):.1f} images/s)")
+    if result.clip:
+        print(f"CLIP-score filter: {result.clip}")
     top = result.reasons.most_common(10)
     if top:
         print("most common reasons a row was not written:")

@@ -224,6 +224,23 @@ class BuildConfig:
     """--eval: which matches remove a sample: image, text or both (templated captions: image only)."""
     overlap_min_caption_words: int = 0
     """--eval: captions with fewer words are never text-matched."""
+    # CLIP-score filter: scoring.job.ScoreSettings's fields, named for this job (a test keeps the defaults equal).
+    clip_filter: str | None = None
+    """Filter by CLIP score with this model (an open_clip name or NAME.json, as the trainer's --model)."""
+    clip_pretrained: str | None = None
+    """--clip-filter: the weights (a checkpoint file or URL, clipforge's trainer's included, or a cached open_clip tag)."""
+    clip_score_min: float | None = None
+    """--clip-filter: keep samples whose image-caption cosine is at least this (LAION: 0.28 to 0.3 with ViT-B/32)."""
+    clip_score_top_frac: float | None = None
+    """--clip-filter: keep this top fraction of the corpus by score (a global quantile; DataComp: 0.3)."""
+    score_bins: int = 2000
+    """--clip-filter: histogram bins over [-1, 1] for --clip-score-top-frac."""
+    clip_batch_size: int = 256
+    """--clip-filter: images and captions embedded together."""
+    clip_device: str = "auto"
+    """--clip-filter: auto (one GPU per actor when the cluster has GPUs, else CPU), cpu or cuda."""
+    clip_cpus_per_actor: int = 1
+    """--clip-filter: cores of each CPU actor."""
     progress_every: float = 5.0
     """Seconds between progress lines."""
     keep_parts: bool = False
@@ -290,6 +307,24 @@ class BuildConfig:
             self.fetch_config()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        clip_flags = [f"--{n.replace('_', '-')}" for n in ("clip_pretrained", "clip_score_min", "clip_score_top_frac")
+                      if getattr(self, n) is not None]
+        if self.clip_filter is None:
+            check(not clip_flags, f"{', '.join(clip_flags)}: only with --clip-filter MODEL")
+        else:
+            check(bool(self.clip_pretrained), "--clip-filter: give the weights with --clip-pretrained TAG|PATH")
+            self.clip_settings()  # validates (ScoreError is a ConfigError)
+
+    def clip_settings(self) -> Any:
+        """The --clip-* settings as scoring.job.ScoreSettings (None without --clip-filter)."""
+        if self.clip_filter is None:
+            return None
+        from scoring.job import ScoreSettings
+
+        return ScoreSettings(model=self.clip_filter, clip_pretrained=self.clip_pretrained or "",
+                             clip_score_min=self.clip_score_min, clip_score_top_frac=self.clip_score_top_frac,
+                             score_bins=self.score_bins, batch_size=self.clip_batch_size, device=self.clip_device,
+                             cpus_per_actor=self.clip_cpus_per_actor)
 
     def match_kwargs(self) -> dict[str, Any]:
         """The --eval overlap settings as dedup.matcher.MatchConfig's keyword arguments."""
@@ -312,9 +347,14 @@ class BuildConfig:
     # Settings that change what is written; a resume with any of them changed is refused.
     RUNTIME_ONLY: typing.ClassVar[frozenset[str]] = frozenset(
         {"threads", "tasks_per_cpu", "num_cpus", "ray_address", "executor", "progress_every", "out", "keep_parts",
-         "dedup_buckets"}
+         "dedup_buckets", "clip_batch_size", "clip_device", "clip_cpus_per_actor"}
     )
 
+    CLIP_FIELDS: typing.ClassVar[frozenset[str]] = frozenset(
+        {"clip_filter", "clip_pretrained", "clip_score_min", "clip_score_top_frac", "score_bins"})
+
     def output_settings(self) -> dict[str, Any]:
+        # Without --clip-filter its settings mean nothing (and a run recorded before they existed resumes).
+        skip = self.RUNTIME_ONLY | (self.CLIP_FIELDS if self.clip_filter is None else frozenset())
         return {k: (list(v) if isinstance(v, tuple) else v)
-                for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME_ONLY}
+                for k, v in dataclasses.asdict(self).items() if k not in skip}

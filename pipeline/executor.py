@@ -3,8 +3,10 @@
 `LocalExecutor` runs tasks in this process, one after the other (tests,
 debugging). `RayExecutor` runs each task as a Ray task, joining a cluster when
 an address is given (or RAY_ADDRESS is set, as `ray job submit` does) and
-starting a local Ray otherwise. This is the only pipeline module that imports
-ray. Task arguments travel through Ray, never through a file only the driver's
+starting a local Ray otherwise; the tasks of a step with `actors = True` (model
+inference) run instead on a pool of Ray actors, one GPU each when the cluster has
+GPUs, each loading its model once (`Step.setup`). This is the only pipeline module
+that imports ray. Task arguments travel through Ray, never through a file only the driver's
 disk holds (img2dataset's Ray distributor needs a shared filesystem for that).
 """
 
@@ -56,11 +58,14 @@ class LocalExecutor:
         """Run `step`'s tasks in this process, in order (pipeline.job.run_step calls this)."""
         from pipeline.job import run_task
 
+        # An actor step's worker state (a loaded model): set up once for all its tasks here.
+        state = step.setup(getattr(step, "device", "cpu"), local_threads(), shared) \
+            if getattr(step, "actors", False) else None
         failures = []
         for index, spec in tasks:
             for attempt in range(task_retries + 1):
                 try:
-                    on_result(index, run_task(step, index, spec, out, job, shared, report=on_report))
+                    on_result(index, run_task(step, index, spec, out, job, shared, report=on_report, state=state))
                     break
                 except Exception as exc:  # noqa: BLE001 - retried, then collected and raised below
                     if input_error(exc) is not None:
@@ -158,6 +163,10 @@ class RayExecutor:
         """
         import ray
 
+        if getattr(step, "actors", False):
+            self._run_actor_pool(step, tasks, out, job, shared, on_result, on_report, on_tick, tick_seconds,
+                                 task_retries)
+            return
         # Named after the step: `ps` on a worker shows ray::download, ray::write_shards, ...
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -218,6 +227,171 @@ class RayExecutor:
             first_index, first_exc = failures[0]
             raise TaskFailed(f"{step.name}: {len(failures)} task(s) failed, first: {first_index:05d}: "
                              f"{_first_line(first_exc)}; rerun the same command to resume")
+
+
+    def _run_actor_pool(self, step: Any, tasks: Sequence[tuple[int, Any]], out: str, job: str, shared: Any,
+                        on_result: Callable[[int, Any], None], on_report: Callable[[str, int, int, int], None],
+                        on_tick: Callable[[], None] | None, tick_seconds: float, task_retries: int) -> None:
+        """Run an actor step's tasks on a pool of Ray actors (see pipeline.job.Step.actors).
+
+        One GPU per actor when the cluster has GPUs (and the step does not ask for the CPU),
+        as many actors as GPUs; otherwise CPU actors of `step.num_cpus` cores each, as many as
+        the cluster's CPUs hold. Each actor calls `step.setup` once (a model load), then runs
+        tasks one after another; two are queued on each, so an actor never waits for the driver
+        between tasks. The job layer's rules hold as for Ray tasks: markers are written by the
+        task itself, bad input stops the job, a task that raises is retried `task_retries` times,
+        and the tasks of an actor that dies (a lost node, an out-of-memory kill) go to a new actor
+        up to `max_retries` times each.
+        """
+        import ray
+
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        want = getattr(step, "device", "cpu")
+        if want == "cuda" and gpus == 0:
+            raise ConfigError(f"{step.name}: --device cuda, but the Ray cluster has no GPU; use --device auto or cpu")
+        if gpus and want in ("auto", "cuda"):
+            # Decoding feeds the GPU: give each GPU actor a share of the CPUs (at most 8, at least 1).
+            actor_cpus = getattr(step, "gpu_actor_cpus", None) or max(1, min(8, cpus // gpus))
+            options: dict[str, Any] = {"num_gpus": 1, "num_cpus": actor_cpus}
+            n_actors, device = gpus, "cuda"
+        else:
+            actor_cpus = max(1, int(getattr(step, "num_cpus", 1)))
+            if actor_cpus > cpus:
+                # No node could ever hold one: the actors would wait for resources forever.
+                raise ConfigError(f"{step.name}: actors of {actor_cpus} CPUs, but the Ray cluster has {cpus}; "
+                                  "lower --cpus-per-actor")
+            options = {"num_cpus": actor_cpus}
+            n_actors, device = max(1, cpus // actor_cpus), "cpu"
+        n_actors = max(1, min(n_actors, len(tasks), getattr(step, "max_actors", None) or n_actors))
+        log.info("%s: %d %s actor(s) of %d CPU(s)%s", step.name, n_actors, device, actor_cpus,
+                 " and 1 GPU" if device == "cuda" else "")
+        options.update(scheduling_strategy="SPREAD", max_restarts=0)  # a dead actor is replaced here
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        on_driver_node = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        sink = _progress_sink().options(scheduling_strategy=on_driver_node).remote()
+        actor_cls = ray.remote(_StepActor).options(**options)
+        step_ref = ray.put(step)
+        shared_ref = shared if isinstance(shared, ray.ObjectRef) or shared is None else ray.put(shared)
+
+        class Slot:
+            def __init__(self) -> None:
+                self.actor = actor_cls.remote(step_ref, device, actor_cpus)
+                self.queued = 0
+                self.generation = 0
+
+            def replace(self) -> None:
+                try:
+                    ray.kill(self.actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+                self.actor = actor_cls.remote(step_ref, device, actor_cpus)
+                self.queued = 0
+                self.generation += 1
+
+        slots = [Slot() for _ in range(n_actors)]
+        pending = list(tasks)[::-1]
+        inflight: dict[Any, tuple[int, int, int, Any]] = {}  # ref -> (slot, generation, index, spec)
+        failed_runs: dict[int, int] = {}
+        lost_runs: dict[int, int] = {}
+        replacements = 0
+        failures: list[tuple[int, BaseException]] = []
+        try:
+            while pending or inflight:
+                for i, slot in enumerate(slots):
+                    while pending and slot.queued < 2:
+                        index, spec = pending.pop()
+                        ref = slot.actor.run.remote(index, spec, out, job, shared_ref, sink)
+                        inflight[ref] = (i, slot.generation, index, spec)
+                        slot.queued += 1
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=tick_seconds)
+                for ref in ready:
+                    i, generation, index, spec = inflight.pop(ref)
+                    slot = slots[i]
+                    if generation == slot.generation:
+                        slot.queued -= 1
+                    try:
+                        summary = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - sorted below: bad input, a lost actor, a task error
+                        bad_input = input_error(exc)
+                        if bad_input is not None:
+                            raise type(bad_input)(*bad_input.args) from None
+                        if isinstance(exc, ray.exceptions.RayActorError):
+                            if generation == slot.generation:
+                                replacements += 1
+                                if replacements > n_actors * (self.max_retries + 1):
+                                    raise TaskFailed(f"{step.name}: its actors keep dying ({replacements} replaced), "
+                                                     f"last: {_first_line(exc)}; rerun the same command to resume") \
+                                        from None
+                                log.error("%s: an actor died (%s); starting another", step.name, _first_line(exc))
+                                slot.replace()
+                            lost_runs[index] = lost_runs.get(index, 0) + 1
+                            retry = lost_runs[index] <= self.max_retries
+                        else:
+                            failed_runs[index] = failed_runs.get(index, 0) + 1
+                            log.error("%s task %05d failed (attempt %d): %s", step.name, index, failed_runs[index],
+                                      _first_line(exc))
+                            retry = failed_runs[index] <= task_retries
+                        if retry:
+                            pending.append((index, spec))
+                        else:
+                            failures.append((index, exc))
+                        continue
+                    on_result(index, summary)
+                for update in ray.get(sink.drain.remote()):
+                    on_report(*update)
+                if on_tick:
+                    on_tick()
+        finally:
+            for slot in slots:
+                try:
+                    ray.kill(slot.actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+            ray.kill(sink)
+        if failures:
+            first_index, first_exc = failures[0]
+            raise TaskFailed(f"{step.name}: {len(failures)} task(s) failed, first: {first_index:05d}: "
+                             f"{_first_line(first_exc)}; rerun the same command to resume")
+
+
+def local_threads() -> int:
+    """CPU threads a step's setup may use in this process: the cores it may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _StepActor:
+    """A Ray actor that holds one step's worker state (`step.setup`, done at its first task) and runs
+    tasks of that step (pipeline.job.run_task) with it."""
+
+    def __init__(self, step: Any, device: str, cpus: int):
+        self.step, self.device, self.cpus = step, device, cpus
+        self.state: Any = None
+        self.ready = False
+
+    def run(self, index: int, spec: Any, out: str, job: str, shared: Any, sink: Any) -> dict[str, Any]:
+        import ray
+
+        from pipeline.job import quiet_storage_loggers, run_task
+
+        if not self.ready:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                datefmt="%H:%M:%S")
+            quiet_storage_loggers()
+            # Set up in a call, not in __init__: an error there reaches the driver as this task's error
+            # (bad input stops the job with its one line), not as a dead actor.
+            self.state = self.step.setup(self.device, self.cpus, shared)
+            self.ready = True
+
+        def report(step_name: str, i: int, rows: int, ok: int) -> None:
+            sink.report.remote(step_name, i, rows, ok)  # fire and forget
+
+        return run_task(self.step, index, spec, out, job, shared, report=report,
+                        node=lambda: ray.get_runtime_context().get_node_id(), state=self.state)
 
 
 def make_executor(kind: str, address: str | None = None, num_cpus: int | None = None) -> LocalExecutor | RayExecutor:

@@ -56,6 +56,8 @@ class TaskContext:
     index: int
     report: Callable[[str, int, int, int], None] | None = None
     """(step, task index, rows done, ok) -> None; set by the executor."""
+    state: Any = None
+    """What `Step.setup` returned in this worker (a loaded model), or None."""
     _last: float = 0.0
     _rd: RunDir | None = field(default=None, repr=False)
 
@@ -93,6 +95,20 @@ class Step:
         """Worker side: do one task, write its outputs atomically, return a small JSON-able summary."""
         raise NotImplementedError
 
+    actors = False
+    """True: the step's tasks run in a pool of long-lived workers (Ray actors), each calling `setup`
+    once and then running many tasks with what it returned (`ctx.state`): a model is loaded once
+    per worker, not once per task."""
+    device = "cpu"
+    """With `actors`: "auto" (one GPU per actor when the cluster has GPUs, else CPU actors), "cuda"
+    (GPU actors, an error without GPUs) or "cpu"."""
+
+    def setup(self, device: str, cpus: int, shared: Any = None) -> Any:
+        """Worker side, once per worker of an actor step: what every task of it needs (a loaded
+        model), placed on `device` ("cpu", "cuda" or "auto"), using `cpus` threads, from the
+        step's `shared` object (weights the driver read); handed to `run` as `ctx.state`."""
+        return None
+
 
 def marker_path(rd: RunDir, step: str, index: int) -> str:
     return rd.path(STEPS_DIR, step, f"{index:05d}.json")
@@ -100,9 +116,9 @@ def marker_path(rd: RunDir, step: str, index: int) -> str:
 
 def run_task(step: Step, index: int, spec: Any, out: str, job: str, shared: Any = None,
              report: Callable[[str, int, int, int], None] | None = None,
-             node: Callable[[], str] | None = None) -> dict[str, Any]:
-    """Run one task and write its marker last (also what a Ray task runs)."""
-    ctx = TaskContext(out, job, step.name, index, report)
+             node: Callable[[], str] | None = None, state: Any = None) -> dict[str, Any]:
+    """Run one task and write its marker last (also what a Ray task or actor runs)."""
+    ctx = TaskContext(out, job, step.name, index, report, state)
     t0 = time.monotonic()
     summary = step.run(ctx, spec, shared)
     summary = {**summary, "task": index, "seconds": round(time.monotonic() - t0, 3)}

@@ -332,9 +332,12 @@ def plan_shard_tasks(sources: list[Source], samples_per_shard: int,
 
 def write_shard_range(fs: fsspec.AbstractFileSystem, sources: list[Source], prefix: list[int], spec: tuple,
                       samples_per_shard: int, shards_dir: str, source_name: Any = None,
-                      on_sample: Any = None) -> dict[str, Any]:
+                      on_sample: Any = None, edit: Any = None, schema: pa.Schema = MANIFEST_SCHEMA) -> dict[str, Any]:
     """One task of the shard writer: shards [first, end) from the sources that hold them, each
-    written atomically and read back; then the manifests of the sources it owns."""
+    written atomically and read back; then the manifests of the sources it owns.
+
+    `edit(source index, key, members) -> members`: what a job adds to each kept sample on its way
+    (a score in its json); `schema`: the manifests' columns (MANIFEST_SCHEMA, or it with a job's own added)."""
     import pyarrow.parquet as pq
 
     first, end, reads, owned = spec
@@ -372,10 +375,12 @@ def write_shard_range(fs: fsspec.AbstractFileSystem, sources: list[Source], pref
         if wanted:
             want = iter(wanted)
             nxt = next(want)
-            for key, members in read_tar(fs, src.tar):
+            # The input may live on another store than the output (a corpus on s3, --out local).
+            tar_fs, tar_path = get_fs(src.tar) if "://" in src.tar else (fs, src.tar)
+            for key, members in read_tar(tar_fs, tar_path):
                 if key != nxt:
                     continue
-                buffer.append((key, members))
+                buffer.append((key, edit(j, key, members) if edit is not None else members))
                 got += 1
                 if on_sample is not None:
                     on_sample()
@@ -396,7 +401,7 @@ def write_shard_range(fs: fsspec.AbstractFileSystem, sources: list[Source], pref
     for j in owned:
         src = sources[j]
         with fs.open(src.records, "rb") as f:
-            t = pq.read_table(f).cast(MANIFEST_SCHEMA)
+            t = pq.read_table(f).cast(schema)
         status = t.column("status").to_pylist()
         written = np.array([st == WRITTEN_STATUS for st in status], dtype=bool)
         pos = prefix[j] + np.cumsum(written) - 1
