@@ -398,7 +398,7 @@ class OverlapMatcher:
                          max_displaced=c.image_max_displaced)
 
     def _match_images(self, feats: Sequence[im.ImageFeatures | None], extra_sha: Sequence[Sequence[str]],
-                      out: list[list[Match]], max_hints: int = 3) -> None:
+                      out: list[list[Match]], max_hints: int = 5) -> None:
         rows = [i for i, f in enumerate(feats) if f is not None]
         for s in self.sets:
             ii = s.images
@@ -418,7 +418,9 @@ class OverlapMatcher:
             c = image_candidates_of(s, [feats[i] for i in rows], self.cfg)
             limits = self.limits()
             items = ii.view_item[ii.variant_view[c.variant]]
-            # Closest first; per (training image, eval item) the precise check tries `max_hints` alignments.
+            # Closest first; per (training image, eval item) the precise check tries `max_hints` alignments
+            # (five: with crop boxes every 4%, the three closest can be neighbouring boxes of one wrong
+            # alignment, and an overlaid drawing was missed that way).
             order = np.lexsort((c.region, c.distance, items, c.query))
             tried: dict[tuple[int, int], int] = {}
             for k in order.tolist():
