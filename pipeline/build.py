@@ -627,6 +627,7 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
         raise AccountingError(f"{rd.url_of('_steps', 'settle')}: kept counts for {len(kept)} parts, "
                               f"{len(parts)} planned")
     clip = None
+    written: list[dict[str, Any]] = []  # WriteShardsStep's summaries (--clip-filter writes through its own steps)
     if spec is not None:
         # --clip-filter: score the parts' kept samples, keep by the rules, write the shards with their
         # scores and the embeddings beside them (scoring.job's steps; rows already decided keep their fate).
