@@ -43,6 +43,16 @@ def input_error(exc: BaseException) -> Exception | None:
     return cause if isinstance(cause, (ConfigError, AccountingError)) else None
 
 
+def _drain(sink: Any, step: str, on_report: Callable[..., None]) -> None:
+    """Hand the job's progress sink's reports of `step` to `on_report`; one sink serves every step of a
+    job, so a late report of an earlier step's task is dropped (task and actor loops alike)."""
+    import ray
+
+    for update in ray.get(sink.drain.remote()):
+        if update[0] == step:
+            on_report(*update)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[-1][:300] if text else type(exc).__name__
@@ -218,9 +228,7 @@ class RayExecutor:
                         failures.append((index, exc))
                     continue
                 on_result(index, summary)
-            for update in ray.get(sink.drain.remote()):
-                if update[0] == step.name:  # a late report of an earlier step's task is dropped
-                    on_report(*update)
+            _drain(sink, step.name, on_report)
             if on_tick:
                 on_tick()
         if failures:
@@ -339,8 +347,7 @@ class RayExecutor:
                             failures.append((index, exc))
                         continue
                     on_result(index, summary)
-                for update in ray.get(sink.drain.remote()):
-                    on_report(*update)
+                _drain(sink, step.name, on_report)
                 if on_tick:
                     on_tick()
         finally:
