@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -48,8 +49,9 @@ import pyarrow.parquet as pq
 
 from dedup.audit import _decode_json, read_corpus, read_input_shard
 from pipeline.build import WriteShardsStep
+from pipeline.config import ConfigError
 from pipeline.job import AccountingError, Step, TaskContext, run_step
-from pipeline.rundir import RunDir
+from pipeline.rundir import RUN_FILE, RunDir
 from pipeline.sample import DROPPED, FAILED, WRITTEN
 from pipeline.shards import (
     IMAGE_EXTS,
@@ -209,9 +211,36 @@ def write_embeddings(fs: Any, path: str, arr: np.ndarray) -> None:
 
 
 def read_embeddings(fs: Any, path: str) -> np.ndarray:
-    """One embeddings file (see the module docstring): a structured array with key, image, text."""
+    """One embeddings file (see the module docstring): a structured array with key, image, text;
+    AccountingError naming the file if it is not one (a damaged output, exit 1)."""
     with fs.open(path, "rb") as f:
-        return np.load(f, allow_pickle=False)
+        try:
+            arr = np.load(f, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:
+            raise AccountingError(f"{path}: not an embeddings file ({' '.join(str(exc).split())[:120]})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.names is None or \
+            not {"key", "image", "text"} <= set(arr.dtype.names):
+        raise AccountingError(f"{path}: not an embeddings file (no key, image and text fields)")
+    return arr
+
+
+def _read_work(rd: RunDir, path: str, read: Any) -> Any:
+    """read(path) of a scratch file an earlier step finished: a damaged one (a disk fault, a hand edit) is
+    said in one line with the way out, not retried (a rerun would trust the same finished marker)."""
+    try:
+        return read(path)
+    except AccountingError as exc:
+        raise AccountingError(f"{' '.join(str(exc).split())[:200]}; a scratch file of this run is damaged: delete "
+                              f"{rd.url_of('_steps')} and rerun to redo the scoring steps") from None
+
+
+def _read_parquet(fs: Any, path: str, columns: list[str] | None = None) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        try:
+            t = pq.read_table(f, columns=columns)
+            return t if columns else t.cast(SCORE_SCHEMA)
+        except (pa.ArrowException, ValueError) as exc:  # ArrowInvalid is both
+            raise AccountingError(f"{path}: not a scores file ({' '.join(str(exc).split())[:120]})") from None
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
@@ -290,12 +319,19 @@ class EmbedStep(Step):
                 finish(*waiting.pop(0))
 
         seen = 0
+        keys_seen: set[str] = set()
         for key, members in read_input_shard(*get_fs(inp.tar)):
             if by_key is None:
                 rec: dict[str, Any] = {"row": inp.first_row + len(records), "key": key, "url": None,
                                        "status": WRITTEN, "reason": None, "error": None, "shard": None,
                                        "sha256": None, "source": inp.tar.rsplit("/", 1)[-1], "clip_score": None}
                 records.append(rec)
+                if key in keys_seen:
+                    # The shard writer and the embeddings find a sample by its key in its shard: a second sample
+                    # of one key would be written with the first one's score and embeddings. The first stays.
+                    rec.update(status=FAILED, reason="duplicate_key")
+                    continue
+                keys_seen.add(key)
             elif key in by_key:
                 rec = by_key[key]
                 seen += 1
@@ -376,8 +412,7 @@ class SettleStep(Step):
         kept: dict[str, int] = {}
         for i in group:
             stem = self.stems[i]
-            with rd.fs.open(rd.path(self.work, f"{stem}.scores.parquet"), "rb") as f:
-                t = pq.read_table(f).cast(SCORE_SCHEMA)
+            t = _read_work(rd, rd.path(self.work, f"{stem}.scores.parquet"), lambda p: _read_parquet(rd.fs, p))
             status = np.array(t.column("status").to_pylist(), dtype=object)
             reason = np.array(t.column("reason").to_pylist(), dtype=object)
             scores = t.column("clip_score").to_numpy(zero_copy_only=False)
@@ -417,12 +452,11 @@ class ScoreShardsStep(WriteShardsStep):
         rows: dict[int, dict[str, int]] = {}
         tables: dict[int, np.ndarray] = {}
         for j in reads:
-            with fs.open(self.sources[j].records, "rb") as f:
-                t = pq.read_table(f, columns=["key", "status", "clip_score"])
+            t = _read_work(ctx.rd, self.sources[j].records, lambda p: _read_parquet(fs, p, ["key", "status", "clip_score"]))
             scores[j] = {key: s for key, st, s in zip(*(t.column(c).to_pylist() for c in ("key", "status",
                                                                                       "clip_score")), strict=True)
                          if st == WRITTEN}
-            tables[j] = read_embeddings(fs, self.work[j])
+            tables[j] = _read_work(ctx.rd, self.work[j], lambda p: read_embeddings(fs, p))
             rows[j] = {k: n for n, k in enumerate(tables[j]["key"].tolist())}
         order: list[tuple[int, str]] = []
 
@@ -573,43 +607,84 @@ def run_score(cfg: ScoreConfig, executor: Any = None) -> dict[str, Any]:
 
     executor = executor or LocalExecutor()
     rd = RunDir(cfg.out, JOB)
-    rd.check_ours()  # before anything else: a foreign folder gets nothing written
+    existed = rd.fs.exists(rd.root)
+    new = rd.check_ours() is None  # before anything else: a foreign folder gets nothing written
     corpus = read_corpus(cfg.corpus, cfg.out, rd)
     spec, weights = resolve_weights(cfg.model, cfg.clip_pretrained)
     stems = [s.rsplit(".", 1)[0] for s in corpus.shards]
-    samples_per_shard = cfg.samples_per_shard or max(corpus.sizes[corpus.shards[0]] if corpus.shards else 1, 1)
+    # The input's shard size is its largest shard's: the first one may be empty or short (a failed download).
+    samples_per_shard = cfg.samples_per_shard or max([1, *corpus.sizes.values()])
     settings = {**corpus.settings(), "model": spec.record(), "keep": cfg.keep_rules(),
                 "samples_per_shard": samples_per_shard}
-    own = own_names(stems)
     inputs, row = [], 0
     for shard, stem in zip(corpus.shards, stems, strict=True):
-        inputs.append(ScoreInput(stem=stem, tar=corpus.url(shard), rows=corpus.sizes[shard], first_row=row))
+        inputs.append(ScoreInput(stem=stem, tar=_tar_url(corpus.url(shard), rd), rows=corpus.sizes[shard],
+                                 first_row=row))
         row += corpus.sizes[shard]
-    with rd.lock():
-        done = _finished(rd)
-        rd.claim(settings, own)
-        if done is not None:
-            for sub in SCRATCH:
-                rd.remove_own_files(sub, own[sub])
-            log.info("%s holds a finished scoring of this corpus with this model and rules: nothing to do",
-                     rd.url_of())
-            return {**done, "already_complete": True}
+    try:
+        with rd.lock():
+            return _run_locked(cfg, rd, executor, corpus, spec, weights, stems, samples_per_shard, settings, inputs,
+                               row, new)
+    finally:
+        if new and not existed and _is_local(rd.fs):
+            try:
+                os.rmdir(rd.root)  # a bad input left the new folder empty (see _run_locked): it goes too
+            except OSError:
+                pass  # it holds the output
+
+
+def _tar_url(url: str, rd: RunDir) -> str:
+    """An input shard as the shard writer opens it: a path without a scheme is read from --out's store, so a
+    local corpus scored into object storage is named by an absolute file:// URL."""
+    if "://" in url or _is_local(rd.fs):
+        return url
+    return f"file://{os.path.abspath(url)}"
+
+
+def _is_local(fs: Any) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def _run_locked(cfg: ScoreConfig, rd: RunDir, executor: Any, corpus: Any, spec: ModelSpec, weights: dict[str, Any],
+                stems: list[str], samples_per_shard: int, settings: dict[str, Any], inputs: list[ScoreInput],
+                row: int, new: bool) -> dict[str, Any]:
+    """run_score's part under the folder's lock. `new`: the folder held nothing of an earlier run."""
+    own = own_names(stems)
+    done = _finished(rd)
+    rd.claim(settings, own)
+    if done is not None:
+        for sub in SCRATCH:
+            rd.remove_own_files(sub, own[sub])
+        log.info("%s holds a finished scoring of this corpus with this model and rules: nothing to do",
+                 rd.url_of())
+        return {**done, "already_complete": True}
+    try:
         scored = score_and_write(rd, executor, cfg, spec, inputs, samples_per_shard, row, weights=weights)
-        result = scored.result
-        summary = {
-            "corpus": {"input": cfg.corpus, "rows": result.rows_in, WRITTEN: result.written,
-                       DROPPED: result.dropped, FAILED: result.failed, "input_shards": len(corpus.shards),
-                       "shards": result.shards},
-            "reasons": dict(result.reasons.most_common()),
-            "model": scored.model,
-            "keep": scored.keep,
-            "histogram": scored.histogram,
-        }
-        atomic_write_json(rd.fs, rd.path("score", "summary.json"), summary)  # last: the run is complete
-        if not cfg.keep_work:
-            for sub in SCRATCH:
-                rd.remove_own_files(sub, own[sub])
-        return summary
+    except ConfigError:
+        if new:
+            # Bad input found by a task (a damaged input shard): like bad input found on the driver, it leaves
+            # nothing behind, so the rerun after the corpus is repaired is no rerun "with other input".
+            for sub, pattern in own.items():
+                rd.remove_own_files(sub, pattern)
+            rd.fs.rm(rd.path(RUN_FILE))
+        raise
+    result = scored.result
+    summary = {
+        "corpus": {"input": cfg.corpus, "rows": result.rows_in, WRITTEN: result.written,
+                   DROPPED: result.dropped, FAILED: result.failed, "input_shards": len(corpus.shards),
+                   "shards": result.shards},
+        "reasons": dict(result.reasons.most_common()),
+        "model": scored.model,
+        "keep": scored.keep,
+        "histogram": scored.histogram,
+    }
+    atomic_write_json(rd.fs, rd.path("score", "summary.json"), summary)  # last: the run is complete
+    if not cfg.keep_work:
+        for sub in SCRATCH:
+            rd.remove_own_files(sub, own[sub])
+    return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:

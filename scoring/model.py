@@ -153,7 +153,10 @@ def resolve_weights(model: str, pretrained: str) -> tuple[ModelSpec, dict[str, A
             raise ScoreError(f"{pretrained}: --clip-pretrained: cannot reach it ({type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:160]})") from None
         if not found:
-            raise ScoreError(f"{pretrained}: --clip-pretrained checkpoint not found")
+            # A folder is the likeliest slip (RUN/checkpoints rather than a file in it): say so, not "not found".
+            what = "is a folder, not a checkpoint file (give a file in it, e.g. step_00001000.pt)" if loc.is_dir() \
+                else "checkpoint not found"
+            raise ScoreError(f"{pretrained}: --clip-pretrained {what}")
         checkpoint = pretrained
     else:
         if not open_clip.get_pretrained_cfg(name, pretrained):
@@ -200,6 +203,12 @@ def read_state_dict(spec: ModelSpec) -> dict[str, Any]:
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ScoreError(f"{spec.pretrained}: not a model checkpoint (expected a state_dict of tensors, as "
                          "clipforge's trainer and OpenCLIP write)")
+    # A diverged run's checkpoint loads and runs, but every score is NaN: refused here, before anything is
+    # written, rather than found by the histogram (a NaN has no bin) after the whole corpus was embedded.
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ScoreError(f"{spec.pretrained}: weight {bad} holds NaN or infinite values (a diverged training run?); "
+                         "score with an earlier checkpoint of that run")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
