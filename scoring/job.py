@@ -303,6 +303,12 @@ class EmbedStep(Step):
             if good:
                 img, txt = emb.embed([g[2] for g in good], [g[1] for g in good])
                 scores = np.einsum("ij,ij->i", img, txt).astype(np.float32)
+                if not np.isfinite(scores).all():
+                    # Finite weights whose activations overflow (or fp16 on a GPU without bf16): the model, not
+                    # the sample, is at fault, and a NaN has no histogram bin.
+                    bad = good[int(np.flatnonzero(~np.isfinite(scores))[0])][0]["key"]
+                    raise ScoreError(f"{self.spec.pretrained}: the model gives a non-finite score (sample {bad} of "
+                                     f"{inp.tar}); check the checkpoint, or score on another --device")
                 for (rec, _, _), s in zip(good, scores, strict=True):
                     rec["clip_score"] = float(s)
                     keys.append(rec["key"])
@@ -531,6 +537,26 @@ def _finished(rd: RunDir) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) and isinstance(summary.get("corpus"), dict) else None
 
 
+def _check_finished(rd: RunDir, summary: dict[str, Any]) -> None:
+    """A finished run's folder still holds the shards and embeddings its summary counts (by name and
+    sizes.json: O(shards) on the driver); AccountingError (exit 1) naming what is missing otherwise."""
+    fix = f"delete {rd.url_of('score', 'summary.json')} and rerun the same command to write the output again"
+    try:
+        with rd.fs.open(rd.path("shards", SIZES_FILE), "rb") as f:
+            sizes = json.load(f)
+        total = sum(int(v) for v in sizes.values())
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, TypeError):
+        raise AccountingError(f"{rd.url_of('shards', SIZES_FILE)}: missing or unreadable in a finished run; "
+                              f"{fix}") from None
+    tars = sorted(n for n in rd.names("shards") if re.fullmatch(r"\d{5,}\.tar", n))
+    npys = sorted(n for n in rd.names("embeddings") if EMBEDDINGS_NAMES.fullmatch(n))
+    want = sorted(sizes)
+    missing = sorted({*want, *(n[: -len(".tar")] + ".npy" for n in want), "model.json"} - {*tars, *npys})
+    if missing or tars != want or total != summary["corpus"].get(WRITTEN):
+        what = f"{', '.join(missing[:3])} missing" if missing else "its shards do not match sizes.json and the summary"
+        raise AccountingError(f"{rd.url_of()}: a finished scoring, but {what}; {fix}")
+
+
 @dataclass
 class Scored:
     """What score_and_write returns: the shards' accounting and what the keep rules did."""
@@ -655,6 +681,7 @@ def _run_locked(cfg: ScoreConfig, rd: RunDir, executor: Any, corpus: Any, spec: 
     done = _finished(rd)
     rd.claim(settings, own)
     if done is not None:
+        _check_finished(rd, done)
         for sub in SCRATCH:
             rd.remove_own_files(sub, own[sub])
         log.info("%s holds a finished scoring of this corpus with this model and rules: nothing to do",

@@ -106,6 +106,21 @@ def test_a_diverged_checkpoint_is_refused_before_anything_is_written(ckpt, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_that_overflows_is_bad_input_and_leaves_nothing(ckpt, tmp_path, capsys):
+    # Finite weights, infinite activations: the same NaN scores, found while embedding.
+    import torch
+
+    bad = tmp_path / "overflows.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["state_dict"]["visual.proj"].fill_(3e38)
+    torch.save(state, bad)
+    corpus = simple_corpus(tmp_path / "c", 4, 2)
+    assert run(corpus, tmp_path / "out", bad) == 2
+    err = one_error(capsys)
+    assert f"{bad}: the model gives a non-finite score (sample 000000000 of {corpus / 'shards' / '00000.tar'})" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_garbage_checkpoints_are_refused_in_one_line_and_nothing_runs(ckpt, tmp_path, capsys):
     class Evil:
         def __reduce__(self):
@@ -252,6 +267,24 @@ def test_a_local_corpus_scored_into_object_storage(ckpt, tmp_path, s3, capsys):
 
 
 # -- the output ------------------------------------------------------------------------------------------
+
+
+def test_a_finished_output_missing_a_shard_is_exit_1_and_the_way_out_works(ckpt, tmp_path, capsys):
+    # A rerun said "complete; nothing to do" (exit 0) over a folder that had lost a shard or its embeddings.
+    corpus = simple_corpus(tmp_path / "c", 6, 2)
+    out = tmp_path / "out"
+    assert run(corpus, out, ckpt) == 0
+    ref = tree(out)
+    for lost in ("shards/00001.tar", "embeddings/00002.npy"):
+        (out / lost).unlink()
+        capsys.readouterr()
+        assert run(corpus, out, ckpt) == 1
+        err = one_error(capsys)
+        assert f"{out}: a finished scoring, but {Path(lost).name} missing; delete {out / 'score' / 'summary.json'}" \
+            in err, err
+        (out / "score" / "summary.json").unlink()
+        assert run(corpus, out, ckpt) == 0
+        assert tree(out) == ref
 
 
 @pytest.mark.parametrize("scratch", ["00001.npy", "00001.scores.parquet"])
