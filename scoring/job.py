@@ -6,7 +6,8 @@ Steps of the one job layer (pipeline.job), as the audit's (dedup/audit.py):
    pipeline.executor): decode the images in the worker, embed images and captions in batches,
    `clip_score` = cosine of the two L2-normalised embeddings. Writes `_work/STEM.scores.parquet`
    (every sample with its status and score: failed ones with `missing_image`, `missing_txt`,
-   `undecodable_image` or `unreadable_json`) and `_work/STEM.npy` (the embeddings of the scored
+   `undecodable_image`, `unreadable_json`, `duplicate_key` (the key's second sample in a
+   shard) or `bad_key` (one the shard writer cannot write)) and `_work/STEM.npy` (the embeddings of the scored
    samples); returns a histogram of its scores (sparse, `--score-bins` bins over [-1, 1]).
 2. The driver merges the histograms (O(tasks x bins) numbers, never a score per sample) and, with
    `--clip-score-top-frac F`, takes the threshold bin: the highest bin k such that the samples in
@@ -55,6 +56,7 @@ from pipeline.rundir import RUN_FILE, RunDir
 from pipeline.sample import DROPPED, FAILED, WRITTEN
 from pipeline.shards import (
     IMAGE_EXTS,
+    KEY_RE,
     MANIFEST_SCHEMA,
     SIZES_FILE,
     ShardError,
@@ -336,6 +338,11 @@ class EmbedStep(Step):
                     # The shard writer and the embeddings find a sample by its key in its shard: a second sample
                     # of one key would be written with the first one's score and embeddings. The first stays.
                     rec.update(status=FAILED, reason="duplicate_key")
+                    continue
+                if not KEY_RE.match(key):
+                    # A key the shard writer refuses (webdataset's own rules are looser): failed here, not by
+                    # the writer after the whole corpus was embedded, where no rerun could get past it.
+                    rec.update(status=FAILED, reason="bad_key")
                     continue
                 keys_seen.add(key)
             elif key in by_key:

@@ -228,6 +228,28 @@ def test_bad_samples_are_counted_under_their_reasons_and_a_repeated_key_keeps_th
     np.testing.assert_allclose(stored["text"][0].astype(np.float32), txt[0], atol=2e-3)
 
 
+def test_a_key_the_shard_writer_refuses_fails_that_sample_not_the_job(ckpt, tmp_path, capsys):
+    # webdataset takes any key without a dot; the shard writer does not. The writer failed the whole job after
+    # every sample was embedded, and each rerun met the same key again.
+    import tarfile
+
+    rng = random.Random(3)
+    (tmp_path / "c" / "shards").mkdir(parents=True)
+    with tarfile.open(tmp_path / "c" / "shards" / "00000.tar", "w") as tar:
+        for key in ("good-1", "a b", "über", "good_2"):
+            for ext, data in sample(0, rng)[1].items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "c" / "shards" / "sizes.json").write_text('{"00000.tar": 4}')
+    out = tmp_path / "out"
+    assert run(tmp_path / "c", out, ckpt) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "rows in 4 = written 2 + dropped 0 + failed 2"
+    assert [(r["key"], r["reason"]) for r in manifest(out)] == [("good-1", None), ("a b", "bad_key"),
+                                                                 ("über", "bad_key"), ("good_2", None)]
+    assert np.load(out / "embeddings" / "00000.npy")["key"].tolist() == ["good-1", "good_2"]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "sizes"])
 def test_a_damaged_input_shard_is_exit_2_leaves_nothing_and_the_repaired_corpus_then_runs(ckpt, tmp_path, capsys,
                                                                                        damage):
