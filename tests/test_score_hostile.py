@@ -121,6 +121,38 @@ def test_a_model_that_overflows_is_bad_input_and_leaves_nothing(ckpt, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_replaced_while_it_is_read_is_refused(ckpt, tmp_path, capsys, monkeypatch):
+    # The hash was taken in one read and the weights in another: a trainer replacing latest.pt in between
+    # made model.json record one file's sha256 beside another file's scores.
+    import hashlib
+
+    import torch
+
+    import scoring.model
+
+    latest, newer = tmp_path / "latest.pt", tmp_path / "newer.pt"
+    latest.write_bytes(ckpt.read_bytes())
+    torch.save({**torch.load(ckpt, weights_only=True), "epoch": 2}, newer)
+
+    class ReplacedAfterHashing:
+        def __init__(self):
+            self.h = hashlib.sha256()
+
+        def update(self, data):
+            self.h.update(data)
+
+        def hexdigest(self):
+            if newer.exists():
+                os.replace(newer, latest)  # what the trainer's atomic save does
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(scoring.model, "hashlib", type("H", (), {"sha256": ReplacedAfterHashing}))
+    corpus = simple_corpus(tmp_path / "c", 2, 2)
+    assert run(corpus, tmp_path / "out", latest) == 2
+    assert f"{latest}: the file changed while it was read" in one_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_garbage_checkpoints_are_refused_in_one_line_and_nothing_runs(ckpt, tmp_path, capsys):
     class Evil:
         def __reduce__(self):
