@@ -213,17 +213,17 @@ class BuildConfig:
     # (dedup.matcher.MatchConfig; a test keeps the defaults equal), named for this job,
     # where --min-caption-words already means the caption filter.
     text_threshold: float = 0.8
-    """--eval: minimum exact Jaccard of caption shingles for a text match."""
+    """--eval and --dedup-within: minimum exact Jaccard of caption shingles for a text match."""
     ngram: int = 3
-    """--eval: words per caption shingle."""
+    """--eval and --dedup-within: words per caption shingle."""
     image_max_distance: int = 10
-    """--eval: perceptual-hash candidate distance in bits of 64."""
+    """--eval and --dedup-within: perceptual-hash candidate distance in bits of 64."""
     image_min_similarity: float = 0.96
-    """--eval: thumbnail correlation a candidate image needs to count as the same image."""
+    """--eval and --dedup-within: thumbnail correlation a candidate image needs to count as the same image."""
     overlap_kinds: tuple[str, ...] = ("image", "text")
     """--eval: which matches remove a sample: image, text or both (templated captions: image only)."""
     overlap_min_caption_words: int = 0
-    """--eval: captions with fewer words are never text-matched."""
+    """--eval and --dedup-within: captions with fewer words are never text-matched."""
     dedup_within: tuple[str, ...] = ()
     """Remove near-duplicates within the corpus: text (captions), image or both, by the --eval settings above; the lowest row of each cluster stays."""
     # CLIP-score filter: scoring.job.ScoreSettings's fields, named for this job (a test keeps the defaults equal).

@@ -239,3 +239,32 @@ def test_image_bands_put_every_pair_within_the_distance_in_one_band():
 
     one_per_band = np.uint64(sum(1 << s for s, _ in image_band_bounds(10)))
     assert not (image_bands(h, 10) == image_bands(h ^ one_per_band, 10)).any()
+
+
+def test_many_copies_cost_checks_linear_in_the_copies(monkeypatch):
+    """k copies of one caption or image: k - 1 edges from O(k) verifications, not k^2 / 2."""
+    import dedup.image as im
+    import dedup.text as text
+    from pipeline.config import BuildConfig
+    from pipeline.near_dedup import band_keys, clusters, compute_features, image_candidates, text_edges, verify_images
+
+    k = 40
+    body = encode(make_image("circle", "red", (128, 128), random.Random(1)), "jpg")
+    feats = compute_features(list(range(k)), ["the same caption of a few words"] * k, [body] * k, True)
+    settings = BuildConfig(urls="x", out="y", dedup_within=("text", "image")).near_settings()
+    keys = band_keys(feats, settings, 1)
+    calls = Counter()
+    real_jaccard, real_verify = text.jaccard, im.verify
+    monkeypatch.setattr(text, "jaccard", lambda a, b: calls.update(["jaccard"]) or real_jaccard(a, b))
+    monkeypatch.setattr(im, "verify", lambda *a, **kw: calls.update(["verify"]) or real_verify(*a, **kw))
+    kind = keys.column("kind").to_numpy()
+    t = keys.filter(pa.array(kind == 0)).sort_by([("band", "ascending"), ("value", "ascending"), ("row", "ascending")])
+    edges = text_edges(t, dict(enumerate(feats.captions)), settings)
+    lo, hi = image_candidates(keys.filter(pa.array(kind == 1)), 0, 1, settings)
+    assert len(lo) == k * (k - 1) // 2  # every pair is a candidate ...
+    by_row = {r: {"thumb": feats.thumbs[r], "colour": feats.colours[r], "hash": int(feats.hashes[r]), "width": 128,
+                  "height": 128} for r in range(k)}
+    image = verify_images((lo, hi), by_row, settings)
+    assert len(edges) == len(image) == k - 1
+    assert calls["jaccard"] <= 2 * k and calls["verify"] <= 2 * k, calls  # ... but few are checked
+    assert clusters({"text": edges}) == {r: (0, "text") for r in range(1, k)}
