@@ -404,33 +404,39 @@ class NearKeysStep(_PartsBySliceStep):
         self.settings = settings
 
     def run(self, ctx: TaskContext, s: int, shared: Any = None) -> dict[str, Any]:
-        from pipeline.exact_dedup import parquet_bytes, write_bucketed
-        from pipeline.near_dedup import FEAT_GROUP, band_keys, compute_features
+        from pipeline.exact_dedup import write_bucketed
+        from pipeline.near_dedup import FEAT_GROUP, FEAT_SCHEMA, band_keys, compute_features, keys_table
         from pipeline.shards import read_tar
 
         rd = ctx.rd
         base = self.plan.slice_offsets[s]
         dups = gather_dups(rd.fs, rd.path("_dups", "sha"), self.plan.buckets, s) + base
-        rows: list[int] = []
-        captions: list[str] = []
-        images: list[bytes | None] = []
-        for part in self.parts_of(s):
-            recs = _part_records(rd, self.plan, part)
-            cand = recs.filter(pc.equal(recs.column("status"), CANDIDATE))
-            keep = ~np.isin(cand.column("row").to_numpy(), dups)  # exact duplicates are no members
-            members = dict(zip(np.array(cand.column("key").to_pylist(), dtype=object)[keep].tolist(),
-                               cand.column("row").to_numpy()[keep].tolist(), strict=True))
-            for key, files in read_tar(rd.fs, rd.path("parts", f"{part[0]:05d}.tar")):
-                if key in members:
-                    rows.append(members[key])
-                    captions.append((files.get("txt") or b"").decode("utf-8", "replace"))
-                    images.append(next((v for k, v in files.items() if k not in ("txt", "json")), None))
-        feats = compute_features(rows, captions, images, "image" in self.settings.kinds)
-        atomic_write_bytes(rd.fs, rd.path("_near", f"feat-{s:05d}.parquet"),
-                           parquet_bytes(feats.table(), row_group_size=FEAT_GROUP))
-        keys = band_keys(feats, self.settings, self.plan.buckets)
-        write_bucketed(rd.fs, rd.path("_keys", f"near-{s:05d}.parquet"), keys, self.plan.buckets)
-        return {"rows": len(rows), "keys": keys.num_rows}
+        keys, n = [], 0
+        # One part at a time: its images are decoded, hashed and let go; the slice's band keys (about 1 KB a
+        # row with both kinds) stay until they are written sorted by bucket.
+        with atomic_open(rd.fs, rd.path("_near", f"feat-{s:05d}.parquet")) as f, \
+                pq.ParquetWriter(f, FEAT_SCHEMA) as writer:
+            for part in self.parts_of(s):
+                recs = _part_records(rd, self.plan, part)
+                cand = recs.filter(pc.equal(recs.column("status"), CANDIDATE))
+                keep = ~np.isin(cand.column("row").to_numpy(), dups)  # exact duplicates are no members
+                members = dict(zip(np.array(cand.column("key").to_pylist(), dtype=object)[keep].tolist(),
+                                   cand.column("row").to_numpy()[keep].tolist(), strict=True))
+                rows: list[int] = []
+                captions: list[str] = []
+                images: list[bytes | None] = []
+                for key, files in read_tar(rd.fs, rd.path("parts", f"{part[0]:05d}.tar")):
+                    if key in members:
+                        rows.append(members[key])
+                        captions.append((files.get("txt") or b"").decode("utf-8", "replace"))
+                        images.append(next((v for k, v in files.items() if k not in ("txt", "json")), None))
+                feats = compute_features(rows, captions, images, "image" in self.settings.kinds)
+                writer.write_table(feats.table(), row_group_size=FEAT_GROUP)
+                keys.append(band_keys(feats, self.settings, self.plan.buckets))
+                n += len(rows)
+        table = keys_table(keys)
+        write_bucketed(rd.fs, rd.path("_keys", f"near-{s:05d}.parquet"), table, self.plan.buckets)
+        return {"rows": n, "keys": table.num_rows}
 
 
 class SettleStep(_PartsBySliceStep):

@@ -48,7 +48,9 @@ from pipeline.shards import atomic_write_bytes
 KINDS = ("text", "image")
 TEXT, IMAGE = 0, 1
 KEY_SCHEMA = pa.schema([("bucket", pa.uint32()), ("kind", pa.uint8()), ("band", pa.uint16()), ("value", pa.uint64()),
-                        ("row", pa.int64()), ("hash", pa.uint64()), ("chroma", pa.binary())])
+                        ("row", pa.int64()), ("hash", pa.uint64()), ("chroma", pa.binary(18))])
+"""One band key of a row; image keys carry the row's whole hash and chroma code (dedup.image.CHROMA_DIM
+bytes) for the bucket's search and pre-check."""
 FEAT_SCHEMA = pa.schema([("row", pa.int64()), ("caption", pa.string()), ("hash", pa.uint64()),
                          ("chroma", pa.binary()), ("thumb", pa.binary()), ("colour", pa.binary()),
                          ("width", pa.int32()), ("height", pa.int32())])
@@ -151,16 +153,17 @@ def compute_features(rows: list[int], captions: list[str], images: list[bytes | 
     return Features(np.asarray(rows, np.int64), list(captions), hashes, chroma, thumbs, colours, sizes)
 
 
-def band_keys(feats: Features, settings: NearSettings, buckets: int) -> pa.Table:
-    """KEY_SCHEMA rows of a batch of features, sorted by (bucket, kind, band, value, row)."""
+def band_keys(feats: Features, settings: NearSettings, buckets: int) -> dict[str, np.ndarray]:
+    """The band keys of a batch of features, as KEY_SCHEMA's columns (numpy; chroma uint8 (n, CHROMA_DIM),
+    zeros for text keys): a task keeps only these, not the images, until its slice is done."""
+    from dedup.image import CHROMA_DIM
     from dedup.index import lsh_params
     from dedup.text import TextSigner, normalize_words
 
     m = settings.match
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("bucket", "kind", "band", "value", "row", "hash")}
-    chroma: list[bytes | None] = []
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in KEY_SCHEMA.names}
 
-    def add(kind: int, rows: np.ndarray, values: np.ndarray, hashes: np.ndarray, ch: list[bytes | None]) -> None:
+    def add(kind: int, rows: np.ndarray, values: np.ndarray, hashes: np.ndarray, chroma: np.ndarray) -> None:
         n, nb = values.shape
         band = np.tile(np.arange(nb, dtype=np.uint16), n)
         cols["bucket"].append(bucket_of(kind, band, values.ravel(), buckets))
@@ -169,7 +172,7 @@ def band_keys(feats: Features, settings: NearSettings, buckets: int) -> pa.Table
         cols["value"].append(values.ravel())
         cols["row"].append(np.repeat(rows, nb))
         cols["hash"].append(np.repeat(hashes, nb))
-        chroma.extend(c for c in ch for _ in range(nb))
+        cols["chroma"].append(np.repeat(chroma, nb, axis=0))
 
     if "text" in settings.kinds:
         signer = TextSigner(m.num_perm, m.seed, m.ngram)
@@ -178,19 +181,35 @@ def band_keys(feats: Features, settings: NearSettings, buckets: int) -> pa.Table
                        for s, c in zip(sets, feats.captions, strict=True)], bool)
         if ok.any():
             sigs = signer.signatures_from_shingles([s for s, k in zip(sets, ok, strict=True) if k])
-            values = text_bands(sigs, *lsh_params(m.text_threshold, m.num_perm))
-            add(TEXT, feats.rows[ok], values, np.zeros(int(ok.sum()), np.uint64), [None] * int(ok.sum()))
+            n = int(ok.sum())
+            add(TEXT, feats.rows[ok], text_bands(sigs, *lsh_params(m.text_threshold, m.num_perm)),
+                np.zeros(n, np.uint64), np.zeros((n, CHROMA_DIM), np.uint8))
     if "image" in settings.kinds:
         ok = np.array([t is not None for t in feats.thumbs], bool)
         if ok.any():
+            chroma = np.frombuffer(b"".join(c for c, k in zip(feats.chroma, ok, strict=True) if k), np.uint8)
             add(IMAGE, feats.rows[ok], image_bands(feats.hashes[ok], m.image_max_distance), feats.hashes[ok],
-                [c for c, k in zip(feats.chroma, ok, strict=True) if k])
-    if not cols["row"]:
+                chroma.reshape(-1, CHROMA_DIM))
+    empty = {"chroma": np.zeros((0, CHROMA_DIM), np.uint8)}
+    return {k: np.concatenate(v) if v else empty.get(k, np.zeros(0, KEY_SCHEMA.field(k).type.to_pandas_dtype()))
+            for k, v in cols.items()}
+
+
+def keys_table(parts: list[dict[str, np.ndarray]]) -> pa.Table:
+    """`band_keys` of several batches as one KEY_SCHEMA table sorted by (bucket, kind, band, value, row)."""
+    from dedup.image import CHROMA_DIM
+
+    if KEY_SCHEMA.field("chroma").type.byte_width != CHROMA_DIM:  # the schema spells it out: no cv2 import
+        raise AssertionError(f"KEY_SCHEMA's chroma must be {CHROMA_DIM} bytes (dedup.image.CHROMA_DIM)")
+    a = {k: np.concatenate([p[k] for p in parts]) for k in KEY_SCHEMA.names} if parts else None
+    if a is None or not len(a["row"]):
         return KEY_SCHEMA.empty_table()
-    arrays = {k: np.concatenate(v) for k, v in cols.items()}
-    order = np.lexsort((arrays["row"], arrays["value"], arrays["band"], arrays["kind"], arrays["bucket"]))
-    return pa.table({**{k: v[order] for k, v in arrays.items()},
-                     "chroma": pa.array([chroma[i] for i in order.tolist()], pa.binary())}, schema=KEY_SCHEMA)
+    order = np.lexsort((a["row"], a["value"], a["band"], a["kind"], a["bucket"]))
+    chroma = np.ascontiguousarray(a["chroma"][order])
+    return pa.table({**{k: a[k][order] for k in KEY_SCHEMA.names if k != "chroma"},
+                     "chroma": pa.FixedSizeBinaryArray.from_buffers(
+                         pa.binary(CHROMA_DIM), len(order), [None, pa.py_buffer(chroma.tobytes())])},
+                    schema=KEY_SCHEMA)
 
 
 def read_rows(fs: Any, path: str, rows: np.ndarray) -> pa.Table:

@@ -246,13 +246,21 @@ def test_many_copies_cost_checks_linear_in_the_copies(monkeypatch):
     import dedup.image as im
     import dedup.text as text
     from pipeline.config import BuildConfig
-    from pipeline.near_dedup import band_keys, clusters, compute_features, image_candidates, text_edges, verify_images
+    from pipeline.near_dedup import (
+        band_keys,
+        clusters,
+        compute_features,
+        image_candidates,
+        keys_table,
+        text_edges,
+        verify_images,
+    )
 
     k = 40
     body = encode(make_image("circle", "red", (128, 128), random.Random(1)), "jpg")
     feats = compute_features(list(range(k)), ["the same caption of a few words"] * k, [body] * k, True)
     settings = BuildConfig(urls="x", out="y", dedup_within=("text", "image")).near_settings()
-    keys = band_keys(feats, settings, 1)
+    keys = keys_table([band_keys(feats, settings, 1)])
     calls = Counter()
     real_jaccard, real_verify = text.jaccard, im.verify
     monkeypatch.setattr(text, "jaccard", lambda a, b: calls.update(["jaccard"]) or real_jaccard(a, b))
