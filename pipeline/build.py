@@ -618,7 +618,7 @@ def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildR
             settings["clip_model"] = spec.record()
         if run is not None:
             # The input is compared by its files' identity and content below, not by how --urls is spelled.
-            skip = ("job", "input", "input_columns", "input_rows", "buckets", "urls")
+            skip = ("job", "input", "input_columns", "input_rows", "buckets", "near_buckets", "urls")
             old = {k: v for k, v in run.items() if k not in skip}
             changed = compare_settings(old, {k: v for k, v in settings.items() if k not in skip})
             if changed:
@@ -638,11 +638,19 @@ def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildR
                 return _already_complete(rd)
         rd.remove_temporaries(OWN_NAMES)
         buckets = run.get("buckets") if run else None
-        if buckets is not None and not (isinstance(buckets, int) and not isinstance(buckets, bool) and buckets > 0):
-            raise AccountingError(f"{rd.url_of('run.json')}: buckets {buckets!r} is not a positive whole number; "
-                                  "the run record is damaged: use a new --out")
+        near_buckets = run.get("near_buckets") if run else None
+        for name, value in (("buckets", buckets), ("near_buckets", near_buckets)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise AccountingError(f"{rd.url_of('run.json')}: {name} {value!r} is not a positive whole number; "
+                                      "the run record is damaged: use a new --out")
         buckets = buckets or cfg.dedup_buckets or n_buckets(_estimate_rows(files))
         record = {**settings, "input": _input_identity(files), "buckets": buckets}
+        if cfg.dedup_within:
+            from pipeline.near_dedup import keys_per_row
+
+            # A row has dozens of band keys, not one: buckets for about as many keys each as the exact dedup's.
+            record["near_buckets"] = near_buckets or cfg.dedup_buckets or n_buckets(
+                _estimate_rows(files) * keys_per_row(cfg.near_settings()))
         if run and run.get("input_columns"):
             record["input_columns"], record["input_rows"] = run["input_columns"], run.get("input_rows")
         rd.write_run(record)
@@ -711,9 +719,9 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
         n_slices = len(slices)
         run_step(rd, NearPairsStep([rd.url_of("_keys", f"near-{s:05d}.parquet") for s in range(n_slices)],
                                    [rd.url_of("_near", f"feat-{s:05d}.parquet") for s in range(n_slices)],
-                                   plan.slice_offsets, rd.url_of("_near"), buckets, near),
+                                   plan.slice_offsets, rd.url_of("_near"), record["near_buckets"], near),
                  executor, progress_every=every)
-        near_summary = run_step(rd, NearClusterStep(rd.url_of("_near"), buckets, plan.slice_offsets,
+        near_summary = run_step(rd, NearClusterStep(rd.url_of("_near"), record["near_buckets"], plan.slice_offsets,
                                                     rd.url_of("_dups")), executor, progress_every=every)[0]
     settled = run_step(rd, SettleStep(plan, width, near is not None), executor, progress_every=every)
     kept: dict[int, int] = {}

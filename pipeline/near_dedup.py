@@ -82,6 +82,15 @@ def bucket_of(kind: int, band: np.ndarray, value: np.ndarray, buckets: int) -> n
     return (_fmix64(np.asarray(value, np.uint64) ^ salt) % np.uint64(buckets)).astype(np.uint32)
 
 
+def keys_per_row(settings: NearSettings) -> int:
+    """Band keys a row gives: the LSH bands (text) and the hash bands (image)."""
+    from dedup.index import lsh_params
+
+    m = settings.match
+    return ((lsh_params(m.text_threshold, m.num_perm)[0] if "text" in settings.kinds else 0)
+            + (m.image_max_distance + 1 if "image" in settings.kinds else 0))
+
+
 def text_bands(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """uint64 (n, bands): each LSH band of `rows` MinHash values hashed to 64 bits (datasketch's
     MinHashLSH compares the same slices; two captions share a band when all its values agree)."""

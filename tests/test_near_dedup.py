@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -178,6 +179,7 @@ def test_clusters_equal_brute_force_and_the_planted_truth(tmp_path, web, capsys)
     assert status["written"] == 60 - len(expect) - len(exact)
     assert "near-duplicates within the corpus: 6 clusters, removed 7 (text 3, image 4)" in printed
     assert printed.strip().splitlines()[-1] == f"rows in 60 = written {status['written']} + dropped 8 + failed 0"
+    assert json.loads((out / "run.json").read_text())["near_buckets"] == 3  # a resume keeps the first run's
 
 
 def test_rerun_after_a_kill_in_the_near_steps_gives_the_same_shards(tmp_path, web, caplog):
