@@ -399,9 +399,9 @@ class NearKeysStep(_PartsBySliceStep):
 
     name = "near_keys"
 
-    def __init__(self, plan: Plan, settings: Any):
+    def __init__(self, plan: Plan, settings: Any, buckets: int):
         super().__init__(plan)
-        self.settings = settings
+        self.settings, self.buckets = settings, buckets
 
     def run(self, ctx: TaskContext, s: int, shared: Any = None) -> dict[str, Any]:
         from pipeline.exact_dedup import write_bucketed
@@ -432,10 +432,10 @@ class NearKeysStep(_PartsBySliceStep):
                         images.append(next((v for k, v in files.items() if k not in ("txt", "json")), None))
                 feats = compute_features(rows, captions, images, "image" in self.settings.kinds)
                 writer.write_table(feats.table(), row_group_size=FEAT_GROUP)
-                keys.append(band_keys(feats, self.settings, self.plan.buckets))
+                keys.append(band_keys(feats, self.settings, self.buckets))
                 n += len(rows)
         table = keys_table(keys)
-        write_bucketed(rd.fs, rd.path("_keys", f"near-{s:05d}.parquet"), table, self.plan.buckets)
+        write_bucketed(rd.fs, rd.path("_keys", f"near-{s:05d}.parquet"), table, self.buckets)
         return {"rows": n, "keys": table.num_rows}
 
 
@@ -715,7 +715,7 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
         # Near-duplicates before the CLIP filter: fewer samples to score (pipeline.near_dedup).
         from pipeline.near_dedup import NearClusterStep, NearPairsStep
 
-        run_step(rd, NearKeysStep(plan, near), executor, progress_every=every)
+        run_step(rd, NearKeysStep(plan, near, record["near_buckets"]), executor, progress_every=every)
         n_slices = len(slices)
         run_step(rd, NearPairsStep([rd.url_of("_keys", f"near-{s:05d}.parquet") for s in range(n_slices)],
                                    [rd.url_of("_near", f"feat-{s:05d}.parquet") for s in range(n_slices)],

@@ -211,6 +211,22 @@ def test_rerun_after_a_kill_in_the_near_steps_gives_the_same_shards(tmp_path, we
     assert _manifest(out) == _manifest(ref)
 
 
+def test_near_buckets_of_their_own(tmp_path, web, monkeypatch):
+    """The near steps bucket by run.json's near_buckets (sized for ~36 keys a row), not the exact dedup's."""
+    import pipeline.near_dedup as nd
+
+    monkeypatch.setattr(nd, "keys_per_row", lambda settings: 10**6)  # as if the input were 10^5 times larger
+    rows, expect, *_ = _planted(web)
+    folder = _write_two_files(tmp_path, rows)
+    out = tmp_path / "o"
+    args = [a for a in _near_args(folder, out, web) if a not in ("--dedup-buckets", "3")]
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["buckets"] == 1 and run["near_buckets"] > 4, run
+    man = _manifest(out)
+    assert {r["row"]: (int(r["duplicate_of"]), r["reason"].split(":")[1]) for r in man if r["duplicate_of"]} == expect
+
+
 @pytest.mark.parametrize(("value", "expect"), [("embedding:0.95", "embedding near-duplicates are not implemented"),
                                                ("caption", "caption is not text or image")])
 def test_bad_kind_is_refused(tmp_path, value, expect):
