@@ -29,6 +29,13 @@ The lowest row of a caption cluster can itself be an image near-duplicate of a l
 on): `duplicate_of` then names a dropped row, but rows only ever point lower and only rows dropped
 as near-duplicates are pointed at, so following `duplicate_of` always ends at a written sample.
 Everything is a pure function of the input and the settings: reruns after a kill give the same drops.
+
+Buckets: a row gives ~36 band keys (25 LSH bands, 11 hash bands at the defaults), so these steps
+have their own count (run.json `near_buckets`, sized like the exact dedup's per key). Limit: the
+image bands are ~6 bits wide, so there are only (d + 1) * 2^6 image keys (704 at d = 10), each shared
+by ~1/64 of the images: the image side cannot spread over more tasks than that, and a bucket's banded
+search covers n/64 images (fine to ~10^8 images; beyond, wider bands probed within the search radius
+would be needed).
 """
 
 from __future__ import annotations
