@@ -114,6 +114,12 @@ class MatchConfig:
     def thresholds(self) -> dict:
         return asdict(self) | {"kinds": list(self.kinds)}
 
+    def limits(self) -> im.Limits:
+        """The precise check's settings (dedup.image.verify)."""
+        return im.Limits(min_correlation=self.image_min_similarity, max_colour=self.image_max_colour_diff,
+                         max_residual=self.image_max_residual, min_detail=self.image_min_detail,
+                         max_displaced=self.image_max_displaced)
+
 
 @dataclass(slots=True)
 class Match:
@@ -392,10 +398,7 @@ class OverlapMatcher:
 
     def limits(self) -> im.Limits:
         """The precise check's settings (dedup.image.verify)."""
-        c = self.cfg
-        return im.Limits(min_correlation=c.image_min_similarity, max_colour=c.image_max_colour_diff,
-                         max_residual=c.image_max_residual, min_detail=c.image_min_detail,
-                         max_displaced=c.image_max_displaced)
+        return self.cfg.limits()
 
     def _match_images(self, feats: Sequence[im.ImageFeatures | None], extra_sha: Sequence[Sequence[str]],
                       out: list[list[Match]], max_hints: int = 5) -> None:
