@@ -459,6 +459,8 @@ class OverlapMatcher:
                 vrow, qbox, region = int(c.variant[k]), int(c.box[k]), int(c.region[k])
                 f, view = feats[i], int(ii.variant_view[vrow])
                 variant = im.refine_box(f, f.boxes[qbox], ii.thumbs[view], ii.variants[vrow])
+                if variant is None:
+                    continue  # no fine texture: ECC's alignment stands
                 v = self._verify(ii, f, qbox, vrow, variant, region, limits)
                 if v.ok:
                     found[(i, item)] = self._image_match(s, item, float(c.distance[k]), v, vrow, variant, qbox, region)
