@@ -359,7 +359,9 @@ _STAGES = ("correlation", "colour", "residual", "detail", "displaced")
 """The precise check's stages in order (dedup.image.verify)."""
 REFINE_MARGIN = 0.15
 """A pair whose grey frames correlate within this much of `image_min_similarity`, or which fails at a
-later stage than colour, is close enough to try again with refined box sides (`_near_miss`)."""
+later stage than colour, is close enough to try again with refined box sides (`_near_miss`). Brick
+crops 2 to 4% off their nearest box correlate 0.82 to 0.96 there; `refine_box` only goes on for fine
+textures, so the width costs little."""
 
 
 def _near_miss(v: im.Verdict, limits: im.Limits) -> tuple[int, float] | None:
