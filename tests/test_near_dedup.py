@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import build_args
+from conftest import build_args, thumbnails_in_chromium
 from PIL import Image
 
 from jobs.build_corpus import main
@@ -225,6 +225,75 @@ def test_near_buckets_of_their_own(tmp_path, web, monkeypatch):
     assert run["buckets"] == 1 and run["near_buckets"] > 4, run
     man = _manifest(out)
     assert {r["row"]: (int(r["duplicate_of"]), r["reason"].split(":")[1]) for r in man if r["duplicate_of"]} == expect
+
+
+def _report_clusters(html: str) -> dict[tuple[str, str], tuple[int, list[tuple[str, str, str]]]]:
+    """{(kind, kept key): (size, [(cell class, key, thumbnail data URI)...])} of the near-duplicate section."""
+    import re
+
+    section = html[html.index("<h2 id='near-duplicates'>"):]
+    out = {}
+    for kind, body in re.findall(r"<table class='near' data-kind='(\w+)'>(.*?)</table>", section, re.S):
+        for root, size, cells in re.findall(r"<tr class='cluster' data-root='(\d+)' data-size='(\d+)'>(.*?)</tr>",
+                                            body, re.S):
+            shown = re.findall(r"<td class='(kept|removed)' data-key='(\d+)'><img src=\"([^\"]+)\"", cells)
+            out[(kind, root)] = (int(size), shown)
+    return out
+
+
+def _thumb_matches(uri: str, body: bytes) -> float:
+    """Mean absolute difference (grey levels, 32x32) of a data: URI thumbnail and an image's bytes."""
+    import base64
+    import io
+
+    a, b = (Image.open(io.BytesIO(x)).convert("L").resize((32, 32)) for x in
+            (base64.b64decode(uri.split(",", 1)[1]), body))
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
+
+
+def test_report_shows_the_planted_clusters_with_thumbnails(tmp_path, web):
+    """Without --eval, audit/report.html holds the section alone: every planted cluster, kept sample first,
+    each thumbnail its own sample's image, all of them decoding in a browser."""
+    rows, expect, *_ = _planted(web)
+    folder = _write_two_files(tmp_path, rows)
+    out = tmp_path / "o"
+    assert main(_near_args(folder, out, web)) == 0
+    report = out / "audit" / "report.html"
+    html = report.read_text()
+    assert "Near-duplicates within the corpus" in html and "Data-overlap audit" not in html
+    key = {r["row"]: r["key"] for r in _manifest(out)}
+    want: dict[tuple[str, str], list[str]] = {}
+    for r, (root, kind) in sorted(expect.items()):
+        want.setdefault((kind, key[root]), []).append(key[r])
+    got = _report_clusters(html)
+    assert set(got) == set(want)
+    for (kind, root), members in want.items():
+        size, shown = got[(kind, root)]
+        assert size == 1 + len(members)
+        assert [(c, k) for c, k, _ in shown] == [("kept", root)] + [("removed", m) for m in members]
+    # Each thumbnail is its own sample's image as the build stored it (the planted images are random
+    # shapes: another row's differs).
+    member_rows, _, images = _parts_members(out)
+    body = {key[r]: img for r, img in zip(member_rows, images, strict=True)}
+    for _, shown in got.values():
+        for _, k, uri in shown:
+            assert _thumb_matches(uri, body[k]) < 2 < 10 < _thumb_matches(uri, body[key[0]]), k  # row 0: no member
+    # Counts per kind: the planted 2 text clusters (3 removed) and 4 image clusters (4 removed).
+    assert "<tr><td>text</td><td>2</td><td>3</td>" in html and "<tr><td>image</td><td>4</td><td>4</td>" in html
+    total, ok, _ = thumbnails_in_chromium(report, tmp_path / "profile")
+    assert total == len(expect) + len(want) == 13 and ok == total
+
+
+def test_report_clusters_largest_first_ties_by_lowest_kept_row():
+    from pipeline.near_dedup import report_clusters
+
+    # text: kept 50 has 3 removed, kept 10 and 20 have 2 each, kept 5 has 1; image: kept 7 has 8 removed.
+    dropped = {51: (50, "text"), 52: (50, "text"), 53: (50, "text"), 21: (20, "text"), 22: (20, "text"),
+               11: (10, "text"), 12: (10, "text"), 6: (5, "text"), **{100 + i: (7, "image") for i in range(8)}}
+    got = report_clusters(dropped, per_kind=3, members=5)
+    assert [(c["kind"], c["root"], c["size"]) for c in got] == [("text", 50, 4), ("text", 10, 3), ("text", 20, 3),
+                                                                ("image", 7, 9)]
+    assert got[0]["shown"] == [51, 52, 53] and got[-1]["shown"] == [100, 101, 102, 103, 104]
 
 
 @pytest.mark.parametrize(("value", "expect"), [("embedding:0.95", "embedding near-duplicates are not implemented"),
