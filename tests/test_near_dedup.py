@@ -193,14 +193,15 @@ def test_rerun_after_a_kill_in_the_near_steps_gives_the_same_shards(tmp_path, we
     (out / "stats.json").unlink()
     shutil.rmtree(out / "shards")
     shutil.rmtree(out / "manifest")
-    for step in ("near_pairs", "near_cluster", "settle", "write_shards"):
+    for step in ("near_pairs", "near_cluster", "near_thumbs", "settle", "write_shards", "near_report"):
         (out / "_steps" / f"{step}.json").unlink()
     for p in sorted((out / "_steps" / "near_pairs").glob("*.json"))[1:]:
         p.unlink()
-    for step in ("near_cluster", "settle", "write_shards"):
+    for step in ("near_cluster", "near_thumbs", "settle", "write_shards", "near_report"):
         shutil.rmtree(out / "_steps" / step)
-    for p in (out / "_dups").glob("near-*.parquet"):
+    for p in [*(out / "_dups").glob("near-*.parquet"), *(out / "_near").glob("shown-*.parquet")]:
         p.unlink()
+    (out / "audit" / "report.html").unlink()
     with caplog.at_level(logging.INFO, logger="clipforge.job"):
         assert main(_near_args(folder, out, web)) == 0
     assert "near_keys: done in an earlier run" in caplog.text
@@ -209,6 +210,7 @@ def test_rerun_after_a_kill_in_the_near_steps_gives_the_same_shards(tmp_path, we
     for p in (ref / "shards").iterdir():
         assert (out / "shards" / p.name).read_bytes() == p.read_bytes(), p.name
     assert _manifest(out) == _manifest(ref)
+    assert (out / "audit" / "report.html").read_bytes() == (ref / "audit" / "report.html").read_bytes()
 
 
 def test_near_buckets_of_their_own(tmp_path, web, monkeypatch):
@@ -282,6 +284,22 @@ def test_report_shows_the_planted_clusters_with_thumbnails(tmp_path, web):
     assert "<tr><td>text</td><td>2</td><td>3</td>" in html and "<tr><td>image</td><td>4</td><td>4</td>" in html
     total, ok, _ = thumbnails_in_chromium(report, tmp_path / "profile")
     assert total == len(expect) + len(want) == 13 and ok == total
+
+
+def test_report_with_eval_holds_both_sections(tmp_path, web):
+    """--eval and --dedup-within: one report.html, the eval sets' tables, then the near-duplicate section."""
+    from pipeline.localweb import write_imagefolder
+
+    rows, expect, *_ = _planted(web)
+    folder = _write_two_files(tmp_path, rows)
+    write_imagefolder(tmp_path / "eval", per_class=1, seed=3)
+    out = tmp_path / "o"
+    assert main([*_near_args(folder, out, web), "--eval", f"shapes={tmp_path / 'eval'}"]) == 0
+    html = (out / "audit" / "report.html").read_text()
+    assert html.index("<h2>shapes</h2>") < html.index("Near-duplicates within the corpus")
+    assert (out / "audit" / "summary.json").exists()
+    got = _report_clusters(html)
+    assert sum(len(shown) for _, shown in got.values()) == len(expect) + 6
 
 
 def test_report_clusters_largest_first_ties_by_lowest_kept_row():
