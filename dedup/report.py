@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 
 from dedup.image import decode
+from pipeline.job import AccountingError
 from pipeline.shards import atomic_write_bytes, get_fs
 
 if TYPE_CHECKING:
@@ -112,8 +114,6 @@ class NearSection:
     image_min_similarity)."""
 
     def html(self, fs: Any) -> str:
-        import pyarrow.parquet as pq
-
         shown: dict[int, dict[str, Any]] = {}
         for path in self.shown_files:
             with fs.open(path, "rb") as f:
@@ -142,7 +142,8 @@ def near_section(summary: dict[str, Any], shown: dict[int, dict[str, Any]], rule
     def cell(row: int, cls: str) -> str:
         s = shown.get(row)
         if s is None:
-            raise ValueError(f"near-duplicate report: no thumbnail record for row {row}")
+            raise AccountingError(f"near-duplicate report: the near_thumbs step's files hold no row {row}; delete "
+                                  "the output folder's _steps/near_thumbs* and rerun")
         return (f"<td class='{cls}' data-key='{e(s['key'])}'>{_img(jpeg_uri(s['jpeg']))}{cls} <code>{e(s['key'])}"
                 f"</code><br>{e(s['caption'] or '')}</td>")
 

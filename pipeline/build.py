@@ -881,8 +881,9 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
     }
     if near_summary is not None:
         stats["near_duplicates"] = {"clusters": near_summary["clusters"], "removed": near_summary["removed"],
+                                    "clusters_by_kind": near_summary["clusters_by_kind"],
                                     "edges": near_summary["edges"]}
-        result.near = format_near(near_summary)
+        result.near = f"{format_near(near_summary)}; the largest in {rd.url_of('audit', 'report.html')}"
     if clip is not None:
         stats["clip"] = {"keep": clip.keep, "model": clip.model, "histogram": clip.histogram}
         result.clip = format_keep(clip.keep, clip.model)

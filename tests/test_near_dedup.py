@@ -302,6 +302,19 @@ def test_report_with_eval_holds_both_sections(tmp_path, web):
     assert sum(len(shown) for _, shown in got.values()) == len(expect) + 6
 
 
+def test_report_on_s3(tmp_path, web, s3):
+    """--out on s3://: the thumbnails' files and the page go through fsspec like every other output."""
+    rows, expect, *_ = _planted(web)
+    folder = _write_two_files(tmp_path, rows)
+    # Few tasks (one bucket, a part per slice): every object is a round trip to the server.
+    args = build_args(folder, s3.url("near"), web, "--executor", "local", "--rows-per-task", "40",
+                      "--samples-per-shard", "64", "--dedup-within", "text,image", "--dedup-buckets", "1")
+    assert main(args) == 0
+    html = s3.fs().cat(f"{s3.bucket}/near/audit/report.html").decode()
+    assert sum(len(shown) for _, shown in _report_clusters(html).values()) == len(expect) + 6
+    assert not [k for k in s3.keys() if k.startswith("near/_near/")]  # scratch removed after success
+
+
 def test_report_clusters_largest_first_ties_by_lowest_kept_row():
     from pipeline.near_dedup import report_clusters
 
