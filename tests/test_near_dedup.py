@@ -286,6 +286,18 @@ def test_report_shows_the_planted_clusters_with_thumbnails(tmp_path, web):
     assert total == len(expect) + len(want) == 13 and ok == total
 
 
+def test_report_without_clusters(tmp_path, web):
+    """No near-duplicates: the section says so per kind; no thumbnail task runs."""
+    rows, *_ = _planted(web)
+    pq.write_table(pa.Table.from_pylist(rows[:20]), tmp_path / "in.parquet")  # rows 0-19: no planted copies
+    out = tmp_path / "o"
+    assert main(_near_args(tmp_path / "in.parquet", out, web)) == 0
+    html = (out / "audit" / "report.html").read_text()
+    assert "<tr><td>text</td><td>0</td><td>0</td>" in html and "<tr><td>image</td><td>0</td><td>0</td>" in html
+    assert html.count("None found.") == 2 and "<img" not in html
+    assert json.loads((out / "_steps" / "near_thumbs.json").read_text()) == []
+
+
 def test_report_with_eval_holds_both_sections(tmp_path, web):
     """--eval and --dedup-within: one report.html, the eval sets' tables, then the near-duplicate section."""
     from pipeline.localweb import write_imagefolder
