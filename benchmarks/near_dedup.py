@@ -8,7 +8,7 @@ must cost O(k) checks, and the verified edges equal the rows removed), plus a re
 `--copy-every`th image (JPEG quality 70 at 0.8x its size, a caption of its own) at the end of the
 list. In-process executor, parts kept so that each step's task seconds can be read back. Printed
 per run: wall seconds, the task seconds of each step, rows written, the near_duplicates entry of
-stats.json, and against the planted re-uploads: how many were dropped as image near-duplicates of
+stats.json, the size of audit/report.html (its near-duplicate section), and against the planted re-uploads: how many were dropped as image near-duplicates of
 their original (recall) and how many other rows were (false drops).
 """
 
@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"flag": " ".join(flag) or "(none)", "wall_s": round(wall, 1), "task_s": steps,
                               "written": stats["written"], "near_duplicates": stats.get("near_duplicates"),
                               "reuploads_found": f"{found}/{len(planted)}",
-                              "false_image_drops": sum(r not in planted for r in image_drops)}), flush=True)
+                              "false_image_drops": sum(r not in planted for r in image_drops),
+                              "report_kb": round((out / "audit" / "report.html").stat().st_size / 1024, 1)
+                              if flag else None}), flush=True)
     finally:
         web.stop()
     return 0

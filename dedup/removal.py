@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -219,9 +220,13 @@ class OverlapMergeStep(Step):
     on_driver_node = True
     """The report reads eval images from the paths the driver loaded them from."""
 
-    def __init__(self, match_files: list[str], corpus: dict[str, Any], removed_files: list[str | None] | None = None):
+    def __init__(self, match_files: list[str], corpus: dict[str, Any], removed_files: list[str | None] | None = None,
+                 sections: Sequence[Any] = ()):
         self.match_files, self.corpus = match_files, corpus
         self.removed_files = removed_files
+        self.sections = list(sections)
+        """More of the report (dedup.report.NearSection: build_corpus --dedup-within), drawn here from what
+        their tasks wrote."""
 
     def tasks(self) -> list[int]:
         return [0]
@@ -274,7 +279,7 @@ class OverlapMergeStep(Step):
                           {"evals": [f"{es.name}={es.root}" for es in overlap.eval_sets],
                            "match": overlap.matcher.cfg.thresholds(), "report_max_pairs": overlap.report_max_pairs})
         write_report(overlap.eval_sets, summary, report_rows, train_images, report_keys,
-                     rd.url_of("audit", "report.html"))
+                     rd.url_of("audit", "report.html"), [s.html(rd.fs) for s in self.sections])
         with rd.fs.open(out_path, "rb") as f:  # read back what matters: every match row is there
             if pq.read_metadata(f).num_rows != n_rows:
                 raise RuntimeError(f"{out_path}: holds other than the {n_rows} match rows written")
@@ -295,10 +300,10 @@ class OverlapMergeStep(Step):
 
 
 def merge_overlap(rd: RunDir, executor: Any, overlap: Any, match_files: list[str], corpus: dict[str, Any],
-                  removed_files: list[str | None] | None = None) -> dict[str, Any]:
-    """Run the merge step; returns summary.json's content."""
+                  removed_files: list[str | None] | None = None, sections: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run the merge step (`sections`: more of report.html, see OverlapMergeStep); returns summary.json's content."""
     shared = overlap if not isinstance(overlap, EvalOverlap) else executor.put(overlap)
-    run_step(rd, OverlapMergeStep(match_files, corpus, removed_files), executor, shared=shared)
+    run_step(rd, OverlapMergeStep(match_files, corpus, removed_files, sections), executor, shared=shared)
     with rd.fs.open(rd.path("audit", "summary.json"), "rb") as f:
         summary = json.load(f)
     log.info("eval overlap: %s", json.dumps({n: s["items_with_overlap"] for n, s in summary["eval_sets"].items()}))

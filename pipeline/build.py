@@ -18,13 +18,16 @@ The driver plans and adds up; tasks do every per-row and per-byte step:
    With `--dedup-within text,image`, before settle: **near_keys** (per slice), **near_pairs** (per
    bucket) and **near_cluster** (one task) find clusters of near-duplicate captions and images
    among the rest (pipeline.near_dedup); settle drops all but the lowest row of each
-   (`near_duplicate:text|image`, `duplicate_of` in the manifest).
+   (`near_duplicate:text|image`, `duplicate_of` in the manifest). **near_thumbs** (per slice holding
+   one) makes thumbnails of the largest clusters' samples for the report's near-duplicate section.
 5. **write_shards** (one task per 8 shards): from prefix sums of the kept counts (the
    driver's only arithmetic), each task writes its range of `shards/NNNNN.tar` of exactly
    `--samples-per-shard` samples from the parts that hold them, reads every shard back,
    and writes the manifests it owns (`manifest/TTTTT.parquet`, one row per input row).
 6. with `--eval`: **overlap** (one task) merges the parts' matches into
-   `audit/overlap.parquet`, `summary.json` and `report.html`.
+   `audit/overlap.parquet`, `summary.json` and `report.html` (with --dedup-within, with the
+   near-duplicate section); with `--dedup-within` alone, **near_report** (one task) writes
+   `audit/report.html` with that section alone.
 
 The driver writes `shards/sizes.json` and `stats.json` (last: the run is complete), checks
 that the counts add up, and removes the scratch folders unless `--keep-parts`. Each step
@@ -101,7 +104,7 @@ OWN_NAMES = {
     "_input": re.compile(rf"{_N}\.parquet"),
     "_keys": re.compile(rf"(url|sha|near)-{_N}\.parquet"),
     "_dups": re.compile(rf"(url|sha)/{_N}\.parquet|(url|sha|near)-{_N}\.parquet"),
-    "_near": re.compile(rf"(feat|edges)-{_N}\.parquet"),  # --dedup-within (pipeline.near_dedup)
+    "_near": re.compile(rf"(feat|edges|shown)-{_N}\.parquet"),  # --dedup-within (pipeline.near_dedup)
     "_final": re.compile(rf"{_N}\.parquet"),
     "_steps": re.compile(rf"[a-z_]+/{_N}\.json|[a-z_]+\.json"),
     # --clip-filter (scoring.job's steps over the parts)
@@ -428,8 +431,9 @@ class NearKeysStep(_PartsBySliceStep):
                 for key, files in read_tar(rd.fs, rd.path("parts", f"{part[0]:05d}.tar")):
                     if key in members:
                         rows.append(members[key])
-                        captions.append((files.get("txt") or b"").decode("utf-8", "replace"))
-                        images.append(next((v for k, v in files.items() if k not in ("txt", "json")), None))
+                        caption, image = _caption_and_image(files)
+                        captions.append(caption)
+                        images.append(image)
                 feats = compute_features(rows, captions, images, "image" in self.settings.kinds)
                 writer.write_table(feats.table(), row_group_size=FEAT_GROUP)
                 keys.append(band_keys(feats, self.settings, self.buckets))
@@ -437,6 +441,78 @@ class NearKeysStep(_PartsBySliceStep):
         table = keys_table(keys)
         write_bucketed(rd.fs, rd.path("_keys", f"near-{s:05d}.parquet"), table, self.buckets)
         return {"rows": n, "keys": table.num_rows}
+
+
+def _caption_and_image(files: dict[str, bytes]) -> tuple[str, bytes | None]:
+    """A part tar's sample: its caption and its image (the member that is neither txt nor json)."""
+    return ((files.get("txt") or b"").decode("utf-8", "replace"),
+            next((v for k, v in files.items() if k not in ("txt", "json")), None))
+
+
+class NearThumbsStep(_PartsBySliceStep):
+    """--dedup-within, per slice holding a row the report shows (near_cluster's few clusters): each such
+    row's key, caption and a small JPEG (`_near/shown-SSSSS.parquet`), read from its part. The images
+    stay in the task; the page is drawn from these files."""
+
+    name = "near_thumbs"
+
+    def __init__(self, plan: Plan, rows: list[int]):
+        super().__init__(plan)
+        self.rows = sorted(set(rows))
+        slice_of = np.searchsorted(np.asarray(plan.slice_offsets), self.rows, side="right") - 1
+        self.slices = sorted(set(slice_of.tolist()))
+
+    def tasks(self) -> list[int]:
+        return self.slices
+
+    def run(self, ctx: TaskContext, s: int, shared: Any = None) -> dict[str, Any]:
+        from dedup.report import THUMB_SIDE, small_jpeg
+        from pipeline.near_dedup import SHOWN_SCHEMA
+        from pipeline.shards import read_tar
+
+        rd = ctx.rd
+        out: list[dict[str, Any]] = []
+        for part in self.parts_of(s):
+            lo, hi = self.plan.part_rows(part)
+            want = [r for r in self.rows if lo <= r < hi]
+            if not want:
+                continue
+            recs = _part_records(rd, self.plan, part)
+            keys = recs.column("key").to_pylist()
+            rows = {keys[r - lo]: r for r in want}
+            for key, files in read_tar(rd.fs, rd.path("parts", f"{part[0]:05d}.tar")):
+                if key in rows:
+                    caption, image = _caption_and_image(files)
+                    out.append({"row": rows.pop(key), "key": key, "caption": caption,
+                                "jpeg": small_jpeg(image, THUMB_SIDE)})
+            if rows:
+                raise AccountingError(f"{rd.url_of('parts', f'{part[0]:05d}.tar')}: holds no sample {sorted(rows)[0]}"
+                                      ", a near-duplicate cluster's member; delete the folder's _steps/near_* and "
+                                      "rerun")
+        t = pa.Table.from_pylist(sorted(out, key=lambda r: r["row"]), schema=SHOWN_SCHEMA)
+        with atomic_open(rd.fs, rd.path("_near", f"shown-{s:05d}.parquet")) as f:
+            pq.write_table(t, f)
+        return {"rows": t.num_rows}
+
+
+class NearReportStep(Step):
+    """--dedup-within without --eval, one task: report.html holding the near-duplicate section alone
+    (with --eval, the overlap step draws it into its report)."""
+
+    name = "near_report"
+    what = "tasks"
+
+    def __init__(self, section: Any, corpus: dict[str, Any]):
+        self.section, self.corpus = section, corpus
+
+    def tasks(self) -> list[int]:
+        return [0]
+
+    def run(self, ctx: TaskContext, spec: int, shared: Any = None) -> dict[str, Any]:
+        from dedup.report import write_page
+
+        write_page(self.corpus, [self.section.html(ctx.rd.fs)], ctx.rd.url_of("audit", "report.html"))
+        return {"clusters": len(self.section.summary["report"])}
 
 
 class SettleStep(_PartsBySliceStep):
@@ -710,9 +786,10 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
     keys = [rd.url_of("_keys", f"sha-{s:05d}.parquet") for s in range(len(slices))]
     run_step(rd, DedupStep("sha_dedup", keys, rd.url_of("_dups", "sha"), buckets), executor, progress_every=every)
     near = cfg.near_settings()
-    near_summary = None
+    near_summary = near_section = None
     if near is not None:
         # Near-duplicates before the CLIP filter: fewer samples to score (pipeline.near_dedup).
+        from dedup.report import NearSection
         from pipeline.near_dedup import NearClusterStep, NearPairsStep
 
         run_step(rd, NearKeysStep(plan, near, record["near_buckets"]), executor, progress_every=every)
@@ -723,6 +800,17 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
                  executor, progress_every=every)
         near_summary = run_step(rd, NearClusterStep(rd.url_of("_near"), record["near_buckets"], plan.slice_offsets,
                                                     rd.url_of("_dups")), executor, progress_every=every)[0]
+        if "report" not in near_summary:
+            raise AccountingError(f"{rd.url_of('_steps', 'near_cluster.json')}: written by an older clipforge (no "
+                                  "clusters for the report); delete the folder's _steps/near_cluster* and rerun")
+        # The report's clusters: thumbnails made in the tasks of the slices that hold them.
+        thumbs = NearThumbsStep(plan, [r for c in near_summary["report"] for r in (c["root"], *c["shown"])])
+        run_step(rd, thumbs, executor, progress_every=every)
+        near_section = NearSection(
+            {k: near_summary[k] for k in ("clusters_by_kind", "removed", "report")},
+            [rd.url_of("_near", f"shown-{s:05d}.parquet") for s in thumbs.slices],
+            {k: getattr(near.match, k) for k in ("text_threshold", "ngram", "image_max_distance",
+                                                 "image_min_similarity")})
     settled = run_step(rd, SettleStep(plan, width, near is not None), executor, progress_every=every)
     kept: dict[int, int] = {}
     for s in settled:
@@ -751,12 +839,17 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
         written = run_step(rd, writer, executor, progress_every=every)
         verify_earlier_shards(rd, writer, written, executor)
         result = finish_shards(rd, written, plan.n_rows, writer.prefix[-1], cfg.samples_per_shard)
+    corpus = {"input": cfg.urls, "rows": result.rows_in, WRITTEN: result.written, DROPPED: result.dropped,
+              FAILED: result.failed}
+    sections = [near_section] if near_section is not None else []
     if matcher is not None:
         from dedup.removal import merge_overlap
 
         merge_overlap(rd, executor, shared, [rd.url_of("parts", f"{t:05d}.matches.parquet") for t, *_ in parts],
-                      {"input": cfg.urls, "rows": result.rows_in, WRITTEN: result.written,
-                       DROPPED: result.dropped, FAILED: result.failed})
+                      corpus, sections=sections)
+    elif sections:
+        # No eval sets: report.html holds the near-duplicate section alone.
+        run_step(rd, NearReportStep(near_section, corpus), executor, progress_every=every)
     elapsed = time.monotonic() - t0
     # Rates count this run's work only: a resumed run did not write what earlier runs did.
     this_run = [s for s in downloads if s.get("seconds") is not None and s.get("this_run", True)]
@@ -788,8 +881,9 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
     }
     if near_summary is not None:
         stats["near_duplicates"] = {"clusters": near_summary["clusters"], "removed": near_summary["removed"],
+                                    "clusters_by_kind": near_summary["clusters_by_kind"],
                                     "edges": near_summary["edges"]}
-        result.near = format_near(near_summary)
+        result.near = f"{format_near(near_summary)}; the largest in {rd.url_of('audit', 'report.html')}"
     if clip is not None:
         stats["clip"] = {"keep": clip.keep, "model": clip.model, "histogram": clip.histogram}
         result.clip = format_keep(clip.keep, clip.model)

@@ -63,6 +63,8 @@ FEAT_SCHEMA = pa.schema([("row", pa.int64()), ("caption", pa.string()), ("hash",
                          ("width", pa.int32()), ("height", pa.int32())])
 EDGE_SCHEMA = pa.schema([("kind", pa.uint8()), ("a", pa.int64()), ("b", pa.int64())])
 NEAR_SCHEMA = pa.schema([("row", pa.int64()), ("root", pa.int64()), ("kind", pa.string())])
+SHOWN_SCHEMA = pa.schema([("row", pa.int64()), ("key", pa.string()), ("caption", pa.string()), ("jpeg", pa.binary())])
+"""A row the report shows (`_near/shown-SSSSS.parquet`): its key, caption and a small JPEG (None: no image)."""
 FEAT_GROUP = 256
 """Rows per row group of a features file: a bucket reads only the groups holding its candidates."""
 
@@ -396,6 +398,28 @@ def clusters(edges: dict[str, list[tuple[int, int]]]) -> dict[int, tuple[int, st
     return out
 
 
+REPORT_CLUSTERS = 8
+"""Clusters per kind the report shows (the largest; the manifest lists every removed sample)."""
+REPORT_MEMBERS = 5
+"""Removed members shown per cluster (its lowest rows)."""
+
+
+def report_clusters(dropped: dict[int, tuple[int, str]], per_kind: int = REPORT_CLUSTERS,
+                    members: int = REPORT_MEMBERS) -> list[dict[str, Any]]:
+    """The clusters the report shows: per kind, the `per_kind` largest (ties: the lowest kept row), each
+    {kind, root, size, shown}: `shown` its `members` lowest removed rows. Clusters as the manifest has
+    them: a kept row and the rows dropped `near_duplicate:KIND` with it as `duplicate_of`."""
+    by_cluster: dict[tuple[str, int], list[int]] = {}
+    for row, (root, kind) in dropped.items():
+        by_cluster.setdefault((kind, root), []).append(row)
+    out = []
+    for kind in KINDS:
+        mine = sorted(((-len(rows), root, rows) for (k, root), rows in by_cluster.items() if k == kind))[:per_kind]
+        out += [{"kind": kind, "root": root, "size": 1 - neg, "shown": sorted(rows)[:members]}
+                for neg, root, rows in mine]
+    return out
+
+
 def brute_force_clusters(captions: list[str | None], images: list[bytes | None], settings: NearSettings,
                          rows: list[int] | None = None) -> dict[int, tuple[int, str]]:
     """Every pair compared, the same definitions: what the steps must give (tests)."""
@@ -525,7 +549,10 @@ class NearClusterStep(Step):
         removed = {k: sum(1 for _, kind in dropped.values() if kind == k) for k in KINDS}
         # A cluster: a kept row with the rows dropped for it, per kind.
         found = {k: len({root for root, kind in dropped.values() if kind == k}) for k in KINDS}
-        return {"clusters": sum(found.values()), "removed": removed, "edges": {k: len(v) for k, v in edges.items()}}
+        # The report's few clusters travel in the summary (a few hundred numbers): the steps that draw
+        # their thumbnails and the page need nothing else from this one.
+        return {"clusters": sum(found.values()), "clusters_by_kind": found, "removed": removed,
+                "edges": {k: len(v) for k, v in edges.items()}, "report": report_clusters(dropped)}
 
 
 def read_near(fs: Any, path: str) -> pa.Table:

@@ -52,6 +52,34 @@ def build_args(urls, out, web, *extra: str) -> list[str]:
     ]
 
 
+# -- reports in a real browser ---------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def chromium_flags(profile: Path) -> list[str]:
+    """Headless Chromium, offline and quiet, with a profile of its own (tests run side by side)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `apt-get install chromium` (the CI script installs it)")
+    return [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={profile}", "--virtual-time-budget=10000"]
+
+
+def thumbnails_in_chromium(report: Path, profile: Path) -> tuple[int, int, str]:
+    """(thumbnails on the page, thumbnails that decoded, the DOM) as dedup.report's check script counted
+    them in headless Chromium."""
+    import re
+    import subprocess
+
+    dom = subprocess.run([*chromium_flags(profile), "--dump-dom", report.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    m = re.search(r'id="thumb-check"[^>]*data-total="(\d+)"[^>]*data-ok="(\d+)"', dom) or \
+        re.search(r'data-total="(\d+)" data-ok="(\d+)"', dom)
+    assert m, dom[:2000]
+    return int(m.group(1)), int(m.group(2)), dom
+
+
 # -- object storage: moto's S3 server on 127.0.0.1 -------------------------------------------------
 
 def _free_port() -> int:

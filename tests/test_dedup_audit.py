@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import chromium_flags, thumbnails_in_chromium
 from PIL import Image
 
 from dedup.synth import TRANSFORMS, random_image, write_corpus
@@ -21,7 +21,6 @@ from pipeline.localweb import encode, write_imagefolder
 from pipeline.shards import get_fs, verify_shards
 
 pytestmark = pytest.mark.timeout(240)
-CHROMIUM = "/usr/bin/chromium"
 WORDS = ("river bridge lantern market evening crowd bicycle harbour mountain snow orchard kitchen window violin "
          "garden statue tram desert cloud meadow").split()
 
@@ -174,20 +173,11 @@ def test_report_renders_in_headless_chromium(audited, tmp_path):
     report = root / "audited" / "audit" / "report.html"
     if not report.exists():
         assert main(argv) == 0
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: run `apt-get install chromium` (the CI script installs it)")
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
-    dom = subprocess.run([*flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    m = re.search(r'id="thumb-check"[^>]*data-total="(\d+)"[^>]*data-ok="(\d+)"', dom) or \
-        re.search(r'data-total="(\d+)" data-ok="(\d+)"', dom)
-    assert m, dom[:2000]
-    total, ok = int(m.group(1)), int(m.group(2))
+    total, ok, _ = thumbnails_in_chromium(report, tmp_path / "profile")
     # One training and one eval thumbnail per pair (the broken image never matched, so none is missing).
     assert total == 2 * len(info["planted"]) and ok == total
     shot = tmp_path / "report.png"
-    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1280,2400", report.as_uri()],
+    subprocess.run([*chromium_flags(tmp_path / "profile"), f"--screenshot={shot}", "--window-size=1280,2400", report.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import build_args
+from conftest import build_args, thumbnails_in_chromium
 from PIL import Image
 
 from jobs.build_corpus import main
@@ -193,14 +193,15 @@ def test_rerun_after_a_kill_in_the_near_steps_gives_the_same_shards(tmp_path, we
     (out / "stats.json").unlink()
     shutil.rmtree(out / "shards")
     shutil.rmtree(out / "manifest")
-    for step in ("near_pairs", "near_cluster", "settle", "write_shards"):
+    for step in ("near_pairs", "near_cluster", "near_thumbs", "settle", "write_shards", "near_report"):
         (out / "_steps" / f"{step}.json").unlink()
     for p in sorted((out / "_steps" / "near_pairs").glob("*.json"))[1:]:
         p.unlink()
-    for step in ("near_cluster", "settle", "write_shards"):
+    for step in ("near_cluster", "near_thumbs", "settle", "write_shards", "near_report"):
         shutil.rmtree(out / "_steps" / step)
-    for p in (out / "_dups").glob("near-*.parquet"):
+    for p in [*(out / "_dups").glob("near-*.parquet"), *(out / "_near").glob("shown-*.parquet")]:
         p.unlink()
+    (out / "audit" / "report.html").unlink()
     with caplog.at_level(logging.INFO, logger="clipforge.job"):
         assert main(_near_args(folder, out, web)) == 0
     assert "near_keys: done in an earlier run" in caplog.text
@@ -209,6 +210,7 @@ def test_rerun_after_a_kill_in_the_near_steps_gives_the_same_shards(tmp_path, we
     for p in (ref / "shards").iterdir():
         assert (out / "shards" / p.name).read_bytes() == p.read_bytes(), p.name
     assert _manifest(out) == _manifest(ref)
+    assert (out / "audit" / "report.html").read_bytes() == (ref / "audit" / "report.html").read_bytes()
 
 
 def test_near_buckets_of_their_own(tmp_path, web, monkeypatch):
@@ -225,6 +227,116 @@ def test_near_buckets_of_their_own(tmp_path, web, monkeypatch):
     assert run["buckets"] == 1 and run["near_buckets"] > 4, run
     man = _manifest(out)
     assert {r["row"]: (int(r["duplicate_of"]), r["reason"].split(":")[1]) for r in man if r["duplicate_of"]} == expect
+
+
+def _report_clusters(html: str) -> dict[tuple[str, str], tuple[int, list[tuple[str, str, str]]]]:
+    """{(kind, kept key): (size, [(cell class, key, thumbnail data URI)...])} of the near-duplicate section."""
+    import re
+
+    section = html[html.index("<h2 id='near-duplicates'>"):]
+    out = {}
+    for kind, body in re.findall(r"<table class='near' data-kind='(\w+)'>(.*?)</table>", section, re.S):
+        for root, size, cells in re.findall(r"<tr class='cluster' data-root='(\d+)' data-size='(\d+)'>(.*?)</tr>",
+                                            body, re.S):
+            shown = re.findall(r"<td class='(kept|removed)' data-key='(\d+)'><img src=\"([^\"]+)\"", cells)
+            out[(kind, root)] = (int(size), shown)
+    return out
+
+
+def _thumb_matches(uri: str, body: bytes) -> float:
+    """Mean absolute difference (grey levels, 32x32) of a data: URI thumbnail and an image's bytes."""
+    import base64
+    import io
+
+    a, b = (Image.open(io.BytesIO(x)).convert("L").resize((32, 32)) for x in
+            (base64.b64decode(uri.split(",", 1)[1]), body))
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
+
+
+def test_report_shows_the_planted_clusters_with_thumbnails(tmp_path, web):
+    """Without --eval, audit/report.html holds the section alone: every planted cluster, kept sample first,
+    each thumbnail its own sample's image, all of them decoding in a browser."""
+    rows, expect, *_ = _planted(web)
+    folder = _write_two_files(tmp_path, rows)
+    out = tmp_path / "o"
+    assert main(_near_args(folder, out, web)) == 0
+    report = out / "audit" / "report.html"
+    html = report.read_text()
+    assert "Near-duplicates within the corpus" in html and "Data-overlap audit" not in html
+    key = {r["row"]: r["key"] for r in _manifest(out)}
+    want: dict[tuple[str, str], list[str]] = {}
+    for r, (root, kind) in sorted(expect.items()):
+        want.setdefault((kind, key[root]), []).append(key[r])
+    got = _report_clusters(html)
+    assert set(got) == set(want)
+    for (kind, root), members in want.items():
+        size, shown = got[(kind, root)]
+        assert size == 1 + len(members)
+        assert [(c, k) for c, k, _ in shown] == [("kept", root)] + [("removed", m) for m in members]
+    # Each thumbnail is its own sample's image as the build stored it (the planted images are random
+    # shapes: another row's differs).
+    member_rows, _, images = _parts_members(out)
+    body = {key[r]: img for r, img in zip(member_rows, images, strict=True)}
+    for _, shown in got.values():
+        for _, k, uri in shown:
+            assert _thumb_matches(uri, body[k]) < 2 < 10 < _thumb_matches(uri, body[key[0]]), k  # row 0: no member
+    # Counts per kind: the planted 2 text clusters (3 removed) and 4 image clusters (4 removed).
+    assert "<tr><td>text</td><td>2</td><td>3</td>" in html and "<tr><td>image</td><td>4</td><td>4</td>" in html
+    total, ok, _ = thumbnails_in_chromium(report, tmp_path / "profile")
+    assert total == len(expect) + len(want) == 13 and ok == total
+
+
+def test_report_without_clusters(tmp_path, web):
+    """No near-duplicates: the section says so per kind; no thumbnail task runs."""
+    rows, *_ = _planted(web)
+    pq.write_table(pa.Table.from_pylist(rows[:20]), tmp_path / "in.parquet")  # rows 0-19: no planted copies
+    out = tmp_path / "o"
+    assert main(_near_args(tmp_path / "in.parquet", out, web)) == 0
+    html = (out / "audit" / "report.html").read_text()
+    assert "<tr><td>text</td><td>0</td><td>0</td>" in html and "<tr><td>image</td><td>0</td><td>0</td>" in html
+    assert html.count("None found.") == 2 and "<img" not in html
+    assert json.loads((out / "_steps" / "near_thumbs.json").read_text()) == []
+
+
+def test_report_with_eval_holds_both_sections(tmp_path, web):
+    """--eval and --dedup-within: one report.html, the eval sets' tables, then the near-duplicate section."""
+    from pipeline.localweb import write_imagefolder
+
+    rows, expect, *_ = _planted(web)
+    folder = _write_two_files(tmp_path, rows)
+    write_imagefolder(tmp_path / "eval", per_class=1, seed=3)
+    out = tmp_path / "o"
+    assert main([*_near_args(folder, out, web), "--eval", f"shapes={tmp_path / 'eval'}"]) == 0
+    html = (out / "audit" / "report.html").read_text()
+    assert html.index("<h2>shapes</h2>") < html.index("Near-duplicates within the corpus")
+    assert (out / "audit" / "summary.json").exists()
+    got = _report_clusters(html)
+    assert sum(len(shown) for _, shown in got.values()) == len(expect) + 6
+
+
+def test_report_on_s3(tmp_path, web, s3):
+    """--out on s3://: the thumbnails' files and the page go through fsspec like every other output."""
+    rows, expect, *_ = _planted(web)
+    folder = _write_two_files(tmp_path, rows)
+    # Few tasks (one bucket, a part per slice): every object is a round trip to the server.
+    args = build_args(folder, s3.url("near"), web, "--executor", "local", "--rows-per-task", "40",
+                      "--samples-per-shard", "64", "--dedup-within", "text,image", "--dedup-buckets", "1")
+    assert main(args) == 0
+    html = s3.fs().cat(f"{s3.bucket}/near/audit/report.html").decode()
+    assert sum(len(shown) for _, shown in _report_clusters(html).values()) == len(expect) + 6
+    assert not [k for k in s3.keys() if k.startswith("near/_near/")]  # scratch removed after success
+
+
+def test_report_clusters_largest_first_ties_by_lowest_kept_row():
+    from pipeline.near_dedup import report_clusters
+
+    # text: kept 50 has 3 removed, kept 10 and 20 have 2 each, kept 5 has 1; image: kept 7 has 8 removed.
+    dropped = {51: (50, "text"), 52: (50, "text"), 53: (50, "text"), 21: (20, "text"), 22: (20, "text"),
+               11: (10, "text"), 12: (10, "text"), 6: (5, "text"), **{100 + i: (7, "image") for i in range(8)}}
+    got = report_clusters(dropped, per_kind=3, members=5)
+    assert [(c["kind"], c["root"], c["size"]) for c in got] == [("text", 50, 4), ("text", 10, 3), ("text", 20, 3),
+                                                                ("image", 7, 9)]
+    assert got[0]["shown"] == [51, 52, 53] and got[-1]["shown"] == [100, 101, 102, 103, 104]
 
 
 @pytest.mark.parametrize(("value", "expect"), [("embedding:0.95", "embedding near-duplicates are not implemented"),
