@@ -216,6 +216,14 @@ def test_banded_lookup_probes_generalised_pigeonhole_radii(d):
     got = BandedIndex(base, None, d).search(queries)
     assert all(got.get((i, i // 4)) == d for i in range(len(queries)))
     assert got == brute_force_hamming(queries, base, np.arange(len(base)), d)
+    # Which chunks get the larger radius is chosen per query by bucket size: with most of the index
+    # in one bucket of the first chunk (crop boxes of one image share chunk values), pairs that only
+    # the first chunk can find at the larger radius must still be found when it gets the smaller.
+    top = np.repeat(base, 10) & np.uint64(0xFFFF << 48)
+    index = np.concatenate([top | rng.integers(0, 2**48, len(top), dtype=np.uint64), base])
+    got = BandedIndex(index, None, d).search(queries)
+    assert got == brute_force_hamming(queries, index, np.arange(len(index)), d)
+    assert all(got.get((i, len(top) + i // 4)) == d for i in range(len(queries)))
 
 
 def test_banded_lookup_equals_brute_force_on_real_hashes(shapes_set):
