@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from dedup import image as im
 from dedup.evalsets import load_eval_set
-from dedup.index import BandedIndex, brute_force_hamming, chunk_bounds
+from dedup.index import BandedIndex, brute_force_hamming, chunk_bounds, chunk_radii
 from dedup.matcher import MatchConfig, OverlapMatcher, brute_force_image_candidates, image_candidates
 from dedup.synth import TRANSFORMS, random_image
 from pipeline.localweb import encode, write_imagefolder
@@ -191,6 +191,39 @@ def test_banded_lookup_equals_brute_force(d):
     got = idx.search(queries)
     assert got == brute_force_hamming(queries, base, owners, d)
     assert sum(w for _, w in chunk_bounds(d)) == 64 and len(chunk_bounds(d)) == 4
+
+
+@pytest.mark.parametrize("d", [3, 8, 10, 13])
+def test_banded_lookup_probes_generalised_pigeonhole_radii(d):
+    # Radii adding up to d - 3, not floor(d / 4) on every chunk: d = 8 probes 188 buckets a query, not 548.
+    radii = chunk_radii(d, 4)
+    assert sum(radii) == d - 3 and max(radii) - min(radii) <= 1
+    # The hardest pairs: exactly d bits apart, within its radius on one chunk only (one bit more on
+    # every other), so that chunk alone can find them; each must still be found, at distance d.
+    rng = np.random.default_rng(d)
+    base = rng.integers(0, 2**63, size=50, dtype=np.uint64)
+    bounds = chunk_bounds(d)
+    queries = []
+    for h in base:
+        for j in range(4):
+            q = int(h)
+            for k, (shift, width) in enumerate(bounds):
+                for b in rng.choice(width, size=radii[k] + (k != j), replace=False):
+                    q ^= 1 << (shift + int(b))
+            queries.append(q)
+    queries = np.array(queries, dtype=np.uint64)
+    assert (np.bitwise_count(queries ^ np.repeat(base, 4)) == d).all()
+    got = BandedIndex(base, None, d).search(queries)
+    assert all(got.get((i, i // 4)) == d for i in range(len(queries)))
+    assert got == brute_force_hamming(queries, base, np.arange(len(base)), d)
+    # Which chunks get the larger radius is chosen per query by bucket size: with most of the index
+    # in one bucket of the first chunk (crop boxes of one image share chunk values), pairs that only
+    # the first chunk can find at the larger radius must still be found when it gets the smaller.
+    top = np.repeat(base, 10) & np.uint64(0xFFFF << 48)
+    index = np.concatenate([top | rng.integers(0, 2**48, len(top), dtype=np.uint64), base])
+    got = BandedIndex(index, None, d).search(queries)
+    assert got == brute_force_hamming(queries, index, np.arange(len(index)), d)
+    assert all(got.get((i, len(top) + i // 4)) == d for i in range(len(queries)))
 
 
 def test_banded_lookup_equals_brute_force_on_real_hashes(shapes_set):
