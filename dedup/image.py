@@ -242,11 +242,13 @@ def dct_bits(coeffs: np.ndarray) -> np.ndarray:
     return np.packbits(bits, axis=1).view(">u8").astype(np.uint64)[:, 0]
 
 
-def _box_codes(grey: np.ndarray, chroma: np.ndarray, boxes: list[tuple[float, ...]], cache: bool = False,
-               mirror: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _box_codes(grey: np.ndarray, chroma: np.ndarray | None, boxes: list[tuple[float, ...]], cache: bool = False,
+               mirror: np.ndarray | None = None, mirrored: bool = True) -> tuple[np.ndarray, ...]:
     """Hashes and chroma codes of every region of every box, plain and mirrored:
     (hashes (n, R), chroma (n, R, CHROMA_DIM), mirrored hashes, mirrored chroma); `mirror`: the
-    boxes to mirror (default all), which the mirrored results then hold in that order.
+    boxes to mirror (default all), which the mirrored results then hold in that order. Codes
+    nobody reads are not computed: the chroma ones (None) without `chroma`, the mirrored ones (None)
+    unless `mirrored`.
 
     `grey` (GRID, GRID) and `chroma` (GRID, GRID, 2), or stacks of m of them ((m, GRID, GRID) and
     (m, GRID, GRID, 2)): then every result gains a leading axis of m. A stack costs one call's
@@ -258,24 +260,33 @@ def _box_codes(grey: np.ndarray, chroma: np.ndarray, boxes: list[tuple[float, ..
     """
     plan = (_cached_plan if cache else _plan)(tuple(tuple(b[:4]) for b in boxes))
     single = grey.ndim == 2
-    g, chm = (grey[None], chroma[None]) if single else (grey, chroma)
+    g = grey[None] if single else grey
     m = len(g)
     ny, nx = len(plan.rows), plan.cols_t.shape[1] // HASH_K
     blocks = ((plan.rows[None] @ g[:, None]) @ plan.cols_t).reshape(m, ny, HASH_K, nx, HASH_K)
     coeffs = blocks[:, plan.yi, :, plan.xi, :]  # (n, m, 8, 8): advanced indices first
-    ch = np.ascontiguousarray(chm.transpose(0, 3, 1, 2))[:, :, None]  # (m, 2, 1, GRID, GRID)
-    cblocks = ((plan.rows3[None, None] @ ch) @ plan.cols3_t).reshape(m, 2, ny, CHROMA_K, nx, CHROMA_K)
-    cc = cblocks[:, :, plan.yi, :, plan.xi, :]  # (n, m, 2, 3, 3)
     n, nb = len(plan.yi), len(boxes)
     h = dct_bits(coeffs.reshape(n * m, -1)).reshape(n, m).T.reshape(m, nb, N_REGIONS)
-    c = cc.transpose(1, 0, 2, 3, 4).reshape(m, nb, N_REGIONS, CHROMA_DIM)
-    if mirror is not None:
-        rows = (np.asarray(mirror)[:, None] * N_REGIONS + np.arange(N_REGIONS)).ravel()
-        coeffs, cc, n, nb = coeffs[rows], cc[rows], len(rows), len(mirror)
-    hm = dct_bits((coeffs * _FLIP8).reshape(n * m, -1)).reshape(n, m).T.reshape(m, nb, N_REGIONS)
-    c_m = (cc * _FLIP3).transpose(1, 0, 2, 3, 4).reshape(m, nb, N_REGIONS, CHROMA_DIM)
-    out = (h, _quantise(c), hm[:, :, _MIRRORED_REGION], _quantise(c_m[:, :, _MIRRORED_REGION]))
-    return tuple(x[0] for x in out) if single else out  # type: ignore[return-value]
+    c = cc = None
+    if chroma is not None:
+        chm = chroma[None] if single else chroma
+        ch = np.ascontiguousarray(chm.transpose(0, 3, 1, 2))[:, :, None]  # (m, 2, 1, GRID, GRID)
+        cblocks = ((plan.rows3[None, None] @ ch) @ plan.cols3_t).reshape(m, 2, ny, CHROMA_K, nx, CHROMA_K)
+        cc = cblocks[:, :, plan.yi, :, plan.xi, :]  # (n, m, 2, 3, 3)
+        c = _quantise(cc.transpose(1, 0, 2, 3, 4).reshape(m, nb, N_REGIONS, CHROMA_DIM))
+    hm = c_m = None
+    if mirrored:
+        if mirror is not None:
+            rows = (np.asarray(mirror)[:, None] * N_REGIONS + np.arange(N_REGIONS)).ravel()
+            coeffs, n, nb = coeffs[rows], len(rows), len(mirror)
+            cc = None if cc is None else cc[rows]
+        hm = dct_bits((coeffs * _FLIP8).reshape(n * m, -1)).reshape(n, m).T.reshape(m, nb, N_REGIONS)
+        hm = hm[:, :, _MIRRORED_REGION]
+        if cc is not None:
+            c_m = (cc * _FLIP3).transpose(1, 0, 2, 3, 4).reshape(m, nb, N_REGIONS, CHROMA_DIM)
+            c_m = _quantise(c_m[:, :, _MIRRORED_REGION])
+    out = (h, c, hm, c_m)
+    return tuple(None if x is None else x[0] for x in out) if single else out
 
 
 CHROMA_STEP = 2.0
@@ -337,7 +348,7 @@ def image_features(img: np.ndarray, sha256: str) -> ImageFeatures:
     trimmed = content_box(grey)
     if trimmed != WHOLE:
         boxes.append(trimmed)
-    h, c, _, _ = _box_codes(grey, chroma, boxes)
+    h, c, _, _ = _box_codes(grey, chroma, boxes, mirrored=False)
     thumb, colour = _thumbs(img)
     return ImageFeatures(hashes=h, thumb=thumb, sha256=sha256, colour=colour, boxes=np.array(boxes, np.float32),
                          chroma=c, size=(img.shape[1], img.shape[0]))
@@ -377,9 +388,8 @@ class _EvalLayout:
     corners: np.ndarray
     """float32 (turns, GRID, GRID): 1 where a turn uncovers the grid (a fill shows there)."""
     turned_boxes: list[tuple[float, float, float, float]]
-    turned_rows: np.ndarray
-    """Rows of the (fills x turns x turned_boxes) stack that are indexed: per turn, the whole box
-    and its cut box with black corners, the whole box with white corners."""
+    turned_cut: np.ndarray
+    """Per turn, which of `turned_boxes` is its cut box."""
     turned_variants: np.ndarray
 
 
@@ -402,13 +412,10 @@ def _eval_layout(crop: float) -> _EvalLayout:
                                            borderMode=cv2.BORDER_CONSTANT) for m in turns])
     cuts = sorted({rotated_cut(a) for a in ROTATIONS})
     turned_boxes = [WHOLE] + [(c, c, 1 - c, 1 - c) for c in cuts]
-    k, nb = len(ROTATIONS), len(turned_boxes)
-    rows, variants = [], []
-    for i, angle in enumerate(ROTATIONS):
-        j = 1 + cuts.index(rotated_cut(angle))
-        rows += [i * nb, i * nb + j, (k + i) * nb]
-        variants += [(*WHOLE, 0.0, angle), (*turned_boxes[j], 0.0, angle), (*WHOLE, 0.0, angle)]
-    return _EvalLayout(boxes, flip, crop_variants, crop_parts, turns, corners, turned_boxes, np.array(rows),
+    cut_of = np.array([1 + cuts.index(rotated_cut(a)) for a in ROTATIONS])
+    variants = [v for a, j in zip(ROTATIONS, cut_of)
+                for v in ((*WHOLE, 0.0, a), (*turned_boxes[j], 0.0, a), (*WHOLE, 0.0, a))]
+    return _EvalLayout(boxes, flip, crop_variants, crop_parts, turns, corners, turned_boxes, cut_of,
                        np.array(variants, np.float32))
 
 
@@ -419,7 +426,7 @@ def eval_view_features(img: np.ndarray, crop: float, sha256: str) -> ViewFeature
     hs, cs, variants, parts = [h, hm], [c, cm], [lay.crop_variants], [lay.crop_parts]
     trimmed = content_box(grey)
     if trimmed != WHOLE:
-        h, c, hm, cm = _box_codes(grey, chroma, [trimmed])
+        h, c, hm, cm = _box_codes(grey, chroma, [trimmed], cache=True)  # borders fall on 1/GRID steps
         hs += [h, hm]
         cs += [c, cm]
         variants.append(np.array([(*trimmed, 0.0, 0.0), (*trimmed, 1.0, 0.0)], np.float32))
@@ -432,11 +439,14 @@ def eval_view_features(img: np.ndarray, crop: float, sha256: str) -> ViewFeature
     both = np.dstack([grey, chroma])
     turned = np.stack([cv2.warpAffine(both, m, (GRID, GRID), flags=cv2.INTER_LINEAR,
                                       borderMode=cv2.BORDER_CONSTANT) for m in lay.turns])
-    greys = np.concatenate([turned[..., 0], turned[..., 0] + 255.0 * lay.corners])
-    chromas = np.concatenate([turned[..., 1:], turned[..., 1:]])
-    h_t, c_t, _, _ = _box_codes(greys, chromas, lay.turned_boxes, cache=True)
-    hs.append(h_t.reshape(-1, N_REGIONS)[lay.turned_rows])
-    cs.append(c_t.reshape(-1, N_REGIONS, CHROMA_DIM)[lay.turned_rows])
+    # Per turn three rows: the whole and the cut box with black corners, the whole box with white
+    # ones; white corners change no chroma, and nothing turned is mirrored.
+    grey_t = np.ascontiguousarray(turned[..., 0])  # a strided stack would miss BLAS (other rounding)
+    h_b, c_b, _, _ = _box_codes(grey_t, turned[..., 1:], lay.turned_boxes, cache=True, mirrored=False)
+    h_w, _, _, _ = _box_codes(grey_t + 255.0 * lay.corners, None, [WHOLE], cache=True, mirrored=False)
+    at = np.arange(len(ROTATIONS))
+    hs.append(np.stack([h_b[:, 0], h_b[at, lay.turned_cut], h_w[:, 0]], axis=1).reshape(-1, N_REGIONS))
+    cs.append(np.stack([c_b[:, 0], c_b[at, lay.turned_cut], c_b[:, 0]], axis=1).reshape(-1, N_REGIONS, CHROMA_DIM))
     variants.append(lay.turned_variants)
     parts.append(np.ones(len(lay.turned_variants), bool))
     thumb, colour = _thumbs(img)
