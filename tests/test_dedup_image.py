@@ -14,7 +14,7 @@ from dedup import image as im
 from dedup.evalsets import load_eval_set
 from dedup.index import BandedIndex, brute_force_hamming, chunk_bounds, chunk_radii
 from dedup.matcher import MatchConfig, OverlapMatcher, brute_force_image_candidates, image_candidates
-from dedup.synth import TRANSFORMS, random_image
+from dedup.synth import TRANSFORMS, generated, photos, random_image
 from pipeline.localweb import encode, write_imagefolder
 
 pytestmark = pytest.mark.timeout(180)
@@ -175,6 +175,51 @@ def test_flat_images():
     differs = im.verify(other, other.boxes[0], v.thumb, v.colour, v.variants[0])
     assert differs.colour_diff > im.Limits().max_colour and differs.failed == "colour"
     assert im.features(b"not an image") is None
+
+
+def _codes_computing_everything(img: np.ndarray, crop: float) -> tuple[np.ndarray, np.ndarray]:
+    """An eval view's (hashes, chroma) as they were computed before the eval side skipped codes it
+    never keeps: every turn and fill hashed on every turned box, mirrored too, then rows picked."""
+    lay = im._eval_layout(crop)
+    grey, chroma = im.grids(img)
+    h, c, hm, cm = im._box_codes(grey, chroma, lay.boxes, mirror=lay.flip)
+    hs, cs = [h, hm], [c, cm]
+    trimmed = im.content_box(grey)
+    if trimmed != im.WHOLE:
+        h, c, hm, cm = im._box_codes(grey, chroma, [trimmed])
+        hs += [h, hm]
+        cs += [c, cm]
+    both = np.dstack([grey, chroma])
+    turned = np.stack([cv2.warpAffine(both, m, (im.GRID, im.GRID), flags=cv2.INTER_LINEAR,
+                                      borderMode=cv2.BORDER_CONSTANT) for m in lay.turns])
+    greys = np.concatenate([turned[..., 0], turned[..., 0] + 255.0 * lay.corners])
+    h_t, c_t, _, _ = im._box_codes(greys, np.concatenate([turned[..., 1:]] * 2), lay.turned_boxes)
+    k, nb = len(im.ROTATIONS), len(lay.turned_boxes)
+    rows = [r for i, j in enumerate(lay.turned_cut) for r in (i * nb, i * nb + j, (k + i) * nb)]
+    hs.append(h_t.reshape(-1, im.N_REGIONS)[rows])
+    cs.append(c_t.reshape(-1, im.N_REGIONS, im.CHROMA_DIM)[rows])
+    return np.concatenate(hs), np.concatenate(cs)
+
+
+def test_eval_codes_equal_computing_everything_bit_for_bit():
+    # Real photographs (non-square ones give three views, some trimmed borders) and generated images.
+    pictures = [p.image for p in photos(160)[::6]] + [img for _, img in generated(6, 3)]
+    rng = random.Random(5)
+    pictures += [random_image(rng, size)[0] for size in ((128, 128), (200, 150), (96, 120))]
+    trimmed = 0
+    for picture in pictures:
+        _, views = im.view_features(encode(picture, "jpg"))
+        img = im.decode(encode(picture, "jpg"))
+        for view, v in zip(im.views(img), views, strict=True):
+            hashes, chroma = _codes_computing_everything(view, 0.08)
+            assert np.array_equal(v.hashes, hashes) and np.array_equal(v.chroma, chroma)
+            trimmed += im.content_box(im.grids(view)[0]) != im.WHOLE
+        # The training side keeps the unmirrored codes of the same boxes.
+        f = im.features(encode(picture, "jpg"))
+        grey, chroma = im.grids(img)
+        h, c, _, _ = im._box_codes(grey, chroma, [tuple(b) for b in f.boxes.tolist()])
+        assert np.array_equal(f.hashes, h) and np.array_equal(f.chroma, c)
+    assert trimmed >= 3  # the trimmed-box path was exercised
 
 
 @pytest.mark.parametrize("d", [0, 3, 10, 20])
