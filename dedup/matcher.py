@@ -186,20 +186,35 @@ class EvalSetIndex:
 
 
 VIEW_NAMES = ("as_is", "center_square", "padded_square")
+EVAL_GROUP = 16
+"""Eval images hashed together in one call (`im.view_features_many`)."""
 
 
 def _set_features(es: EvalSet, crop: float, threads: int) -> list[tuple[str, list[im.ViewFeatures]] | None]:
     feats: list[tuple[str, list[im.ViewFeatures]] | None] = [None] * len(es.items)
     # cv2 decode/resize release the GIL, so threads use all cores here without pickling images.
+    # Images go in groups (`view_features_many`): their views are hashed together, the same codes.
     with ThreadPoolExecutor(threads) as pool:
-        pending = {}
+        pending: dict = {}
+        group: list[tuple[int, bytes]] = []
+
+        def submit() -> None:
+            pending[pool.submit(im.view_features_many, [d for _, d in group], crop)] = [i for i, _ in group]
+            group.clear()
+
         for i, data in es.iter_images():
-            pending[pool.submit(im.view_features, data, crop)] = i
+            group.append((i, data))
+            if len(group) >= EVAL_GROUP:
+                submit()
             if len(pending) >= 4 * threads:
                 for fut in list(pending)[: 2 * threads]:
-                    feats[pending.pop(fut)] = fut.result()
-        for fut, i in pending.items():
-            feats[i] = fut.result()
+                    for j, f in zip(pending.pop(fut), fut.result(), strict=True):
+                        feats[j] = f
+        if group:
+            submit()
+        for fut, idx in pending.items():
+            for j, f in zip(idx, fut.result(), strict=True):
+                feats[j] = f
     return feats
 
 

@@ -201,21 +201,25 @@ def _codes_computing_everything(img: np.ndarray, crop: float) -> tuple[np.ndarra
     return np.concatenate(hs), np.concatenate(cs)
 
 
-def test_eval_codes_equal_computing_everything_bit_for_bit():
+def test_batched_eval_codes_equal_computing_everything_bit_for_bit():
     # Real photographs (non-square ones give three views, some trimmed borders) and generated images.
     pictures = [p.image for p in photos(160)[::6]] + [img for _, img in generated(6, 3)]
     rng = random.Random(5)
     pictures += [random_image(rng, size)[0] for size in ((128, 128), (200, 150), (96, 120))]
+    datas = [encode(picture, "jpg") for picture in pictures]
+    # All images in one call, their views stacked: the codes of each view alone, as computed before.
+    batched = im.view_features_many(datas)
     trimmed = 0
-    for picture in pictures:
-        _, views = im.view_features(encode(picture, "jpg"))
-        img = im.decode(encode(picture, "jpg"))
+    for data, (sha, views) in zip(datas, batched, strict=True):
+        assert (sha, len(views)) == (im.view_features(data)[0], len(im.view_features(data)[1]))
+        img = im.decode(data)
         for view, v in zip(im.views(img), views, strict=True):
             hashes, chroma = _codes_computing_everything(view, 0.08)
             assert np.array_equal(v.hashes, hashes) and np.array_equal(v.chroma, chroma)
+            assert np.array_equal(v.thumb, im._thumbs(view)[0]) and v.sha256 == sha
             trimmed += im.content_box(im.grids(view)[0]) != im.WHOLE
         # The training side keeps the unmirrored codes of the same boxes.
-        f = im.features(encode(picture, "jpg"))
+        f = im.features(data)
         grey, chroma = im.grids(img)
         h, c, _, _ = im._box_codes(grey, chroma, [tuple(b) for b in f.boxes.tolist()])
         assert np.array_equal(f.hashes, h) and np.array_equal(f.chroma, c)
