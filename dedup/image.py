@@ -199,37 +199,79 @@ def _sub(box: tuple[float, ...], part: tuple[float, ...]) -> tuple[float, float,
 
 
 @dataclass(frozen=True)
+class _Group:
+    """Row intervals that meet the same column intervals, and the regions they serve."""
+
+    ys: np.ndarray
+    """int64: the row intervals."""
+    cols_t: np.ndarray
+    """float32 (GRID, nx * HASH_K): basis of each column interval they meet, transposed."""
+    cols3_t: np.ndarray
+    """The same for CHROMA_K frequencies."""
+    ly: np.ndarray
+    lx: np.ndarray
+    """int64: each region's row and column interval, counted within the group."""
+
+
+@dataclass(frozen=True)
 class _Plan:
     """How to get the DCT of many boxes at once: every box's rows and columns are among a few distinct
     intervals, so grey -> (rows basis) @ grey @ (columns basis)^T gives every (row interval, column
-    interval) block in two small products, and each box picks its block."""
+    interval) block in two small products, and each box picks its block. The second product is only
+    taken for the blocks some region uses: a part's row interval (top, bottom) meets only its box's
+    column interval, so of the crop boxes' 27 x 27 blocks 405 are needed, not 729."""
 
     rows: np.ndarray
     """float32 (ny, HASH_K, GRID): basis of each distinct row interval."""
-    cols_t: np.ndarray
-    """float32 (GRID, nx * HASH_K): basis of each distinct column interval, transposed."""
     rows3: np.ndarray
-    cols3_t: np.ndarray
     """The same for CHROMA_K frequencies."""
-    yi: np.ndarray
-    xi: np.ndarray
-    """int64 (boxes * N_REGIONS,): each region's row and column interval."""
+    groups: tuple[_Group, ...]
+    order: np.ndarray | None
+    """int64 (boxes * N_REGIONS,): where each region's block is among the groups' blocks, in turn
+    (None: one group, in order)."""
+
+
+def _in_order(plan: _Plan, blocks: list[np.ndarray]) -> np.ndarray:
+    return blocks[0] if plan.order is None else np.concatenate(blocks)[plan.order]
+
+
+_GROUP_FROM = 2
+"""Plans for more boxes than this take the second product per group of row intervals."""
 
 
 def _plan(boxes: tuple[tuple[float, ...], ...]) -> _Plan:
+    # Plain Python for the bookkeeping: a plan for one or two boxes is made per image (the training
+    # side, a trimmed box), and numpy's per-call overhead would cost more than the products.
     subs = [_sub(b, r) for b in boxes for r in _REGION_BOX]
-    ys = sorted({(round(s[1], 6), round(s[3], 6)) for s in subs})
-    xs = sorted({(round(s[0], 6), round(s[2], 6)) for s in subs})
+    ykeys = [(round(s[1], 6), round(s[3], 6)) for s in subs]
+    xkeys = [(round(s[0], 6), round(s[2], 6)) for s in subs]
+    ys, xs = sorted(set(ykeys)), sorted(set(xkeys))
+    ypos, xpos = {y: i for i, y in enumerate(ys)}, {x: i for i, x in enumerate(xs)}
+    yi, xi = [ypos[k] for k in ykeys], [xpos[k] for k in xkeys]
     rows = np.stack([_axis_basis(*y) for y in ys])
     cols = np.stack([_axis_basis(*x) for x in xs])
-    yi = np.array([ys.index((round(s[1], 6), round(s[3], 6))) for s in subs])
-    xi = np.array([xs.index((round(s[0], 6), round(s[2], 6))) for s in subs])
 
     def t(c: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(c.transpose(2, 0, 1).reshape(GRID, -1))
 
-    return _Plan(np.ascontiguousarray(rows), t(cols), np.ascontiguousarray(rows[:, :CHROMA_K]),
-                 t(cols[:, :CHROMA_K]), yi, xi)
+    if len(boxes) <= _GROUP_FROM:  # grouping saves products only for many boxes; for a few it costs calls
+        whole = _Group(np.arange(len(ys)), t(cols), t(cols[:, :CHROMA_K]), np.array(yi), np.array(xi))
+        return _Plan(np.ascontiguousarray(rows), np.ascontiguousarray(rows[:, :CHROMA_K]), (whole,), None)
+    meets: dict[int, set[int]] = {}
+    for y, x in zip(yi, xi, strict=True):
+        meets.setdefault(y, set()).add(x)
+    by_columns: dict[tuple[int, ...], list[int]] = {}
+    for y in range(len(ys)):
+        by_columns.setdefault(tuple(sorted(meets[y])), []).append(y)
+    groups, served = [], []
+    for gx, gy in by_columns.items():
+        ly, lx = {y: i for i, y in enumerate(gy)}, {x: i for i, x in enumerate(gx)}
+        regions = [r for r, y in enumerate(yi) if y in ly]
+        served += regions
+        groups.append(_Group(np.array(gy), t(cols[list(gx)]), t(cols[list(gx), :CHROMA_K]),
+                             np.array([ly[yi[r]] for r in regions]), np.array([lx[xi[r]] for r in regions])))
+    return _Plan(np.ascontiguousarray(rows), np.ascontiguousarray(rows[:, :CHROMA_K]), tuple(groups),
+                 np.argsort(np.array(served), kind="stable"))
 
 
 _cached_plan = lru_cache(maxsize=64)(_plan)
@@ -262,17 +304,18 @@ def _box_codes(grey: np.ndarray, chroma: np.ndarray | None, boxes: list[tuple[fl
     single = grey.ndim == 2
     g = grey[None] if single else grey
     m = len(g)
-    ny, nx = len(plan.rows), plan.cols_t.shape[1] // HASH_K
-    blocks = ((plan.rows[None] @ g[:, None]) @ plan.cols_t).reshape(m, ny, HASH_K, nx, HASH_K)
-    coeffs = blocks[:, plan.yi, :, plan.xi, :]  # (n, m, 8, 8): advanced indices first
-    n, nb = len(plan.yi), len(boxes)
+    a = plan.rows[None] @ g[:, None]  # (m, ny, HASH_K, GRID)
+    coeffs = _in_order(plan, [(a[:, q.ys] @ q.cols_t).reshape(m, len(q.ys), HASH_K, -1, HASH_K)[:, q.ly, :, q.lx, :]
+                              for q in plan.groups])  # (n, m, 8, 8): advanced indices first
+    n, nb = len(coeffs), len(boxes)
     h = dct_bits(coeffs.reshape(n * m, -1)).reshape(n, m).T.reshape(m, nb, N_REGIONS)
     c = cc = None
     if chroma is not None:
         chm = chroma[None] if single else chroma
         ch = np.ascontiguousarray(chm.transpose(0, 3, 1, 2))[:, :, None]  # (m, 2, 1, GRID, GRID)
-        cblocks = ((plan.rows3[None, None] @ ch) @ plan.cols3_t).reshape(m, 2, ny, CHROMA_K, nx, CHROMA_K)
-        cc = cblocks[:, :, plan.yi, :, plan.xi, :]  # (n, m, 2, 3, 3)
+        a3 = plan.rows3[None, None] @ ch  # (m, 2, ny, CHROMA_K, GRID)
+        cc = _in_order(plan, [(a3[:, :, q.ys] @ q.cols3_t).reshape(m, 2, len(q.ys), CHROMA_K, -1, CHROMA_K)
+                              [:, :, q.ly, :, q.lx, :] for q in plan.groups])  # (n, m, 2, 3, 3)
         c = _quantise(cc.transpose(1, 0, 2, 3, 4).reshape(m, nb, N_REGIONS, CHROMA_DIM))
     hm = c_m = None
     if mirrored:
