@@ -52,6 +52,7 @@ from pipeline.localweb import (  # noqa: E402
     write_imagefolder,
     write_retrieval,
 )
+from pipeline.sample import DROPPED, FAILED, WRITTEN  # noqa: E402
 
 log = logging.getLogger("clipforge.demo")
 
@@ -130,9 +131,10 @@ def plant_noise(web: LocalWeb, images: list[dict], mismatched: float, reuploads:
     # Captions are taken from images that keep their own, so each planted caption is the true one of `of`.
     for i in wrong:
         row = images[i]
-        donor = images[rng.choice(clean)]
-        while donor["label"] == row["label"]:
-            donor = images[rng.choice(clean)]
+        donors = [j for j in clean if images[j]["label"] != row["label"]]
+        if not donors:
+            raise ValueError(f"no image of another class than {row['label']!r} keeps its caption: add images")
+        donor = images[rng.choice(donors)]
         row["caption"] = donor["caption"]
         truth.append({"uid": row["uid"], "noise": MISMATCHED, "of": donor["uid"]})
     extra = []
@@ -173,7 +175,7 @@ def manifest_fates(manifest_dir: Path) -> Iterator[tuple[int, str | None]]:
     for path in sorted(manifest_dir.glob("*.parquet")):
         t = pq.read_table(path, columns=["key", "status", "reason"]).to_pydict()
         for key, status, reason in zip(t["key"], t["status"], t["reason"], strict=True):
-            yield int(key), None if status == "written" else (reason if status == "dropped" else f"failed:{reason}")
+            yield int(key), None if status == WRITTEN else (reason if status == DROPPED else f"{FAILED}:{reason}")
 
 
 def removal_scores(truth: dict[int, str], fates: Iterable[tuple[int, str | None]]) -> dict[str, Any]:
