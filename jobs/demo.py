@@ -13,8 +13,9 @@
 3. audits it against the eval sets (jobs/audit_overlap.py's stage) and writes
    the clean corpus and the HTML report;
 4. trains a tiny CLIP on the clean corpus on the CPU with zero-shot evaluation;
-5. scores that corpus with the checkpoint of step 4 and keeps the best pairs
-   (jobs/score_corpus.py: CLIP score; within-corpus duplicates with --dedup-within);
+5. builds the same URL list again with the filters on (build_corpus --clip-filter
+   with the checkpoint of step 4, keeping the top pairs by CLIP score; within-corpus
+   near-duplicates too with --dedup-within) and audits it as in step 3;
 6. trains again on the filtered corpus for the same number of samples;
 7. prints zero-shot and retrieval before and after filtering, and the precision
    and recall of the noise removal against the planted truth.
@@ -52,14 +53,15 @@ from pipeline.localweb import (  # noqa: E402
     write_imagefolder,
     write_retrieval,
 )
-from pipeline.sample import DROPPED, FAILED, WRITTEN  # noqa: E402
+from pipeline.sample import DROPPED, WRITTEN  # noqa: E402
+from scoring.job import DROP_REASON as CLIP_DROP  # noqa: E402
 
 log = logging.getLogger("clipforge.demo")
 
 # Outputs of the demo's stages. Each stage refuses to resume into output made from
 # other input, and every demo run serves its web on a new random port (new URLs, new
 # allow_hosts), so a second `make demo` would be refused: the demo starts clean instead.
-STAGE_OUTPUTS = ("corpus", "audited", "run", "filtered", "run-filtered")
+STAGE_OUTPUTS = ("corpus", "audited", "run", "corpus-filtered", "filtered", "run-filtered")
 
 
 def fresh_start(out: Path) -> list[Path]:
@@ -104,8 +106,10 @@ def plant_overlaps(web: LocalWeb, eval_images: list[Path], n: int, rng: random.R
 
 MISMATCHED = "mismatched_caption"
 """Planted noise: the image carries the caption of another image, of another class."""
-REUPLOAD = "near_duplicate"
+REUPLOAD = "reupload"
 """Planted noise: another upload of an image already in the web, resized and re-encoded, captioned anew."""
+NEAR_DUPLICATE = "near_duplicate"
+"""build_corpus --dedup-within's drop reasons: near_duplicate:text, near_duplicate:image (issue 11 item 4)."""
 
 
 def plant_noise(web: LocalWeb, images: list[dict], mismatched: float, reuploads: float,
@@ -169,13 +173,22 @@ def order_rows(rows: list[dict], reuploads: list[dict], truth: list[dict], rng: 
     return out
 
 
-def manifest_fates(manifest_dir: Path) -> Iterator[tuple[int, str | None]]:
-    """(input row, None if kept, else why not) for every row of a score_corpus manifest. Its keys are
-    the build's (zero-padded input rows: the audit and the scoring keep them), which the truth uses."""
+def is_filter_drop(reason: str | None) -> bool:
+    """Whether a drop reason is one of the filters step 5 adds (CLIP score, within-corpus duplicates)."""
+    return reason is not None and (reason == CLIP_DROP or reason.startswith(NEAR_DUPLICATE))
+
+
+def filter_fates(manifest_dir: Path) -> Iterator[tuple[int, str | None]]:
+    """(input row, None if kept, else the filter's drop reason) for every row a build's manifest shows
+    reaching its CLIP-score and duplicate filters: kept ones and those these filters dropped (a row
+    that failed or was dropped before them was never theirs to judge)."""
     for path in sorted(manifest_dir.glob("*.parquet")):
-        t = pq.read_table(path, columns=["key", "status", "reason"]).to_pydict()
-        for key, status, reason in zip(t["key"], t["status"], t["reason"], strict=True):
-            yield int(key), None if status == WRITTEN else (reason if status == DROPPED else f"{FAILED}:{reason}")
+        t = pq.read_table(path, columns=["row", "status", "reason"]).to_pydict()
+        for row, status, reason in zip(t["row"], t["status"], t["reason"], strict=True):
+            if status == WRITTEN:
+                yield row, None
+            elif status == DROPPED and is_filter_drop(reason):
+                yield row, reason
 
 
 def removal_scores(truth: dict[int, str], fates: Iterable[tuple[int, str | None]]) -> dict[str, Any]:
@@ -269,9 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="step 5 keeps this top fraction by CLIP score (default: 1 - the share of mismatched "
                         "captions among the images served)")
     p.add_argument("--dedup-within", default=None, metavar="KINDS",
-                   help="step 5 also removes near-duplicates within the corpus (score_corpus --dedup-within, "
-                        "issue 11 item 4; 'image' here: the demo's captions come from a few templates); off by "
-                        "default until score_corpus has the flag")
+                   help="step 5 also removes near-duplicates within the corpus (build_corpus --dedup-within, "
+                        "issue 11 item 4; 'image' here: the demo's captions come from a few templates, so nearly "
+                        "all are near-duplicates as text); off by default until build_corpus has the flag")
     p.add_argument("--skip-train", action="store_true", help="stop after the audit (no training, no filtering)")
     p.add_argument("--train-samples", type=int, default=40_000,
                    help="samples seen in each of the two trainings (rounded to epochs of the first corpus)")
@@ -312,86 +325,91 @@ def main(argv: list[str] | None = None) -> int:
               f"truth in {out / 'data' / 'noise.parquet'})")
 
         print("== 2. building the corpus on a local Ray (jobs/build_corpus.py)", flush=True)
-        from jobs.build_corpus import main as build_main
-
         corpus = out / "corpus"
-        rc = build_main(["--urls", str(urls), "--out", str(corpus), "--extra-cols", "uid",
-                         "--allow-hosts", web.hostport, "--rows-per-task", "250", "--samples-per-shard", "256",
-                         "--timeout", "2", "--retry-backoff", "0.1", "--image-size", "64"])
+        rc = build(urls, corpus, web, internal)
         if rc != 0:
             return rc
-        if internal.hits:
-            raise RuntimeError(f"the internal host was contacted: {dict(internal.hits)}")
-    finally:
-        web.stop()
-        internal.stop()
 
-    print("== 3. removing evaluation-set overlap (jobs/audit_overlap.py)", flush=True)
-    from dedup.audit import demo as audit_demo
+        print("== 3. removing evaluation-set overlap (jobs/audit_overlap.py)", flush=True)
+        audited = out / "audited"
+        audit(corpus, evals, audited)
+        if args.skip_train:
+            print(f"== done: outputs under {out}")
+            return 0
 
-    audited = out / "audited"
-    # Image matching only: the demo's captions come from a handful of templates, so
-    # the eval captions genuinely overlap most training captions word for word.
-    audit_demo(str(corpus), {k: str(v) for k, v in evals.items()}, str(audited), kinds=("image",))
-
-    if not args.skip_train:
         print("== 4. training a tiny CLIP on the clean corpus (training/train.py)", flush=True)
-        from training.demo import run_demo
+        from training.checkpoint import find_latest
+        from training.demo import TINY, run_demo
 
         train = {"zeroshot": evals["shapes"], "retrieval": evals["pairs"], "retrieval_name": "pairs",
-                 "overlap_audit": audited / "audit" / "summary.json", "target_samples": args.train_samples}
-        before = run_demo(audited / "shards", out=out / "run", **train)
+                 "target_samples": args.train_samples}
+        before = run_demo(audited / "shards", out=out / "run", overlap_audit=audited / "audit" / "summary.json",
+                          **train)
 
         # The rule that fits a web whose noise share is known: keep 1 - that share. Re-uploads carry
         # right captions, so only the mismatched ones count; with --dedup-within the re-uploads are
         # gone before the scores' quantile is taken, without it they are among the scored.
         scored = len(images) + (0 if args.dedup_within else len(reuploads))
         top_frac = args.clip_top_frac if args.clip_top_frac is not None else 1 - kinds[MISMATCHED] / scored
-        print(f"== 5. scoring the corpus with that model, keeping the top {top_frac:.3f} by CLIP score"
-              f"{' and one of each near-duplicate cluster (' + args.dedup_within + ')' if args.dedup_within else ''}"
-              " (jobs/score_corpus.py)", flush=True)
-        filtered = out / "filtered"
-        rc = filter_corpus(audited, filtered, out / "run" / "checkpoints", top_frac, args.dedup_within)
+        ckpt = find_latest(out / "run" / "checkpoints")
+        if ckpt is None:
+            raise RuntimeError(f"{out / 'run' / 'checkpoints'}: no checkpoint to score with")
+        print(f"== 5. the same build, filtered: top {top_frac:.3f} by CLIP score with {ckpt.name} of step 4"
+              f"{', near-duplicates within the corpus (' + args.dedup_within + ')' if args.dedup_within else ''}"
+              " (jobs/build_corpus.py --clip-filter), then the same audit", flush=True)
+        # The user's way to the filtered corpus: build_corpus with the filters on. In this process:
+        # a second Ray start would cost more than the build of a few thousand small images.
+        filters = ["--executor", "local", "--clip-filter", str(TINY), "--clip-pretrained", ckpt.path,
+                   "--clip-score-top-frac", f"{top_frac:.4f}"]
+        if args.dedup_within:
+            filters += ["--dedup-within", args.dedup_within]
+        rc = build(urls, out / "corpus-filtered", web, internal, *filters)
         if rc != 0:
             return rc
+    finally:
+        web.stop()
+        internal.stop()
+    filtered = out / "filtered"
+    audit(out / "corpus-filtered", evals, filtered)
 
-        print("== 6. training again on the filtered corpus, for the same number of samples", flush=True)
-        after = run_demo(filtered / "shards", out=out / "run-filtered", samples_per_epoch=before["corpus_samples"],
-                         **train)
-        if after["samples_seen"] != before["samples_seen"]:
-            raise RuntimeError(f"the two trainings saw {before['samples_seen']} and {after['samples_seen']} samples")
+    print("== 6. training again on the filtered corpus, for the same number of samples", flush=True)
+    after = run_demo(filtered / "shards", out=out / "run-filtered", overlap_audit=filtered / "audit" / "summary.json",
+                     samples_per_epoch=before["corpus_samples"], **train)
+    if after["samples_seen"] != before["samples_seen"]:
+        raise RuntimeError(f"the two trainings saw {before['samples_seen']} and {after['samples_seen']} samples")
 
-        print("== 7. before and after filtering", flush=True)
-        scores = removal_scores({t["row"]: t["noise"] for t in truth}, manifest_fates(filtered / "manifest"))
-        if scores["noise"] < len(truth):
-            print(f"   {len(truth) - scores['noise']} of the {len(truth)} planted noise rows did not reach the "
-                  "scored corpus (dropped by the build or the audit)")
-        for line in comparison(before, after, {"zeroshot": len(shapes), "retrieval": len(pairs)}, scores):
-            print(line)
-        (out / "filtering.json").write_text(json.dumps({"before": before, "after": after, "noise_removal": scores,
-                                                        "clip_top_frac": top_frac,
-                                                        "dedup_within": args.dedup_within}, indent=1))
+    print("== 7. before and after filtering", flush=True)
+    scores = removal_scores({t["row"]: t["noise"] for t in truth}, filter_fates(out / "corpus-filtered" / "manifest"))
+    if scores["noise"] < len(truth):
+        print(f"   {len(truth) - scores['noise']} of the {len(truth)} planted noise rows did not reach the filters "
+              "(failed or dropped before them)")
+    for line in comparison(before, after, {"zeroshot": len(shapes), "retrieval": len(pairs)}, scores):
+        print(line)
+    (out / "filtering.json").write_text(json.dumps({"before": before, "after": after, "noise_removal": scores,
+                                                    "clip_top_frac": top_frac, "dedup_within": args.dedup_within},
+                                                   indent=1))
     print(f"== done: outputs under {out}")
     return 0
 
 
-def filter_corpus(corpus: Path, out: Path, checkpoints: Path, top_frac: float, dedup_within: str | None) -> int:
-    """score_corpus over `corpus` with the newest checkpoint in `checkpoints` (the tiny model the demo
-    trained), keeping the top fraction; with `dedup_within`, near-duplicates are removed as well."""
-    from jobs.score_corpus import main as score_main
-    from training.checkpoint import find_latest
-    from training.demo import TINY
+def build(urls: Path, out: Path, web: LocalWeb, internal: LocalWeb, *extra: str) -> int:
+    """jobs/build_corpus.py over the demo's URL list, with `extra` flags; the internal host must stay untouched."""
+    from jobs.build_corpus import main as build_main
 
-    ckpt = find_latest(checkpoints)
-    if ckpt is None:
-        raise RuntimeError(f"{checkpoints}: no checkpoint to score with")
-    # In this process (the model loaded once, on all the cores): a Ray cluster's start would cost
-    # more than the scoring of a few thousand 64-pixel images.
-    argv = ["--corpus", str(corpus), "--out", str(out), "--model", str(TINY), "--clip-pretrained", ckpt.path,
-            "--clip-score-top-frac", f"{top_frac:.4f}", "--executor", "local"]
-    if dedup_within:
-        argv += ["--dedup-within", dedup_within]
-    return score_main(argv)
+    rc = build_main(["--urls", str(urls), "--out", str(out), "--extra-cols", "uid", "--allow-hosts", web.hostport,
+                     "--rows-per-task", "250", "--samples-per-shard", "256", "--timeout", "2", "--retry-backoff", "0.1",
+                     "--image-size", "64", *extra])
+    if internal.hits:
+        raise RuntimeError(f"the internal host was contacted: {dict(internal.hits)}")
+    return rc
+
+
+def audit(corpus: Path, evals: dict[str, Path], out: Path) -> None:
+    from dedup.audit import demo as audit_demo
+
+    # Image matching only: the demo's captions come from a handful of templates, so
+    # the eval captions genuinely overlap most training captions word for word.
+    audit_demo(str(corpus), {k: str(v) for k, v in evals.items()}, str(out), kinds=("image",))
 
 
 if __name__ == "__main__":

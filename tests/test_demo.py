@@ -15,7 +15,7 @@ from jobs.demo import (
     MISMATCHED,
     REUPLOAD,
     change,
-    manifest_fates,
+    filter_fates,
     order_rows,
     plant_noise,
     removal_scores,
@@ -83,14 +83,16 @@ def test_removal_precision_and_recall_on_a_constructed_case(tmp_path):
     none = removal_scores({}, [(0, None)])
     assert none["precision"] is None and none["recall"] is None
 
-    # The fates come from score_corpus's manifest, keyed by the build's zero-padded input rows.
+    # The fates come from the filtered build's manifest: only rows that reached its filters count.
     (tmp_path / "manifest").mkdir()
     pq.write_table(pa.Table.from_pylist([
-        {"key": "000000004", "status": "dropped", "reason": "clip_score_low"},
-        {"key": "000000001", "status": "written", "reason": None},
-        {"key": "000000007", "status": "failed", "reason": "undecodable_image"}]), tmp_path / "manifest/00000.parquet")
-    assert list(manifest_fates(tmp_path / "manifest")) == [(4, "clip_score_low"), (1, None),
-                                                           (7, "failed:undecodable_image")]
+        {"row": 4, "status": "dropped", "reason": "clip_score_low"},
+        {"row": 1, "status": "written", "reason": None},
+        {"row": 8, "status": "dropped", "reason": "near_duplicate:image"},
+        {"row": 2, "status": "dropped", "reason": "duplicate_url"},
+        {"row": 7, "status": "failed", "reason": "http_404"}]), tmp_path / "manifest/00000.parquet")
+    assert list(filter_fates(tmp_path / "manifest")) == [(4, "clip_score_low"), (1, None),
+                                                         (8, "near_duplicate:image")]
 
 
 def test_change_is_judged_against_the_eval_sets_noise():
