@@ -41,7 +41,11 @@ def chunk_bounds(max_distance: int, bits: int = HASH_BITS) -> list[tuple[int, in
     """(shift, width) of the `n_chunks` chunks covering `bits` bits, widths differing by at most one."""
     if not 0 <= max_distance < bits:
         raise ValueError(f"image_max_distance must be < {bits}, got {max_distance}")
-    n = n_chunks(max_distance)
+    return split_bits(n_chunks(max_distance), bits)
+
+
+def split_bits(n: int, bits: int = HASH_BITS) -> list[tuple[int, int]]:
+    """(shift, width) of `n` chunks covering `bits` bits from the top, widths differing by at most one."""
     widths = [bits // n + (1 if i < bits % n else 0) for i in range(n)]
     bounds, shift = [], bits
     for w in widths:

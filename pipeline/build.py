@@ -15,6 +15,10 @@ The driver plans and adds up; tasks do every per-row and per-byte step:
 4. **sha_keys** (per slice), **sha_dedup** (per bucket) and **settle** (per slice):
    duplicate image bytes (sha256 of the download) across the corpus, first row wins;
    settle writes each part's final records (`_final/TTTTT.parquet`) and its kept count.
+   With `--dedup-within text,image`, before settle: **near_keys** (per slice), **near_pairs** (per
+   bucket) and **near_cluster** (one task) find clusters of near-duplicate captions and images
+   among the rest (pipeline.near_dedup); settle drops all but the lowest row of each
+   (`near_duplicate:text|image`, `duplicate_of` in the manifest).
 5. **write_shards** (one task per 8 shards): from prefix sums of the kept counts (the
    driver's only arithmetic), each task writes its range of `shards/NNNNN.tar` of exactly
    `--samples-per-shard` samples from the parts that hold them, reads every shard back,
@@ -95,15 +99,16 @@ OWN_NAMES = {
     "manifest": re.compile(rf"{_N}\.parquet"),
     "audit": re.compile(r"overlap\.parquet|summary\.json|config\.json|report\.html"),
     "_input": re.compile(rf"{_N}\.parquet"),
-    "_keys": re.compile(rf"(url|sha)-{_N}\.parquet"),
-    "_dups": re.compile(rf"(url|sha)/{_N}\.parquet|(url|sha)-{_N}\.parquet"),
+    "_keys": re.compile(rf"(url|sha|near)-{_N}\.parquet"),
+    "_dups": re.compile(rf"(url|sha)/{_N}\.parquet|(url|sha|near)-{_N}\.parquet"),
+    "_near": re.compile(rf"(feat|edges)-{_N}\.parquet"),  # --dedup-within (pipeline.near_dedup)
     "_final": re.compile(rf"{_N}\.parquet"),
     "_steps": re.compile(rf"[a-z_]+/{_N}\.json|[a-z_]+\.json"),
     # --clip-filter (scoring.job's steps over the parts)
     "embeddings": EMBEDDINGS_NAMES,
     "_clip": re.compile(rf"{_N}\.{WORK_FILES}"),
 }
-SCRATCH = ("parts", "_input", "_keys", "_dups", "_final", "_clip", "_steps")
+SCRATCH = ("parts", "_input", "_keys", "_dups", "_near", "_final", "_clip", "_steps")
 """Folders removed after success unless --keep-parts (the shards and manifests are what stays)."""
 LEGACY_RUN_KEYS = ("input_fingerprint", "input_rows")
 """A run.json of clipforge 0.1's build_corpus (no "job" entry) holds these."""
@@ -305,7 +310,7 @@ class DownloadStep(Step):
         records = pa.table({
             "row": rows, "key": [f"{r:0{self.width}d}" for r in range(lo, hi)], "url": urls, "status": status,
             "reason": reasons, "error": error, "shard": pa.nulls(n, pa.string()), "sha256": sha,
-            "source": pa.nulls(n, pa.string())}, schema=PART_SCHEMA)
+            "source": pa.nulls(n, pa.string()), "duplicate_of": pa.nulls(n, pa.string())}, schema=PART_SCHEMA)
         write0 = time.thread_time()
         with atomic_open(rd.fs, rd.path("parts", f"{t:05d}.tar")) as f:
             write_tar(f, tar_samples)
@@ -388,32 +393,108 @@ def _part_records(rd: RunDir, plan: Plan, part: tuple[int, int, int, int]) -> pa
     return recs
 
 
+class NearKeysStep(_PartsBySliceStep):
+    """--dedup-within, per slice: the features and band keys of its candidates that are not exact
+    image duplicates (pipeline.near_dedup, step 1)."""
+
+    name = "near_keys"
+
+    def __init__(self, plan: Plan, settings: Any, buckets: int):
+        super().__init__(plan)
+        self.settings, self.buckets = settings, buckets
+
+    def run(self, ctx: TaskContext, s: int, shared: Any = None) -> dict[str, Any]:
+        from pipeline.exact_dedup import write_bucketed
+        from pipeline.near_dedup import FEAT_GROUP, FEAT_SCHEMA, band_keys, compute_features, keys_table
+        from pipeline.shards import read_tar
+
+        rd = ctx.rd
+        base = self.plan.slice_offsets[s]
+        dups = gather_dups(rd.fs, rd.path("_dups", "sha"), self.plan.buckets, s) + base
+        keys, n = [], 0
+        # One part at a time: its images are decoded, hashed and let go; the slice's band keys (about 1 KB a
+        # row with both kinds) stay until they are written sorted by bucket.
+        with atomic_open(rd.fs, rd.path("_near", f"feat-{s:05d}.parquet")) as f, \
+                pq.ParquetWriter(f, FEAT_SCHEMA) as writer:
+            for part in self.parts_of(s):
+                recs = _part_records(rd, self.plan, part)
+                cand = recs.filter(pc.equal(recs.column("status"), CANDIDATE))
+                keep = ~np.isin(cand.column("row").to_numpy(), dups)  # exact duplicates are no members
+                members = dict(zip(np.array(cand.column("key").to_pylist(), dtype=object)[keep].tolist(),
+                                   cand.column("row").to_numpy()[keep].tolist(), strict=True))
+                rows: list[int] = []
+                captions: list[str] = []
+                images: list[bytes | None] = []
+                for key, files in read_tar(rd.fs, rd.path("parts", f"{part[0]:05d}.tar")):
+                    if key in members:
+                        rows.append(members[key])
+                        captions.append((files.get("txt") or b"").decode("utf-8", "replace"))
+                        images.append(next((v for k, v in files.items() if k not in ("txt", "json")), None))
+                feats = compute_features(rows, captions, images, "image" in self.settings.kinds)
+                writer.write_table(feats.table(), row_group_size=FEAT_GROUP)
+                keys.append(band_keys(feats, self.settings, self.buckets))
+                n += len(rows)
+        table = keys_table(keys)
+        write_bucketed(rd.fs, rd.path("_keys", f"near-{s:05d}.parquet"), table, self.buckets)
+        return {"rows": n, "keys": table.num_rows}
+
+
 class SettleStep(_PartsBySliceStep):
-    """Per slice: each part's final records (candidates that are image duplicates dropped, the
-    others `written`) and kept count, the input of the shard plan."""
+    """Per slice: each part's final records (candidates that are image duplicates, or with
+    --dedup-within near-duplicates, dropped; the others `written`) and kept count, the input of the
+    shard plan."""
 
     name = "settle"
+
+    def __init__(self, plan: Plan, width: int = 9, near: bool = False):
+        super().__init__(plan)
+        self.width, self.near = width, near
 
     def run(self, ctx: TaskContext, s: int, shared: Any = None) -> dict[str, Any]:
         rd = ctx.rd
         base = self.plan.slice_offsets[s]
         dups = gather_dups(rd.fs, rd.path("_dups", "sha"), self.plan.buckets, s) + base
+        near_rows = near_roots = near_kinds = np.zeros(0)
+        if self.near:
+            from pipeline.near_dedup import read_near
+
+            t = read_near(rd.fs, rd.path("_dups", f"near-{s:05d}.parquet"))
+            near_rows, near_roots = t.column("row").to_numpy(), t.column("root").to_numpy()
+            near_kinds = np.array(t.column("kind").to_pylist(), dtype=object)
         kept: dict[str, int] = {}
+        seen_near = 0
         for part in self.parts_of(s):
             t = part[0]
             recs = _part_records(rd, self.plan, part)
+            rows = recs.column("row").to_numpy()
             cand = pc.equal(recs.column("status"), CANDIDATE).to_numpy(zero_copy_only=False)
-            dup = cand & np.isin(recs.column("row").to_numpy(), dups)
+            dup = cand & np.isin(rows, dups)
+            near = np.isin(rows, near_rows)
+            if (near & ~(cand & ~dup)).any():
+                raise AccountingError(f"{rd.url_of('_dups', f'near-{s:05d}.parquet')}: names rows that are not "
+                                      "candidates; delete the folder's _steps/near_* and rerun")
+            seen_near += int(near.sum())
             status = np.array(recs.column("status").to_pylist(), dtype=object)
             reason = np.array(recs.column("reason").to_pylist(), dtype=object)
-            status[cand & ~dup] = WRITTEN
+            of = np.full(len(rows), None, dtype=object)
+            status[cand & ~dup & ~near] = WRITTEN
             status[dup], reason[dup] = DROPPED, "duplicate_image"
+            if near.any():
+                at = np.searchsorted(near_rows, rows[near])
+                status[near] = DROPPED
+                reason[near] = [f"near_duplicate:{k}" for k in near_kinds[at]]
+                of[near] = [f"{r:0{self.width}d}" for r in near_roots[at].tolist()]
             recs = recs.set_column(recs.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
             recs = recs.set_column(recs.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
+            recs = recs.set_column(recs.schema.get_field_index("duplicate_of"), "duplicate_of",
+                                   pa.array(of, pa.string()))
             with atomic_open(rd.fs, rd.path("_final", f"{t:05d}.parquet")) as f:
                 pq.write_table(recs.cast(MANIFEST_SCHEMA), f)
-            kept[str(t)] = int((cand & ~dup).sum())
-        return {"kept": kept, "duplicates": len(dups)}
+            kept[str(t)] = int((cand & ~dup & ~near).sum())
+        if seen_near != len(near_rows):
+            raise AccountingError(f"{rd.url_of('_dups', f'near-{s:05d}.parquet')}: {len(near_rows)} rows, "
+                                  f"{seen_near} of them in this slice's parts")
+        return {"kept": kept, "duplicates": len(dups), "near_duplicates": seen_near}
 
 
 # -- step 5: shards ------------------------------------------------------------------------------
@@ -468,6 +549,8 @@ class BuildResult:
     already_complete: bool = False
     clip: str | None = None
     """With --clip-filter: what the CLIP-score filter did, one line."""
+    near: str | None = None
+    """With --dedup-within: the near-duplicate clusters found, one line."""
 
     @property
     def adds_up(self) -> bool:
@@ -535,7 +618,7 @@ def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildR
             settings["clip_model"] = spec.record()
         if run is not None:
             # The input is compared by its files' identity and content below, not by how --urls is spelled.
-            skip = ("job", "input", "input_columns", "input_rows", "buckets", "urls")
+            skip = ("job", "input", "input_columns", "input_rows", "buckets", "near_buckets", "urls")
             old = {k: v for k, v in run.items() if k not in skip}
             changed = compare_settings(old, {k: v for k, v in settings.items() if k not in skip})
             if changed:
@@ -555,11 +638,19 @@ def build_corpus(cfg: BuildConfig, executor: Any, matcher: Any = None) -> BuildR
                 return _already_complete(rd)
         rd.remove_temporaries(OWN_NAMES)
         buckets = run.get("buckets") if run else None
-        if buckets is not None and not (isinstance(buckets, int) and not isinstance(buckets, bool) and buckets > 0):
-            raise AccountingError(f"{rd.url_of('run.json')}: buckets {buckets!r} is not a positive whole number; "
-                                  "the run record is damaged: use a new --out")
+        near_buckets = run.get("near_buckets") if run else None
+        for name, value in (("buckets", buckets), ("near_buckets", near_buckets)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise AccountingError(f"{rd.url_of('run.json')}: {name} {value!r} is not a positive whole number; "
+                                      "the run record is damaged: use a new --out")
         buckets = buckets or cfg.dedup_buckets or n_buckets(_estimate_rows(files))
         record = {**settings, "input": _input_identity(files), "buckets": buckets}
+        if cfg.dedup_within:
+            from pipeline.near_dedup import keys_per_row
+
+            # A row has dozens of band keys, not one: buckets for about as many keys each as the exact dedup's.
+            record["near_buckets"] = near_buckets or cfg.dedup_buckets or n_buckets(
+                _estimate_rows(files) * keys_per_row(cfg.near_settings()))
         if run and run.get("input_columns"):
             record["input_columns"], record["input_rows"] = run["input_columns"], run.get("input_rows")
         rd.write_run(record)
@@ -618,7 +709,21 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
     run_step(rd, ShaKeysStep(plan), executor, progress_every=every)
     keys = [rd.url_of("_keys", f"sha-{s:05d}.parquet") for s in range(len(slices))]
     run_step(rd, DedupStep("sha_dedup", keys, rd.url_of("_dups", "sha"), buckets), executor, progress_every=every)
-    settled = run_step(rd, SettleStep(plan), executor, progress_every=every)
+    near = cfg.near_settings()
+    near_summary = None
+    if near is not None:
+        # Near-duplicates before the CLIP filter: fewer samples to score (pipeline.near_dedup).
+        from pipeline.near_dedup import NearClusterStep, NearPairsStep
+
+        run_step(rd, NearKeysStep(plan, near, record["near_buckets"]), executor, progress_every=every)
+        n_slices = len(slices)
+        run_step(rd, NearPairsStep([rd.url_of("_keys", f"near-{s:05d}.parquet") for s in range(n_slices)],
+                                   [rd.url_of("_near", f"feat-{s:05d}.parquet") for s in range(n_slices)],
+                                   plan.slice_offsets, rd.url_of("_near"), record["near_buckets"], near),
+                 executor, progress_every=every)
+        near_summary = run_step(rd, NearClusterStep(rd.url_of("_near"), record["near_buckets"], plan.slice_offsets,
+                                                    rd.url_of("_dups")), executor, progress_every=every)[0]
+    settled = run_step(rd, SettleStep(plan, width, near is not None), executor, progress_every=every)
     kept: dict[int, int] = {}
     for s in settled:
         kept.update({int(t): int(n) for t, n in s["kept"].items()})
@@ -681,6 +786,10 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
         "cpu_seconds": {k: round(v, 3) for k, v in sorted(cpu.items())},
         "worker_peak_rss_mb": max(peak, default=None),
     }
+    if near_summary is not None:
+        stats["near_duplicates"] = {"clusters": near_summary["clusters"], "removed": near_summary["removed"],
+                                    "edges": near_summary["edges"]}
+        result.near = format_near(near_summary)
     if clip is not None:
         stats["clip"] = {"keep": clip.keep, "model": clip.model, "histogram": clip.histogram}
         result.clip = format_keep(clip.keep, clip.model)
@@ -775,6 +884,13 @@ def finish_shards(rd: RunDir, written: list[dict[str, Any]], n_rows: int, n_kept
     return result
 
 
+def format_near(summary: dict[str, Any]) -> str:
+    """The near_cluster step's counts as the summary's line (a cluster: a kept sample and its copies)."""
+    removed = summary["removed"]
+    return (f"{summary['clusters']} clusters, removed {sum(removed.values())} "
+            f"({', '.join(f'{k} {v}' for k, v in removed.items())})")
+
+
 def print_summary(result: BuildResult) -> None:
     """The end-of-run summary; its last line is the accounting line."""
     elapsed, root = result.elapsed, result.root
@@ -785,6 +901,8 @@ def print_summary(result: BuildResult) -> None:
         print(f"corpus written to {root}/shards: {result.shards} shards, {result.written} samples; this run: "
               f"{result.rows_this_run} rows in {fmt_duration(elapsed)} "
               f"({result.images_this_run / max(1e-9, elapsed):.1f} images/s)")
+    if result.near:
+        print(f"near-duplicates within the corpus: {result.near}")
     if result.clip:
         print(f"CLIP-score filter: {result.clip}")
     top = result.reasons.most_common(10)

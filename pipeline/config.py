@@ -213,17 +213,19 @@ class BuildConfig:
     # (dedup.matcher.MatchConfig; a test keeps the defaults equal), named for this job,
     # where --min-caption-words already means the caption filter.
     text_threshold: float = 0.8
-    """--eval: minimum exact Jaccard of caption shingles for a text match."""
+    """--eval and --dedup-within: minimum exact Jaccard of caption shingles for a text match."""
     ngram: int = 3
-    """--eval: words per caption shingle."""
+    """--eval and --dedup-within: words per caption shingle."""
     image_max_distance: int = 10
-    """--eval: perceptual-hash candidate distance in bits of 64."""
+    """--eval and --dedup-within: perceptual-hash candidate distance in bits of 64."""
     image_min_similarity: float = 0.96
-    """--eval: thumbnail correlation a candidate image needs to count as the same image."""
+    """--eval and --dedup-within: thumbnail correlation a candidate image needs to count as the same image."""
     overlap_kinds: tuple[str, ...] = ("image", "text")
     """--eval: which matches remove a sample: image, text or both (templated captions: image only)."""
     overlap_min_caption_words: int = 0
-    """--eval: captions with fewer words are never text-matched."""
+    """--eval and --dedup-within: captions with fewer words are never text-matched."""
+    dedup_within: tuple[str, ...] = ()
+    """Remove near-duplicates within the corpus: text (captions), image or both, by the --eval settings above; the lowest row of each cluster stays."""
     # CLIP-score filter: scoring.job.ScoreSettings's fields, named for this job (a test keeps the defaults equal).
     clip_filter: str | None = None
     """Filter by CLIP score with this model (an open_clip name or NAME.json, as the trainer's --model)."""
@@ -295,14 +297,20 @@ class BuildConfig:
         check(not dupes, f"--extra-cols: {', '.join(dupes)} listed twice")
         for e in self.eval:
             check("=" in e and all(e.split("=", 1)), f"--eval entries are NAME=PATH, got {e!r}")
-        if self.eval:
+        bad = [k for k in self.dedup_within if k not in ("text", "image")]
+        check(not bad, f"--dedup-within: {', '.join(bad)} is not text or image"
+                       + (" (embedding near-duplicates are not implemented yet)"
+                          if any(b.startswith("embedding") for b in bad) else ""))
+        # One spelling per choice ("image,text" = "text,image"), so that a resume compares them equal.
+        object.__setattr__(self, "dedup_within", tuple(k for k in ("text", "image") if k in self.dedup_within))
+        if self.eval or self.dedup_within:
             # Imported here: dedup pulls in OpenCV and datasketch, which a run without --eval never needs.
             from dedup.matcher import MatchConfig
 
             try:
                 MatchConfig(**self.match_kwargs())
             except ValueError as exc:
-                raise ConfigError(f"--eval overlap settings: {exc}") from None
+                raise ConfigError(f"--eval/--dedup-within overlap settings: {exc}") from None
         try:
             self.fetch_config()
         except ValueError as exc:
@@ -332,6 +340,16 @@ class BuildConfig:
                 "image_max_distance": self.image_max_distance, "image_min_similarity": self.image_min_similarity,
                 "kinds": tuple(self.overlap_kinds), "min_caption_words": self.overlap_min_caption_words}
 
+    def near_settings(self) -> Any:
+        """--dedup-within as pipeline.near_dedup.NearSettings (None without it): the --eval settings'
+        MinHash/LSH, hash distance and image checks."""
+        if not self.dedup_within:
+            return None
+        from dedup.matcher import MatchConfig
+        from pipeline.near_dedup import NearSettings
+
+        return NearSettings(kinds=self.dedup_within, match=MatchConfig(**self.match_kwargs()))
+
     def fetch_config(self) -> FetchConfig:
         return FetchConfig(
             timeout=self.timeout,
@@ -356,5 +374,7 @@ class BuildConfig:
     def output_settings(self) -> dict[str, Any]:
         # Without --clip-filter its settings mean nothing (and a run recorded before they existed resumes).
         skip = self.RUNTIME_ONLY | (self.CLIP_FIELDS if self.clip_filter is None else frozenset())
+        if not self.dedup_within:
+            skip |= {"dedup_within"}  # a run recorded before --dedup-within existed resumes
         return {k: (list(v) if isinstance(v, tuple) else v)
                 for k, v in dataclasses.asdict(self).items() if k not in skip}

@@ -52,13 +52,23 @@ def hash_keys(values: list[str | bytes | None]) -> tuple[np.ndarray, np.ndarray,
     return h[:, 0], h[:, 1], valid
 
 
-def _parquet_bytes(table: pa.Table, groups: list[pa.Table] | None = None) -> bytes:
+def parquet_bytes(table: pa.Table, groups: list[pa.Table] | None = None, row_group_size: int | None = None) -> bytes:
+    """A parquet file of `table`: one row group per entry of `groups` (empty ones left out), else row
+    groups of `row_group_size` rows."""
     buf = io.BytesIO()
     with pq.ParquetWriter(buf, table.schema) as w:
         for g in groups if groups is not None else [table]:
             if g.num_rows:
-                w.write_table(g)
+                w.write_table(g, row_group_size=row_group_size)
     return buf.getvalue()
+
+
+def write_bucketed(fs: Any, path: str, table: pa.Table, buckets: int) -> None:
+    """`table` (sorted by its `bucket` column) with one row group per bucket, so that a bucket's task
+    reads only its own group of every slice's file."""
+    bounds = np.searchsorted(table.column("bucket").to_numpy(), np.arange(buckets + 1))
+    groups = [table.slice(int(lo), int(hi - lo)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    atomic_write_bytes(fs, path, parquet_bytes(table, groups))
 
 
 def write_keys(fs: Any, path: str, values: list[str | bytes | None], rows: list[int] | np.ndarray,
@@ -71,10 +81,7 @@ def write_keys(fs: Any, path: str, values: list[str | bytes | None], rows: list[
     order = np.lexsort((rows, bucket))
     table = pa.table({"bucket": bucket[order], "h1": h1[order], "h2": h2[order], "row": rows[order]},
                      schema=KEYS_SCHEMA)
-    # One row group per bucket, so that a decide task reads only its own bucket of every file.
-    bounds = np.searchsorted(table.column("bucket").to_numpy(), np.arange(buckets + 1))
-    groups = [table.slice(int(lo), int(hi - lo)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    atomic_write_bytes(fs, path, _parquet_bytes(table, groups))
+    write_bucketed(fs, path, table, buckets)
     return table.num_rows
 
 
@@ -130,7 +137,7 @@ class DedupStep(Step):
         dups = pa.table({"slice": sl, "row": row}, schema=DUPS_SCHEMA)
         bounds = np.searchsorted(sl, np.arange(len(self.keys) + 1))
         groups = [dups.slice(int(lo), int(hi - lo)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-        atomic_write_bytes(fs, f"{self.out_dir}/{bucket:05d}.parquet", _parquet_bytes(dups, groups))
+        atomic_write_bytes(fs, f"{self.out_dir}/{bucket:05d}.parquet", parquet_bytes(dups, groups))
         return {"keys": keys, "duplicates": int(len(row))}
 
 

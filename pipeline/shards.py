@@ -240,9 +240,10 @@ def verify_shards(fs: fsspec.AbstractFileSystem, shards_dir: str, samples_per_sh
 MANIFEST_SCHEMA = pa.schema([
     ("row", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("status", pa.string()),
     ("reason", pa.string()), ("error", pa.string()), ("shard", pa.string()), ("sha256", pa.string()),
-    ("source", pa.string()),
+    ("source", pa.string()), ("duplicate_of", pa.string()),
 ])
-"""The manifest of every job (build and audit): one row per input row, the same columns and status words."""
+"""The manifest of every job (build and audit): one row per input row, the same columns and status words.
+`duplicate_of`: the key of the kept sample a near-duplicate was dropped for (build_corpus --dedup-within)."""
 WRITTEN_STATUS = "written"
 
 

@@ -6,7 +6,8 @@ Steps of the one job layer (pipeline.job), as the audit's (dedup/audit.py):
    pipeline.executor): decode the images in the worker, embed images and captions in batches,
    `clip_score` = cosine of the two L2-normalised embeddings. Writes `_work/STEM.scores.parquet`
    (every sample with its status and score: failed ones with `missing_image`, `missing_txt`,
-   `undecodable_image` or `unreadable_json`) and `_work/STEM.npy` (the embeddings of the scored
+   `undecodable_image`, `unreadable_json`, `duplicate_key` (the key's second sample in a
+   shard) or `bad_key` (one the shard writer cannot write)) and `_work/STEM.npy` (the embeddings of the scored
    samples); returns a histogram of its scores (sparse, `--score-bins` bins over [-1, 1]).
 2. The driver merges the histograms (O(tasks x bins) numbers, never a score per sample) and, with
    `--clip-score-top-frac F`, takes the threshold bin: the highest bin k such that the samples in
@@ -38,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -48,11 +50,13 @@ import pyarrow.parquet as pq
 
 from dedup.audit import _decode_json, read_corpus, read_input_shard
 from pipeline.build import WriteShardsStep
+from pipeline.config import ConfigError
 from pipeline.job import AccountingError, Step, TaskContext, run_step
-from pipeline.rundir import RunDir
+from pipeline.rundir import RUN_FILE, RunDir
 from pipeline.sample import DROPPED, FAILED, WRITTEN
 from pipeline.shards import (
     IMAGE_EXTS,
+    KEY_RE,
     MANIFEST_SCHEMA,
     SIZES_FILE,
     ShardError,
@@ -209,9 +213,36 @@ def write_embeddings(fs: Any, path: str, arr: np.ndarray) -> None:
 
 
 def read_embeddings(fs: Any, path: str) -> np.ndarray:
-    """One embeddings file (see the module docstring): a structured array with key, image, text."""
+    """One embeddings file (see the module docstring): a structured array with key, image, text;
+    AccountingError naming the file if it is not one (a damaged output, exit 1)."""
     with fs.open(path, "rb") as f:
-        return np.load(f, allow_pickle=False)
+        try:
+            arr = np.load(f, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:
+            raise AccountingError(f"{path}: not an embeddings file ({' '.join(str(exc).split())[:120]})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.names is None or \
+            not {"key", "image", "text"} <= set(arr.dtype.names):
+        raise AccountingError(f"{path}: not an embeddings file (no key, image and text fields)")
+    return arr
+
+
+def _read_work(rd: RunDir, path: str, read: Any) -> Any:
+    """read(path) of a scratch file an earlier step finished: a damaged one (a disk fault, a hand edit) is
+    said in one line with the way out, not retried (a rerun would trust the same finished marker)."""
+    try:
+        return read(path)
+    except AccountingError as exc:
+        raise AccountingError(f"{' '.join(str(exc).split())[:200]}; a scratch file of this run is damaged: delete "
+                              f"{rd.url_of('_steps')} and rerun to redo the scoring steps") from None
+
+
+def _read_parquet(fs: Any, path: str, columns: list[str] | None = None) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        try:
+            t = pq.read_table(f, columns=columns)
+            return t if columns else t.cast(SCORE_SCHEMA)
+        except (pa.ArrowException, ValueError) as exc:  # ArrowInvalid is both
+            raise AccountingError(f"{path}: not a scores file ({' '.join(str(exc).split())[:120]})") from None
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
@@ -274,6 +305,12 @@ class EmbedStep(Step):
             if good:
                 img, txt = emb.embed([g[2] for g in good], [g[1] for g in good])
                 scores = np.einsum("ij,ij->i", img, txt).astype(np.float32)
+                if not np.isfinite(scores).all():
+                    # Finite weights whose activations overflow (or fp16 on a GPU without bf16): the model, not
+                    # the sample, is at fault, and a NaN has no histogram bin.
+                    bad = good[int(np.flatnonzero(~np.isfinite(scores))[0])][0]["key"]
+                    raise ScoreError(f"{self.spec.pretrained}: the model gives a non-finite score (sample {bad} of "
+                                     f"{inp.tar}); check the checkpoint, or score on another --device")
                 for (rec, _, _), s in zip(good, scores, strict=True):
                     rec["clip_score"] = float(s)
                     keys.append(rec["key"])
@@ -290,12 +327,24 @@ class EmbedStep(Step):
                 finish(*waiting.pop(0))
 
         seen = 0
+        keys_seen: set[str] = set()
         for key, members in read_input_shard(*get_fs(inp.tar)):
             if by_key is None:
                 rec: dict[str, Any] = {"row": inp.first_row + len(records), "key": key, "url": None,
                                        "status": WRITTEN, "reason": None, "error": None, "shard": None,
                                        "sha256": None, "source": inp.tar.rsplit("/", 1)[-1], "clip_score": None}
                 records.append(rec)
+                if key in keys_seen:
+                    # The shard writer and the embeddings find a sample by its key in its shard: a second sample
+                    # of one key would be written with the first one's score and embeddings. The first stays.
+                    rec.update(status=FAILED, reason="duplicate_key")
+                    continue
+                if not KEY_RE.match(key):
+                    # A key the shard writer refuses (webdataset's own rules are looser): failed here, not by
+                    # the writer after the whole corpus was embedded, where no rerun could get past it.
+                    rec.update(status=FAILED, reason="bad_key")
+                    continue
+                keys_seen.add(key)
             elif key in by_key:
                 rec = by_key[key]
                 seen += 1
@@ -376,8 +425,7 @@ class SettleStep(Step):
         kept: dict[str, int] = {}
         for i in group:
             stem = self.stems[i]
-            with rd.fs.open(rd.path(self.work, f"{stem}.scores.parquet"), "rb") as f:
-                t = pq.read_table(f).cast(SCORE_SCHEMA)
+            t = _read_work(rd, rd.path(self.work, f"{stem}.scores.parquet"), lambda p: _read_parquet(rd.fs, p))
             status = np.array(t.column("status").to_pylist(), dtype=object)
             reason = np.array(t.column("reason").to_pylist(), dtype=object)
             scores = t.column("clip_score").to_numpy(zero_copy_only=False)
@@ -417,12 +465,11 @@ class ScoreShardsStep(WriteShardsStep):
         rows: dict[int, dict[str, int]] = {}
         tables: dict[int, np.ndarray] = {}
         for j in reads:
-            with fs.open(self.sources[j].records, "rb") as f:
-                t = pq.read_table(f, columns=["key", "status", "clip_score"])
+            t = _read_work(ctx.rd, self.sources[j].records, lambda p: _read_parquet(fs, p, ["key", "status", "clip_score"]))
             scores[j] = {key: s for key, st, s in zip(*(t.column(c).to_pylist() for c in ("key", "status",
                                                                                       "clip_score")), strict=True)
                          if st == WRITTEN}
-            tables[j] = read_embeddings(fs, self.work[j])
+            tables[j] = _read_work(ctx.rd, self.work[j], lambda p: read_embeddings(fs, p))
             rows[j] = {k: n for n, k in enumerate(tables[j]["key"].tolist())}
         order: list[tuple[int, str]] = []
 
@@ -495,6 +542,26 @@ def _finished(rd: RunDir) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return summary if isinstance(summary, dict) and isinstance(summary.get("corpus"), dict) else None
+
+
+def _check_finished(rd: RunDir, summary: dict[str, Any]) -> None:
+    """A finished run's folder still holds the shards and embeddings its summary counts (by name and
+    sizes.json: O(shards) on the driver); AccountingError (exit 1) naming what is missing otherwise."""
+    fix = f"delete {rd.url_of('score', 'summary.json')} and rerun the same command to write the output again"
+    try:
+        with rd.fs.open(rd.path("shards", SIZES_FILE), "rb") as f:
+            sizes = json.load(f)
+        total = sum(int(v) for v in sizes.values())
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, TypeError):
+        raise AccountingError(f"{rd.url_of('shards', SIZES_FILE)}: missing or unreadable in a finished run; "
+                              f"{fix}") from None
+    tars = sorted(n for n in rd.names("shards") if re.fullmatch(r"\d{5,}\.tar", n))
+    npys = sorted(n for n in rd.names("embeddings") if EMBEDDINGS_NAMES.fullmatch(n))
+    want = sorted(sizes)
+    missing = sorted({*want, *(n[: -len(".tar")] + ".npy" for n in want), "model.json"} - {*tars, *npys})
+    if missing or tars != want or total != summary["corpus"].get(WRITTEN):
+        what = f"{', '.join(missing[:3])} missing" if missing else "its shards do not match sizes.json and the summary"
+        raise AccountingError(f"{rd.url_of()}: a finished scoring, but {what}; {fix}")
 
 
 @dataclass
@@ -573,43 +640,85 @@ def run_score(cfg: ScoreConfig, executor: Any = None) -> dict[str, Any]:
 
     executor = executor or LocalExecutor()
     rd = RunDir(cfg.out, JOB)
-    rd.check_ours()  # before anything else: a foreign folder gets nothing written
+    existed = rd.fs.exists(rd.root)
+    new = rd.check_ours() is None  # before anything else: a foreign folder gets nothing written
     corpus = read_corpus(cfg.corpus, cfg.out, rd)
     spec, weights = resolve_weights(cfg.model, cfg.clip_pretrained)
     stems = [s.rsplit(".", 1)[0] for s in corpus.shards]
-    samples_per_shard = cfg.samples_per_shard or max(corpus.sizes[corpus.shards[0]] if corpus.shards else 1, 1)
+    # The input's shard size is its largest shard's: the first one may be empty or short (a failed download).
+    samples_per_shard = cfg.samples_per_shard or max([1, *corpus.sizes.values()])
     settings = {**corpus.settings(), "model": spec.record(), "keep": cfg.keep_rules(),
                 "samples_per_shard": samples_per_shard}
-    own = own_names(stems)
     inputs, row = [], 0
     for shard, stem in zip(corpus.shards, stems, strict=True):
-        inputs.append(ScoreInput(stem=stem, tar=corpus.url(shard), rows=corpus.sizes[shard], first_row=row))
+        inputs.append(ScoreInput(stem=stem, tar=_tar_url(corpus.url(shard), rd), rows=corpus.sizes[shard],
+                                 first_row=row))
         row += corpus.sizes[shard]
-    with rd.lock():
-        done = _finished(rd)
-        rd.claim(settings, own)
-        if done is not None:
-            for sub in SCRATCH:
-                rd.remove_own_files(sub, own[sub])
-            log.info("%s holds a finished scoring of this corpus with this model and rules: nothing to do",
-                     rd.url_of())
-            return {**done, "already_complete": True}
+    try:
+        with rd.lock():
+            return _run_locked(cfg, rd, executor, corpus, spec, weights, stems, samples_per_shard, settings, inputs,
+                               row, new)
+    finally:
+        if new and not existed and _is_local(rd.fs):
+            try:
+                os.rmdir(rd.root)  # a bad input left the new folder empty (see _run_locked): it goes too
+            except OSError:
+                pass  # it holds the output
+
+
+def _tar_url(url: str, rd: RunDir) -> str:
+    """An input shard as the shard writer opens it: a path without a scheme is read from --out's store, so a
+    local corpus scored into object storage is named by an absolute file:// URL."""
+    if "://" in url or _is_local(rd.fs):
+        return url
+    return f"file://{os.path.abspath(url)}"
+
+
+def _is_local(fs: Any) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def _run_locked(cfg: ScoreConfig, rd: RunDir, executor: Any, corpus: Any, spec: ModelSpec, weights: dict[str, Any],
+                stems: list[str], samples_per_shard: int, settings: dict[str, Any], inputs: list[ScoreInput],
+                row: int, new: bool) -> dict[str, Any]:
+    """run_score's part under the folder's lock. `new`: the folder held nothing of an earlier run."""
+    own = own_names(stems)
+    done = _finished(rd)
+    rd.claim(settings, own)
+    if done is not None:
+        _check_finished(rd, done)
+        for sub in SCRATCH:
+            rd.remove_own_files(sub, own[sub])
+        log.info("%s holds a finished scoring of this corpus with this model and rules: nothing to do",
+                 rd.url_of())
+        return {**done, "already_complete": True}
+    try:
         scored = score_and_write(rd, executor, cfg, spec, inputs, samples_per_shard, row, weights=weights)
-        result = scored.result
-        summary = {
-            "corpus": {"input": cfg.corpus, "rows": result.rows_in, WRITTEN: result.written,
-                       DROPPED: result.dropped, FAILED: result.failed, "input_shards": len(corpus.shards),
-                       "shards": result.shards},
-            "reasons": dict(result.reasons.most_common()),
-            "model": scored.model,
-            "keep": scored.keep,
-            "histogram": scored.histogram,
-        }
-        atomic_write_json(rd.fs, rd.path("score", "summary.json"), summary)  # last: the run is complete
-        if not cfg.keep_work:
-            for sub in SCRATCH:
-                rd.remove_own_files(sub, own[sub])
-        return summary
+    except ConfigError:
+        if new:
+            # Bad input found by a task (a damaged input shard): like bad input found on the driver, it leaves
+            # nothing behind, so the rerun after the corpus is repaired is no rerun "with other input".
+            for sub, pattern in own.items():
+                rd.remove_own_files(sub, pattern)
+            rd.fs.rm(rd.path(RUN_FILE))
+        raise
+    result = scored.result
+    summary = {
+        "corpus": {"input": cfg.corpus, "rows": result.rows_in, WRITTEN: result.written,
+                   DROPPED: result.dropped, FAILED: result.failed, "input_shards": len(corpus.shards),
+                   "shards": result.shards},
+        "reasons": dict(result.reasons.most_common()),
+        "model": scored.model,
+        "keep": scored.keep,
+        "histogram": scored.histogram,
+    }
+    atomic_write_json(rd.fs, rd.path("score", "summary.json"), summary)  # last: the run is complete
+    if not cfg.keep_work:
+        for sub in SCRATCH:
+            rd.remove_own_files(sub, own[sub])
+    return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -81,11 +81,9 @@ def _loc(path: str) -> Any:
     return Loc.of(path, "--clip-pretrained")
 
 
-def sha256_of(path: str) -> str:
-    """sha256 of a local file or a URL, streamed."""
-    loc = _loc(path)
+def _sha256_file(path: str) -> str:
     h = hashlib.sha256()
-    with loc.fs.open(loc.path, "rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(8 << 20):
             h.update(chunk)
     return h.hexdigest()
@@ -153,7 +151,10 @@ def resolve_weights(model: str, pretrained: str) -> tuple[ModelSpec, dict[str, A
             raise ScoreError(f"{pretrained}: --clip-pretrained: cannot reach it ({type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:160]})") from None
         if not found:
-            raise ScoreError(f"{pretrained}: --clip-pretrained checkpoint not found")
+            # A folder is the likeliest slip (RUN/checkpoints rather than a file in it): say so, not "not found".
+            what = "is a folder, not a checkpoint file (give a file in it, e.g. step_00001000.pt)" if loc.is_dir() \
+                else "checkpoint not found"
+            raise ScoreError(f"{pretrained}: --clip-pretrained {what}")
         checkpoint = pretrained
     else:
         if not open_clip.get_pretrained_cfg(name, pretrained):
@@ -168,9 +169,9 @@ def resolve_weights(model: str, pretrained: str) -> tuple[ModelSpec, dict[str, A
                              f"{name!r}, pretrained={pretrained!r})) into ~/.cache/huggingface, or pass the "
                              "checkpoint file")
         checkpoint = cached
+    sha256, state_dict = read_checkpoint(pretrained, checkpoint)
     spec = ModelSpec(model=model, name=name, config=definition.config, pretrained=pretrained,
-                     checkpoint=checkpoint, sha256=sha256_of(checkpoint))
-    state_dict = read_state_dict(spec)
+                     checkpoint=checkpoint, sha256=sha256)
     # A checkpoint of a SigLIP run holds a logit bias: build the model with one so the weights load strictly.
     init = {"init_logit_bias": 0.0} if "logit_bias" in state_dict and "init_logit_bias" not in spec.config else {}
     spec = dataclasses.replace(spec, init=init)
@@ -178,31 +179,45 @@ def resolve_weights(model: str, pretrained: str) -> tuple[ModelSpec, dict[str, A
     return spec, state_dict
 
 
-def read_state_dict(spec: ModelSpec) -> dict[str, Any]:
-    """The checkpoint's weights (a clipforge or OpenCLIP checkpoint's state_dict, or a bare state dict),
-    loaded with weights_only=True; ScoreError naming the file otherwise."""
+def read_checkpoint(pretrained: str, checkpoint: str) -> tuple[str, dict[str, Any]]:
+    """(sha256, weights) of the checkpoint file, from one read of it: the hash recorded is of the bytes the
+    weights came from (a file replaced in between, as a running trainer replaces latest.pt, is refused).
+    The weights: a clipforge or OpenCLIP checkpoint's state_dict, or a bare state dict, loaded with
+    weights_only=True; ScoreError naming the file otherwise."""
     import torch
 
     from training.checkpoint import _load_problem
 
-    loc = _loc(spec.checkpoint)
+    loc = _loc(checkpoint)
     try:
-        with loc.local_copy() as local:
+        with loc.local_copy() as local:  # a download is our own copy; a local file is checked not to change
+            before = os.stat(local)
+            sha256 = _sha256_file(local)
             if str(local).endswith(".safetensors"):
                 from safetensors.torch import load_file
 
                 ckpt: Any = load_file(local, device="cpu")
             else:
                 ckpt = torch.load(local, map_location="cpu", weights_only=True)
+            after = os.stat(local)
     except Exception as exc:  # truncated, not a torch file, or unsafe content
-        raise ScoreError(f"{spec.pretrained}: {_load_problem(Path(spec.checkpoint), exc)}") from None
+        raise ScoreError(f"{pretrained}: {_load_problem(Path(checkpoint), exc)}") from None
+    if (before.st_ino, before.st_size, before.st_mtime_ns) != (after.st_ino, after.st_size, after.st_mtime_ns):
+        raise ScoreError(f"{pretrained}: the file changed while it was read (a training run writing it?); copy "
+                         "the checkpoint elsewhere and score with the copy")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ScoreError(f"{spec.pretrained}: not a model checkpoint (expected a state_dict of tensors, as "
+        raise ScoreError(f"{pretrained}: not a model checkpoint (expected a state_dict of tensors, as "
                          "clipforge's trainer and OpenCLIP write)")
+    # A diverged run's checkpoint loads and runs, but every score is NaN: refused here, before anything is
+    # written, rather than found by the histogram (a NaN has no bin) after the whole corpus was embedded.
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ScoreError(f"{pretrained}: weight {bad} holds NaN or infinite values (a diverged training run?); "
+                         "score with an earlier checkpoint of that run")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+    return sha256, state
 
 
 def _register(spec: ModelSpec) -> None:
@@ -276,10 +291,10 @@ class Embedder:
             # CPUs compute fp32 as fast as anything else here, and the scores then equal open_clip's own.
             self.autocast_dtype = None
         if state_dict is None:
-            if sha256_of(spec.checkpoint) != spec.sha256:
+            sha256, state_dict = read_checkpoint(spec.pretrained, spec.checkpoint)
+            if sha256 != spec.sha256:
                 raise ScoreError(f"{spec.pretrained}: the checkpoint changed since this run began (its sha256 "
                                  "differs from the one recorded); score with the new one into a new --out")
-            state_dict = read_state_dict(spec)
         model, self.preprocess, self.tokenizer = build_model(spec, state_dict)
         self.model = model.to(self.device)
         threads = max(1, threads)

@@ -454,6 +454,32 @@ def test_build_corpus_clip_filter_scores_its_own_output(trained, tmp_path, web, 
     assert not (out / "_clip").exists() and not (out / "parts").exists()
 
 
+def test_build_corpus_drops_near_duplicates_before_scoring(trained, tmp_path, web, capsys):
+    """--dedup-within with --clip-filter: near-duplicates are dropped first and never scored."""
+    import pyarrow as pa
+    from conftest import build_args
+
+    from jobs.build_corpus import main as build_main
+    from pipeline.localweb import Resource, populate_images
+
+    rows = populate_images(web, 20, seed=21)
+    for i in range(3):  # other bytes (no exact duplicate), the same picture, a caption of its own
+        body = web.resources[rows[i]["url"][len(web.base):]].body + b"\x00"
+        rows.append({**rows[i], "url": web.add(f"/copy{i}.jpg", Resource(body, "image/jpeg")),
+                     "caption": f"copy {i} with its own words here", "uid": f"c{i}"})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "urls.parquet")
+    out = tmp_path / "out"
+    assert build_main(build_args(tmp_path / "urls.parquet", out, web, "--executor", "local", "--clip-filter", TINY,
+                                 "--clip-pretrained", str(trained), "--clip-score-top-frac", "0.7",
+                                 "--clip-batch-size", "8", "--dedup-within", "image")) == 0
+    printed = capsys.readouterr().out
+    recs = pq.read_table(out / "manifest").sort_by("row").to_pylist()
+    near = [(r["row"], r["duplicate_of"], r["clip_score"]) for r in recs if r["reason"] == "near_duplicate:image"]
+    assert near == [(20, "000000000", None), (21, "000000001", None), (22, "000000002", None)]
+    assert "CLIP-score filter: scored 20 samples" in printed
+    assert printed.strip().splitlines()[-1].startswith("rows in 23 = ")
+
+
 def test_clip_flags_of_build_corpus_match_score_corpus_and_need_a_model(capsys):
     from pipeline.config import BuildConfig
     from scoring.job import ScoreSettings
