@@ -281,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-top-frac", type=float, default=None,
                    help="step 5 keeps this top fraction by CLIP score (default: 1 - the share of mismatched "
                         "captions among the images served)")
-    p.add_argument("--dedup-within", default=None, metavar="KINDS",
-                   help="step 5 also removes near-duplicates within the corpus (build_corpus --dedup-within, "
-                        "issue 11 item 4; 'image' here: the demo's captions come from a few templates, so nearly "
-                        "all are near-duplicates as text); off by default until build_corpus has the flag")
+    p.add_argument("--dedup-within", default="image", metavar="KINDS",
+                   help="step 5 also removes near-duplicates within the corpus (build_corpus --dedup-within; "
+                        "default 'image': the demo's captions come from a few templates, so nearly all are "
+                        "near-duplicates as text); '' for the CLIP-score filter alone")
     p.add_argument("--skip-train", action="store_true", help="stop after the audit (no training, no filtering)")
     p.add_argument("--train-samples", type=int, default=40_000,
                    help="samples seen in each of the two trainings (rounded to epochs of the first corpus)")
