@@ -110,3 +110,44 @@ def test_repeated_or_trailing_kinds_mean_the_same(tmp_path, value, expect):
 
     kinds = _coerce("dedup_within", tuple[str, ...], value)
     assert BuildConfig(urls=str(tmp_path), out=str(tmp_path / "o"), dedup_within=kinds).dedup_within == expect
+
+
+def test_odd_captions_and_a_changed_kind_on_rerun(tmp_path, web):
+    """Captions None, empty, whitespace, emoji, control characters, 1 MB, repeated: counts add up; a
+    rerun into the same --out with --dedup-within changed is refused (exit 2), nothing rewritten."""
+    import json
+
+    import pyarrow.parquet as pq
+    from conftest import build_args
+
+    from jobs.build_corpus import main
+    from pipeline.localweb import populate_images
+
+    rows = populate_images(web, 10, seed=4)
+    odd = [None, "", "   \t\n", "🐱🐱🐱 🐶 " * 5, "\x00\ufffd\u202e?" * 3, "word " * 200_000, "a b c d e f g"]
+    for r, c in zip(rows, odd + ["a b c d e f g"] * 3, strict=True):
+        r["caption"] = c
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    out = tmp_path / "o"
+    args = build_args(tmp_path / "in.parquet", out, web, "--executor", "local", "--dedup-within", "text,image",
+                      "--long-captions", "drop", "--min-caption-words", "0")
+    assert main(args) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    flat = json.dumps(stats)
+    assert "near_duplicate" in flat, stats
+    man = [r for p in sorted((out / "manifest").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    by_key = {r["key"]: r for r in man}
+    assert len(man) == 10 and {r["status"] for r in man} <= {"written", "dropped", "failed"}
+    for r in man:  # duplicate_of always leads to a written sample
+        if not (r["reason"] or "").startswith("near_duplicate:"):
+            continue
+        for _ in range(10):
+            r = by_key[r["duplicate_of"]]
+            if not (r["reason"] or "").startswith("near_duplicate:"):
+                break
+        assert r["status"] == "written", r
+    assert sum((r["reason"] or "").startswith("near_duplicate:text") for r in man) == 3  # "a b c d e f g" x4
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    changed = [a if a != "text,image" else "image" for a in args]
+    assert main(changed) == 2
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
