@@ -305,11 +305,20 @@ def text_edges(keys: pa.Table, captions: dict[int, str], settings: NearSettings)
                         edges.append((a, b))
                         joined.append(key)
                         break
-            comps[b] = [b] + [x for key in joined for x in comps.pop(key)]
+            # The joined clusters merge into the largest one's list, in place (small into large): a new
+            # list per row would copy the whole cluster each time, O(k^2) for k copies of one caption.
+            if joined:
+                big = max(joined, key=lambda key: len(comps[key]))
+                for key in joined:
+                    if key != big:
+                        comps[big].extend(comps.pop(key))
+                comps[big].append(b)
+            else:
+                comps[b] = [b]
     return edges
 
 
-def image_candidates(keys: pa.Table, bucket: int, buckets: int, settings: NearSettings
+def image_candidates(keys: pa.Table, bucket: int, buckets: int, settings: NearSettings, chroma_check: bool = True
                      ) -> tuple[np.ndarray, np.ndarray]:
     """(lower, higher) row pairs of one bucket's image rows whose whole hashes are within the distance
     and pass the chroma pre-check, each decided in the bucket of the first band it agrees on."""
@@ -336,7 +345,7 @@ def image_candidates(keys: pa.Table, bucket: int, buckets: int, settings: NearSe
                               "cover the distance)")
     mine = bucket_of(IMAGE, band, va[np.arange(len(band)), band], buckets) == bucket
     lo, hi = lo[mine], hi[mine]
-    ok = im.chroma_residual(chroma[hi], chroma[lo]) <= m.image_max_chroma
+    ok = im.chroma_residual(chroma[hi], chroma[lo]) <= m.image_max_chroma if chroma_check else slice(None)
     lo, hi = rows[lo[ok]], rows[hi[ok]]
     order = np.lexsort((lo, hi))
     return lo[order], hi[order]
@@ -366,6 +375,82 @@ def verify_images(pairs: tuple[np.ndarray, np.ndarray], feats: dict[int, dict[st
             uf.union(a, b)
             out.append((a, b))
     return out
+
+
+def image_edges(keys: pa.Table, bucket: int, buckets: int, settings: NearSettings,
+                load: Any) -> tuple[list[tuple[int, int]], int]:
+    """(edges, candidate class pairs) of one bucket's image rows: the clusters verify_images gives over
+    every candidate pair, at a cost in distinct images, not rows (k re-encoded copies of one image with
+    one hash give k^2 / 2 candidate pairs: millions for a few thousand copies).
+
+    Rows with the same whole hash and chroma code are candidates of one another (distance 0) and of the
+    same other rows, so the candidates are found among one row of each; rows whose thumbnails, colours
+    and sizes are equal too verify alike, so each such group is verified once per partner group and
+    direction (the chroma pre-check and the verification are not symmetric: the lower row is the eval
+    side). `load(rows)`: {row: features} as NearPairsStep._load. Edges: a spanning forest, O(rows)."""
+    from dedup import image as im
+
+    m = settings.match
+    rows_all = keys.column("row").to_numpy()
+    rows, first = np.unique(rows_all, return_index=True)
+    if len(rows) < 2:
+        return [], 0
+    hashes = keys.column("hash").to_numpy()[first]
+    codes = keys.column("chroma").take(pa.array(first)).to_pylist()
+    classes: dict[tuple[int, bytes], list[int]] = {}
+    for r, h, c in zip(rows.tolist(), hashes.tolist(), codes, strict=True):
+        classes.setdefault((h, c), []).append(r)  # rows ascending: [0] is the lowest
+    by_rep = {v[0]: k for k, v in classes.items()}
+    reps = pa.array(sorted(by_rep), pa.int64())
+    lo, hi = image_candidates(keys.filter(pc.is_in(keys.column("row"), reps)), bucket, buckets, settings,
+                              chroma_check=False)
+    groups = [(by_rep[a], by_rep[b]) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)]
+    # A class's own pairs agree on band 0 first, so they are decided in band 0's bucket.
+    own = [k for k, v in classes.items() if len(v) > 1]
+    if own:
+        b0 = image_bands(np.array([k[0] for k in own], np.uint64), m.image_max_distance)[:, 0]
+        mine = bucket_of(IMAGE, np.zeros(len(own), np.uint16), b0, buckets) == bucket
+        groups += [(k, k) for k, yes in zip(own, mine.tolist(), strict=True) if yes]
+    if not groups:
+        return [], 0
+    feats = load(np.array(sorted({r for g in groups for k in g for r in classes[k]}), np.int64))
+    sub: dict[tuple[int, bytes], list[list[int]]] = {}  # class -> rows with equal features, by lowest row
+    for k in {k for g in groups for k in g}:
+        same: dict[tuple[Any, ...], list[int]] = {}
+        for r in classes[k]:
+            f = feats[r]
+            same.setdefault((f["thumb"], f["colour"], f["width"], f["height"]), []).append(r)
+        sub[k] = sorted(same.values())
+    verified: dict[tuple[int, int], bool] = {}
+
+    def ok(a: int, b: int) -> bool:  # a: the eval side's representative row, b: the training side's
+        if (a, b) not in verified:
+            verified[(a, b)] = bool(verify_images((np.array([a]), np.array([b])), feats, settings, skip_joined=False))
+        return verified[(a, b)]
+
+    def chroma_ok(ka: tuple[int, bytes], kb: tuple[int, bytes]) -> bool:  # ka's rows lower, kb's higher
+        ca, cb = (np.frombuffer(k[1], np.int8)[None] for k in (ka, kb))
+        return bool(im.chroma_residual(cb, ca)[0] <= m.image_max_chroma)
+
+    edges: set[tuple[int, int]] = set()
+    for ka, kb in groups:
+        c_ab, c_ba = chroma_ok(ka, kb), chroma_ok(kb, ka)
+        for i, f in enumerate(sub[ka]):
+            for j, g in enumerate(sub[kb]):
+                if ka == kb and j < i:
+                    continue
+                if f is g:  # pairs within one group of equal rows: all verify alike
+                    if len(f) > 1 and c_ab and ok(f[0], f[0]):
+                        edges.update((f[0], x) for x in f[1:])
+                    continue
+                for lower, upper, chroma in ((f, g, c_ab), (g, f, c_ba)):
+                    # Every pair x < y with x in `lower`, y in `upper` verifies alike: joined through
+                    # lower's lowest row and upper's highest.
+                    if chroma and lower[0] < upper[-1] and ok(lower[0], upper[0]):
+                        edges.update((lower[0], y) for y in upper if y > lower[0])
+                        edges.update((x, upper[-1]) for x in lower if x < upper[-1])
+    uf = _UnionFind()
+    return [e for e in sorted(edges) if uf.union(*e)], len(groups)
 
 
 def _thumb(b: bytes) -> np.ndarray:
@@ -504,11 +589,9 @@ class NearPairsStep(Step):
         image = keys.filter(pa.array(kind == IMAGE))
         candidates = 0
         if image.num_rows:
-            lo, hi = image_candidates(image, bucket, self.buckets, self.settings)
-            candidates = len(lo)
-            if candidates:
-                feats = self._load(fs, np.concatenate([lo, hi]), ["thumb", "colour", "hash", "width", "height"])
-                edges["image"] = verify_images((lo, hi), feats, self.settings)
+            edges["image"], candidates = image_edges(
+                image, bucket, self.buckets, self.settings,
+                lambda rows: self._load(fs, rows, ["thumb", "colour", "hash", "width", "height"]))
         rows_k = [(KINDS.index(k), a, b) for k in KINDS for a, b in edges[k]]
         t = pa.table({"kind": [k for k, _, _ in rows_k], "a": [a for _, a, _ in rows_k],
                       "b": [b for _, _, b in rows_k]}, schema=EDGE_SCHEMA)

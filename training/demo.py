@@ -25,9 +25,13 @@ TINY = Path(__file__).resolve().parent / "configs/tiny-vit.json"
 
 def run_demo(shards_dir: str | Path, zeroshot: str | Path, retrieval: str | Path, out: str | Path,
              overlap_audit: str | Path | None = None, retrieval_name: str = "shapes-retrieval", target_samples: int = 40_000, batch_size: int = 64,
-             workers: int = 1) -> dict:
+             workers: int = 1, samples_per_epoch: int | None = None) -> dict:
     """Train on every shard of `shards_dir`, evaluate on the `zeroshot` ImageFolder and
-    the `retrieval` pairs; with `overlap_audit` also on their clean/overlapping subsets."""
+    the `retrieval` pairs; with `overlap_audit` also on their clean/overlapping subsets.
+
+    `samples_per_epoch` (default: the shards' sample count) sets the epoch length, and with it the
+    samples seen: two runs given the same one see the same number of samples whatever their shards
+    hold (a smaller corpus is re-read within an epoch), as the demo's before/after comparison needs."""
     shards_dir, out = Path(shards_dir), Path(out)
     sizes_path = shards_dir / "sizes.json"
     if not sizes_path.is_file():
@@ -35,7 +39,8 @@ def run_demo(shards_dir: str | Path, zeroshot: str | Path, retrieval: str | Path
     sizes = json.loads(sizes_path.read_text())
     n = sum(sizes.values())
     spec = "::".join(str(shards_dir / name) for name in sorted(sizes))
-    epochs = max(1, round(target_samples / max(1, n)))
+    per_epoch = samples_per_epoch or n
+    epochs = max(1, round(target_samples / max(1, per_epoch)))
     argv = ["--train-data", spec, "--model", str(TINY), "--batch-size", str(batch_size), "--epochs", str(epochs),
             "--workers", str(workers), "--lr", "2e-3", "--wd", "0.1", "--warmup", "20",
             "--precision", "amp_bf16", "--zeroshot", f"shapes={zeroshot}",
@@ -43,7 +48,11 @@ def run_demo(shards_dir: str | Path, zeroshot: str | Path, retrieval: str | Path
             "--output", str(out), "--resume", "latest"]
     if overlap_audit:
         argv += ["--overlap-audit", str(overlap_audit)]
-    print(f"demo: {n} samples in {len(sizes)} shards, {epochs} epochs, output {out}", flush=True)
+    if samples_per_epoch:
+        argv += ["--train-num-samples", str(samples_per_epoch)]
+    seen = per_epoch // batch_size * batch_size * epochs
+    print(f"demo: {n} samples in {len(sizes)} shards, {epochs} epochs of {per_epoch} samples ({seen} seen), "
+          f"output {out}", flush=True)
     rc = train.main(argv)
     if rc != 0:
         raise SystemExit(rc)
@@ -51,7 +60,7 @@ def run_demo(shards_dir: str | Path, zeroshot: str | Path, retrieval: str | Path
     zs = [r for r in results if r["set"] == "shapes"][-1]
     ret = [r for r in results if r["set"] == retrieval_name][-1]
     summary = {"top1": zs["top1"], "top5": zs["top5"], "chance": 1 / len(CLASSES), "i2t_R@1": ret["i2t_R@1"],
-               "t2i_R@1": ret["t2i_R@1"], "curves": str(out / "curves.png"), "checkpoints": str(out / "checkpoints")}
+               "t2i_R@1": ret["t2i_R@1"], "samples_seen": seen, "corpus_samples": n, "curves": str(out / "curves.png"), "checkpoints": str(out / "checkpoints")}
     print(f"demo: zero-shot top-1 {zs['top1']:.3f} (top-5 {zs['top5']:.3f}, chance {1 / len(CLASSES):.3f}) on "
           f"{zs['items']} images; retrieval i2t R@1 {ret['i2t_R@1']:.3f}, t2i R@1 {ret['t2i_R@1']:.3f}")
     if "clean_top1" in zs:
