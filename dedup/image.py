@@ -543,7 +543,8 @@ def view_features(data: bytes, crop: float = 0.08) -> tuple[str, list[ViewFeatur
 
 def view_features_many(datas: list[bytes], crop: float = 0.08) -> list[tuple[str, list[ViewFeatures]]]:
     """`view_features` of several eval images, their views hashed together (`eval_views_features`):
-    2 to 3x fewer hashing calls per image than one at a time, the same codes."""
+    2 to 3x fewer hashing calls per image than one at a time, the same codes (up to float32
+    rounding, should a BLAS sum the other matrix shapes in another order; bit for bit where measured)."""
     shas = [hashlib.sha256(d).hexdigest() for d in datas]
     per = [views(img) if (img := decode(d)) is not None else [] for d in datas]
     flat = eval_views_features([v for vs in per for v in vs], crop, [s for s, vs in zip(shas, per, strict=True) for _ in vs])

@@ -201,7 +201,19 @@ def _codes_computing_everything(img: np.ndarray, crop: float) -> tuple[np.ndarra
     return np.concatenate(hs), np.concatenate(cs)
 
 
-def test_batched_eval_codes_equal_computing_everything_bit_for_bit():
+def _assert_same_codes(hashes, chroma, want_hashes, want_chroma):
+    """Equal codes, up to float32 rounding: the batched path multiplies the same numbers in other
+    matrix shapes, and a BLAS may sum them in another order for another shape (bit for bit on the
+    hosts measured so far). A flipped bit is a coefficient within rounding of its block's median;
+    a chroma code off by more than one step, or more than a few such, is a real difference."""
+    assert hashes.shape == want_hashes.shape and chroma.shape == want_chroma.shape
+    flipped = int(np.unpackbits((hashes ^ want_hashes).view(np.uint8)).sum())
+    assert flipped <= max(2, hashes.size * 64 // 2000), f"{flipped} of {hashes.size * 64} hash bits differ"
+    diff = np.abs(chroma.astype(np.int16) - want_chroma.astype(np.int16))
+    assert diff.max(initial=0) <= 1 and int((diff > 0).sum()) <= max(2, chroma.size // 1000)
+
+
+def test_batched_eval_codes_equal_computing_everything():
     # Real photographs (non-square ones give three views, some trimmed borders) and generated images.
     pictures = [p.image for p in photos(160)[::6]] + [img for _, img in generated(6, 3)]
     rng = random.Random(5)
@@ -215,14 +227,14 @@ def test_batched_eval_codes_equal_computing_everything_bit_for_bit():
         img = im.decode(data)
         for view, v in zip(im.views(img), views, strict=True):
             hashes, chroma = _codes_computing_everything(view, 0.08)
-            assert np.array_equal(v.hashes, hashes) and np.array_equal(v.chroma, chroma)
+            _assert_same_codes(v.hashes, v.chroma, hashes, chroma)
             assert np.array_equal(v.thumb, im._thumbs(view)[0]) and v.sha256 == sha
             trimmed += im.content_box(im.grids(view)[0]) != im.WHOLE
         # The training side keeps the unmirrored codes of the same boxes.
         f = im.features(data)
         grey, chroma = im.grids(img)
         h, c, _, _ = im._box_codes(grey, chroma, [tuple(b) for b in f.boxes.tolist()])
-        assert np.array_equal(f.hashes, h) and np.array_equal(f.chroma, c)
+        _assert_same_codes(f.hashes, f.chroma, h, c)
     assert trimmed >= 3  # the trimmed-box path was exercised
 
 
