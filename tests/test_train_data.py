@@ -266,3 +266,26 @@ def test_data_fingerprint_is_content_not_path_spelling(shards, tmp_path):
     shutil.copy(tmp_path / "other/00002.tar", copy / "00002.tar")
     assert ShardSet.describe(expand_shards(f"{copy}/{{00000..00003}}.tar")).fingerprint() != \
         ShardSet.describe(urls).fingerprint()
+
+
+def _niceness(pid: int) -> int:
+    # /proc/PID/stat: the 19th field is the nice value (after the parenthesised command name).
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads niceness from /proc")
+@pytest.mark.parametrize("nice", [0, 19])
+def test_loader_workers_run_at_lower_priority_when_asked(shards, codec, nice):
+    # CPU training lowers its loader workers' priority (trainer: worker_nice=WORKER_NICE on CPU), so
+    # they take cores the thread pool leaves free instead of stalling it; batches are unchanged.
+    urls = expand_shards(f"{shards}/{{00000..00007}}.tar")
+    loader = make_loader(plan(urls, workers=2), *codec, worker_nice=nice)
+    it = iter(loader)
+    first = next(it)
+    workers = [w.pid for w in it._workers]  # torch's worker processes of this iterator
+    assert len(workers) == 2
+    assert all(_niceness(pid) == min(19, _niceness(os.getpid()) + nice) for pid in workers)
+    got = [first, *it]
+    want = batches(plan(urls, workers=2), codec)
+    assert len(got) == len(want) == 10
+    assert all(torch.equal(a[0], b[0]) and a[2]["keys"] == b[2]["keys"] for a, b in zip(got, want, strict=True))

@@ -33,12 +33,14 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import re
 import subprocess
 import tarfile
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import PurePosixPath
 from typing import IO, Any
 
@@ -593,8 +595,34 @@ class ShardStream(IterableDataset):
                     return
 
 
-def make_loader(plan: EpochPlan, transform: Callable, tokenizer: Callable, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ShardStream: batching happens in the workers (batch_size=None)."""
+WORKER_NICE = 19
+"""How much lower the loader workers' CPU priority is than the training process's where they share
+its cores (CPU training): see make_loader."""
+
+
+def _lower_priority(niceness: int, worker_id: int) -> None:
+    try:
+        os.nice(niceness)
+    except OSError:  # not allowed here: the workers run at the training process's priority
+        pass
+
+
+def make_loader(plan: EpochPlan, transform: Callable, tokenizer: Callable, pin_memory: bool = False,
+                worker_nice: int = 0) -> DataLoader:
+    """A DataLoader over ShardStream: batching happens in the workers (batch_size=None).
+
+    `worker_nice` > 0 lowers the workers' CPU priority (os.nice in each worker). In CPU training
+    the workers share the cores of torch's thread pool, whose threads wait for one another at the
+    end of every operator: a worker that takes one pool thread's core for a time slice stalls the
+    other threads too, so a step lost about three times the workers' own CPU time to them (a 64 px
+    ViT on 2 cores: 0.63 s a step without workers, 0.90 s beside them, which use 0.1 CPU-s a step).
+    At nice 19 the workers run when the pool leaves a core free, and fill the prefetch queue
+    while the main thread waits for a batch: 6 to 12% faster steps in two alternating pairs of
+    one-epoch runs (0.937 and 0.881 s against 1.006 and 0.994), though the step now waits for
+    data at times (4 s an epoch against 0.6 s). Where the workers alone are the bottleneck this
+    serialises loading and compute; on a GPU they are often the bottleneck and the training
+    process mostly waits for the device, so GPU runs leave them at the process's priority."""
+    init = partial(_lower_priority, worker_nice) if worker_nice > 0 and plan.workers else None
     return DataLoader(
         ShardStream(plan, transform, tokenizer),
         batch_size=None,
@@ -602,4 +630,5 @@ def make_loader(plan: EpochPlan, transform: Callable, tokenizer: Callable, pin_m
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if plan.workers else None,
+        worker_init_fn=init,
     )

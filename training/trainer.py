@@ -44,7 +44,7 @@ from training.checkpoint import (
     unreadable,
 )
 from training.config import TrainConfig, run_precision
-from training.data import EpochPlan, ShardSet, count_samples, expand_shards, is_pipe, make_loader
+from training.data import WORKER_NICE, EpochPlan, ShardSet, count_samples, expand_shards, is_pipe, make_loader
 from training.dist import DistInfo, any_rank, gather_objects, set_cpu_threads
 from training.errors import RunFailed, TrainError
 from training.evaluate import Evaluator
@@ -574,7 +574,8 @@ class Trainer:
                 consumed = list(plan.consumed)
                 self.bad_in_epoch = list(plan.bad)
                 batches = iter(make_loader(plan, self.train_transform, self.tokenizer,
-                                           pin_memory=self.device.type == "cuda"))
+                                           pin_memory=self.device.type == "cuda",
+                                           worker_nice=WORKER_NICE if self.device.type == "cpu" else 0))
                 window: list[StepStats] = []
                 while self.batch_in_epoch < self.micro_batches_per_epoch:
                     t0 = time.perf_counter()
