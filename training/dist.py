@@ -90,7 +90,8 @@ def follow_launcher(interval: float = 1.0, grace: float = 30.0) -> None:
 def set_cpu_threads(requested: int | None, info: DistInfo) -> int:
     """Size torch's intra-op thread pool on CPU: the usable cores shared by the ranks of this node.
 
-    Loader workers get no cores of their own: they mostly wait. OpenMP's wait policy is left at
+    Loader workers get no cores of their own: they mostly wait, and on CPU they run at nice 19
+    (training/data.py:make_loader) so that they do not stall the pool. OpenMP's wait policy is left at
     its default (threads spin briefly between parallel regions), as OpenCLIP leaves it. Measured on
     2 quiet cores (64 px ViT, 6,016 samples, 2 workers, 2026-12-02): fp32 81.3 samples/s spinning,
     65.9 with OMP_WAIT_POLICY=PASSIVE (OpenCLIP 76.1); amp_bf16 107.3 and 112.8 (OpenCLIP 87.7).
