@@ -466,16 +466,25 @@ def eval_view_features(img: np.ndarray, crop: float, sha256: str) -> ViewFeature
     return eval_views_features([img], crop, [sha256])[0]
 
 
+def _reduced(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All of an eval view that its features are made from: (grey grid, chroma grid, thumb, colour)."""
+    return (*grids(img), *_thumbs(img))
+
+
 def eval_views_features(imgs: list[np.ndarray], crop: float, sha256: list[str]) -> list[ViewFeatures]:
     """`ViewFeatures` of several eval views at once: the hashing calls take the stack of their grids
-    (`_box_codes`), whose per-call overhead is most of an eval view's cost; the codes are the same, bit
-    for bit, as one view at a time."""
+    (`_box_codes`), whose per-call overhead is most of an eval view's cost; the codes are those of one
+    view at a time, except in flat regions, whose AC coefficients are float32 noise tied at the
+    median: summed in another order, some of those bits flip (noise either way)."""
+    return _reduced_features([_reduced(img) for img in imgs], crop, sha256)
+
+
+def _reduced_features(reduced: list[tuple[np.ndarray, ...]], crop: float, sha256: list[str]) -> list[ViewFeatures]:
     lay = _eval_layout(crop)
-    nv, k = len(imgs), len(ROTATIONS)
+    nv, k = len(reduced), len(ROTATIONS)
     if nv == 0:
         return []
-    gc = [grids(img) for img in imgs]
-    grey, chroma = np.stack([g for g, _ in gc]), np.stack([c for _, c in gc])
+    grey, chroma = np.stack([r[0] for r in reduced]), np.stack([r[1] for r in reduced])
     h, c, hm, cm = _box_codes(grey, chroma, lay.boxes, cache=True, mirror=lay.flip)
     hs = [[h[i], hm[i]] for i in range(nv)]
     cs = [[c[i], cm[i]] for i in range(nv)]
@@ -505,13 +514,13 @@ def eval_views_features(imgs: list[np.ndarray], crop: float, sha256: list[str]) 
     h_w, _, _, _ = _box_codes(white, None, [WHOLE], cache=True, mirrored=False)
     at, cut = np.arange(k), lay.turned_cut
     out = []
-    for i, img in enumerate(imgs):
+    for i in range(nv):
         hb, cb, hw = h_b[i * k : (i + 1) * k], c_b[i * k : (i + 1) * k], h_w[i * k : (i + 1) * k]
         hs[i].append(np.stack([hb[:, 0], hb[at, cut], hw[:, 0]], axis=1).reshape(-1, N_REGIONS))
         cs[i].append(np.stack([cb[:, 0], cb[at, cut], cb[:, 0]], axis=1).reshape(-1, N_REGIONS, CHROMA_DIM))
         variants[i].append(lay.turned_variants)
         parts[i].append(np.ones(len(lay.turned_variants), bool))
-        thumb, colour = _thumbs(img)
+        thumb, colour = reduced[i][2], reduced[i][3]
         out.append(ViewFeatures(np.concatenate(hs[i]), np.concatenate(variants[i]), thumb, colour, sha256[i],
                                 np.concatenate(cs[i]), np.concatenate(parts[i])))
     return out
@@ -546,8 +555,11 @@ def view_features_many(datas: list[bytes], crop: float = 0.08) -> list[tuple[str
     2 to 3x fewer hashing calls per image than one at a time, the same codes (up to float32
     rounding, should a BLAS sum the other matrix shapes in another order; bit for bit where measured)."""
     shas = [hashlib.sha256(d).hexdigest() for d in datas]
-    per = [views(img) if (img := decode(d)) is not None else [] for d in datas]
-    flat = eval_views_features([v for vs in per for v in vs], crop, [s for s, vs in zip(shas, per, strict=True) for _ in vs])
+    # Each image is reduced to its views' grids and thumbnails as soon as it is decoded, so a group
+    # holds one decoded image at a time, as one image per call did (16 decoded 12 MP photographs and
+    # their padded squares were 1.3 GB).
+    per = [[_reduced(v) for v in views(img)] if (img := decode(d)) is not None else [] for d in datas]
+    flat = _reduced_features([r for rs in per for r in rs], crop, [s for s, rs in zip(shas, per, strict=True) for _ in rs])
     out, at = [], 0
     for sha, vs in zip(shas, per, strict=True):
         out.append((sha, flat[at : at + len(vs)]))

@@ -194,6 +194,9 @@ def _set_features(es: EvalSet, crop: float, threads: int) -> list[tuple[str, lis
     feats: list[tuple[str, list[im.ViewFeatures]] | None] = [None] * len(es.items)
     # cv2 decode/resize release the GIL, so threads use all cores here without pickling images.
     # Images go in groups (`view_features_many`): their views are hashed together, the same codes.
+    # Small sets get smaller groups, so that every thread has some; at most 2 groups per thread are
+    # in flight (their encoded bytes held), as 4 single images per thread were before.
+    size = max(1, min(EVAL_GROUP, -(-len(es.items) // max(1, threads))))
     with ThreadPoolExecutor(threads) as pool:
         pending: dict = {}
         group: list[tuple[int, bytes]] = []
@@ -204,10 +207,10 @@ def _set_features(es: EvalSet, crop: float, threads: int) -> list[tuple[str, lis
 
         for i, data in es.iter_images():
             group.append((i, data))
-            if len(group) >= EVAL_GROUP:
+            if len(group) >= size:
                 submit()
-            if len(pending) >= 4 * threads:
-                for fut in list(pending)[: 2 * threads]:
+            if len(pending) >= 2 * threads:
+                for fut in list(pending)[:threads]:
                     for j, f in zip(pending.pop(fut), fut.result(), strict=True):
                         feats[j] = f
         if group:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -17,6 +20,7 @@ from dedup.matcher import MatchConfig, OverlapMatcher, brute_force_image_candida
 from dedup.synth import TRANSFORMS, generated, photos, random_image
 from pipeline.localweb import encode, write_imagefolder
 
+REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -306,3 +310,23 @@ def test_banded_lookup_equals_brute_force_on_real_hashes(shapes_set):
     assert got == brute_force_image_candidates(s, feats, matcher.cfg)
     assert all(any(k == (60 + i, i_item) for k in got) for i, i_item in enumerate(
         [s.item_ids.index(it.id) for it in es.items[:20]]))
+
+
+def test_eval_group_holds_one_decoded_image_at_a_time():
+    # 16 copies of a 4000x3000 JPEG hashed as one group: each image is reduced to its grids and
+    # thumbnails as soon as it is decoded. Holding all 16 decoded images and their views until the
+    # group's end grew the peak by 1.3 GB (one at a time: about 70 MB).
+    code = """
+import resource, sys
+import cv2, numpy as np
+from dedup import image as im
+small = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+data = cv2.imencode(".jpg", cv2.resize(small, (4000, 3000), interpolation=cv2.INTER_LINEAR))[1].tobytes()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = im.view_features_many([data] * 16)
+assert len(out) == 16 and all(len(views) == 3 for _, views in out)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=170)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.split()[-1]) < 400, f"peak RSS grew {r.stdout.split()[-1]} MiB"
