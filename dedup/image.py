@@ -462,24 +462,16 @@ def _eval_layout(crop: float) -> _EvalLayout:
                        np.array(variants, np.float32))
 
 
-def eval_view_features(img: np.ndarray, crop: float, sha256: str) -> ViewFeatures:
-    return eval_views_features([img], crop, [sha256])[0]
-
-
 def _reduced(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All of an eval view that its features are made from: (grey grid, chroma grid, thumb, colour)."""
     return (*grids(img), *_thumbs(img))
 
 
-def eval_views_features(imgs: list[np.ndarray], crop: float, sha256: list[str]) -> list[ViewFeatures]:
-    """`ViewFeatures` of several eval views at once: the hashing calls take the stack of their grids
-    (`_box_codes`), whose per-call overhead is most of an eval view's cost; the codes are those of one
-    view at a time, except in flat regions, whose AC coefficients are float32 noise tied at the
-    median: summed in another order, some of those bits flip (noise either way)."""
-    return _reduced_features([_reduced(img) for img in imgs], crop, sha256)
-
-
 def _reduced_features(reduced: list[tuple[np.ndarray, ...]], crop: float, sha256: list[str]) -> list[ViewFeatures]:
+    """`ViewFeatures` of several eval views (`_reduced`) at once: the hashing calls take the stack of
+    their grids (`_box_codes`), whose per-call overhead is most of an eval view's cost; the codes are
+    those of one view at a time, except in flat regions, whose AC coefficients are float32 noise tied
+    at the median: summed in another order, some of those bits flip (noise either way)."""
     lay = _eval_layout(crop)
     nv, k = len(reduced), len(ROTATIONS)
     if nv == 0:
@@ -493,7 +485,7 @@ def _reduced_features(reduced: list[tuple[np.ndarray, ...]], crop: float, sha256
     for i in range(nv):
         trimmed = content_box(grey[i])
         if trimmed != WHOLE:
-            h1, c1, hm1, cm1 = _box_codes(grey[i], chroma[i], [trimmed], cache=True)  # on 1/GRID steps
+            h1, c1, hm1, cm1 = _box_codes(grey[i], chroma[i], [trimmed])  # one of many boxes: not cached
             hs[i] += [h1, hm1]
             cs[i] += [c1, cm1]
             variants[i].append(np.array([(*trimmed, 0.0, 0.0), (*trimmed, 1.0, 0.0)], np.float32))
@@ -551,7 +543,7 @@ def view_features(data: bytes, crop: float = 0.08) -> tuple[str, list[ViewFeatur
 
 
 def view_features_many(datas: list[bytes], crop: float = 0.08) -> list[tuple[str, list[ViewFeatures]]]:
-    """`view_features` of several eval images, their views hashed together (`eval_views_features`):
+    """`view_features` of several eval images, their views hashed together (`_reduced_features`):
     2 to 3x fewer hashing calls per image than one at a time, the same codes (up to float32
     rounding, should a BLAS sum the other matrix shapes in another order; bit for bit where measured)."""
     shas = [hashlib.sha256(d).hexdigest() for d in datas]

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -205,19 +205,21 @@ def _set_features(es: EvalSet, crop: float, threads: int) -> list[tuple[str, lis
             pending[pool.submit(im.view_features_many, [d for _, d in group], crop)] = [i for i, _ in group]
             group.clear()
 
+        def collect(fut: Future) -> None:
+            for j, f in zip(pending.pop(fut), fut.result(), strict=True):
+                feats[j] = f
+
         for i, data in es.iter_images():
             group.append((i, data))
             if len(group) >= size:
                 submit()
             if len(pending) >= 2 * threads:
                 for fut in list(pending)[:threads]:
-                    for j, f in zip(pending.pop(fut), fut.result(), strict=True):
-                        feats[j] = f
+                    collect(fut)
         if group:
             submit()
-        for fut, idx in pending.items():
-            for j, f in zip(idx, fut.result(), strict=True):
-                feats[j] = f
+        for fut in list(pending):
+            collect(fut)
     return feats
 
 
