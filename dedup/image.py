@@ -231,8 +231,12 @@ class _Plan:
     (None: one group, in order)."""
 
 
-def _in_order(plan: _Plan, blocks: list[np.ndarray]) -> np.ndarray:
-    return blocks[0] if plan.order is None else np.concatenate(blocks)[plan.order]
+def _blocks_of(blocks: list[np.ndarray]) -> np.ndarray:
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+
+def _in_order(order: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+    return x if order is None else x[order]
 
 
 _GROUP_FROM = 2
@@ -305,29 +309,32 @@ def _box_codes(grey: np.ndarray, chroma: np.ndarray | None, boxes: list[tuple[fl
     g = grey[None] if single else grey
     m = len(g)
     a = plan.rows[None] @ g[:, None]  # (m, ny, HASH_K, GRID)
-    coeffs = _in_order(plan, [(a[:, q.ys] @ q.cols_t).reshape(m, len(q.ys), HASH_K, -1, HASH_K)[:, q.ly, :, q.lx, :]
-                              for q in plan.groups])  # (n, m, 8, 8): advanced indices first
+    # Blocks stay in the groups' order; the (8x smaller) bits and codes are put in the boxes' order.
+    coeffs = _blocks_of([(a[:, q.ys] @ q.cols_t).reshape(m, len(q.ys), HASH_K, -1, HASH_K)[:, q.ly, :, q.lx, :]
+                               for q in plan.groups])  # (n, m, 8, 8): advanced indices first
+    order = plan.order
     n, nb = len(coeffs), len(boxes)
-    h = dct_bits(coeffs.reshape(n * m, -1)).reshape(n, m).T.reshape(m, nb, N_REGIONS)
+    h = _in_order(order, dct_bits(coeffs.reshape(n * m, -1)).reshape(n, m)).T.reshape(m, nb, N_REGIONS)
     c = cc = None
     if chroma is not None:
         chm = chroma[None] if single else chroma
         ch = np.ascontiguousarray(chm.transpose(0, 3, 1, 2))[:, :, None]  # (m, 2, 1, GRID, GRID)
         a3 = plan.rows3[None, None] @ ch  # (m, 2, ny, CHROMA_K, GRID)
-        cc = _in_order(plan, [(a3[:, :, q.ys] @ q.cols3_t).reshape(m, 2, len(q.ys), CHROMA_K, -1, CHROMA_K)
-                              [:, :, q.ly, :, q.lx, :] for q in plan.groups])  # (n, m, 2, 3, 3)
-        c = _quantise(cc.transpose(1, 0, 2, 3, 4).reshape(m, nb, N_REGIONS, CHROMA_DIM))
+        cc = _blocks_of([(a3[:, :, q.ys] @ q.cols3_t).reshape(m, 2, len(q.ys), CHROMA_K, -1, CHROMA_K)
+                               [:, :, q.ly, :, q.lx, :] for q in plan.groups])  # (n, m, 2, 3, 3)
+        c = _in_order(order, _quantise(cc)).transpose(1, 0, 2, 3, 4).reshape(m, nb, N_REGIONS, CHROMA_DIM)
     hm = c_m = None
     if mirrored:
+        rows = (np.arange(n) if mirror is None else
+                (np.asarray(mirror)[:, None] * N_REGIONS + np.arange(N_REGIONS)).ravel())
         if mirror is not None:
-            rows = (np.asarray(mirror)[:, None] * N_REGIONS + np.arange(N_REGIONS)).ravel()
-            coeffs, n, nb = coeffs[rows], len(rows), len(mirror)
-            cc = None if cc is None else cc[rows]
-        hm = dct_bits((coeffs * _FLIP8).reshape(n * m, -1)).reshape(n, m).T.reshape(m, nb, N_REGIONS)
+            nb = len(mirror)
+        at = rows if order is None else order[rows]  # where the rows' blocks are
+        hm = dct_bits((coeffs[at] * _FLIP8).reshape(len(at) * m, -1)).reshape(len(at), m).T.reshape(m, nb, N_REGIONS)
         hm = hm[:, :, _MIRRORED_REGION]
         if cc is not None:
-            c_m = (cc * _FLIP3).transpose(1, 0, 2, 3, 4).reshape(m, nb, N_REGIONS, CHROMA_DIM)
-            c_m = _quantise(c_m[:, :, _MIRRORED_REGION])
+            c_m = _quantise(cc[at] * _FLIP3).transpose(1, 0, 2, 3, 4).reshape(m, nb, N_REGIONS, CHROMA_DIM)
+            c_m = c_m[:, :, _MIRRORED_REGION]
     out = (h, c, hm, c_m)
     return tuple(None if x is None else x[0] for x in out) if single else out
 
@@ -434,6 +441,9 @@ class _EvalLayout:
     turned_cut: np.ndarray
     """Per turn, which of `turned_boxes` is its cut box."""
     turned_variants: np.ndarray
+    variants: np.ndarray
+    """float32: every row of a view without a trimmed box (crop variants, then turned ones)."""
+    parts: np.ndarray
 
 
 PARTS_FINE_SIDES = 1
@@ -458,8 +468,13 @@ def _eval_layout(crop: float) -> _EvalLayout:
     cut_of = np.array([1 + cuts.index(rotated_cut(a)) for a in ROTATIONS])
     variants = [v for a, j in zip(ROTATIONS, cut_of, strict=True)
                 for v in ((*WHOLE, 0.0, a), (*turned_boxes[j], 0.0, a), (*WHOLE, 0.0, a))]
-    return _EvalLayout(boxes, flip, crop_variants, crop_parts, turns, corners, turned_boxes, cut_of,
-                       np.array(variants, np.float32))
+    turned_variants = np.array(variants, np.float32)
+    every = np.concatenate([crop_variants, turned_variants])
+    every_part = np.concatenate([crop_parts, np.ones(len(turned_variants), bool)])
+    for a in (every, every_part):  # shared by every view's ViewFeatures
+        a.flags.writeable = False
+    return _EvalLayout(boxes, flip, crop_variants, crop_parts, turns, corners, turned_boxes, cut_of, turned_variants,
+                       every, every_part)
 
 
 def _reduced(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -478,18 +493,10 @@ def _reduced_features(reduced: list[tuple[np.ndarray, ...]], crop: float, sha256
         return []
     grey, chroma = np.stack([r[0] for r in reduced]), np.stack([r[1] for r in reduced])
     h, c, hm, cm = _box_codes(grey, chroma, lay.boxes, cache=True, mirror=lay.flip)
-    hs = [[h[i], hm[i]] for i in range(nv)]
-    cs = [[c[i], cm[i]] for i in range(nv)]
-    variants = [[lay.crop_variants] for _ in range(nv)]
-    parts = [[lay.crop_parts] for _ in range(nv)]
-    for i in range(nv):
-        trimmed = content_box(grey[i])
-        if trimmed != WHOLE:
-            h1, c1, hm1, cm1 = _box_codes(grey[i], chroma[i], [trimmed])  # one of many boxes: not cached
-            hs[i] += [h1, hm1]
-            cs[i] += [c1, cm1]
-            variants[i].append(np.array([(*trimmed, 0.0, 0.0), (*trimmed, 1.0, 0.0)], np.float32))
-            parts[i].append(np.ones(2, bool))
+    trimmed = [content_box(x) for x in grey]
+    own = [i for i, t in enumerate(trimmed) if t != WHOLE]
+    if own:  # each its own box: one call for all (`_own_box_codes`), not one plan per view
+        h1, c1, hm1, cm1 = _own_box_codes(grey[own], chroma[own], [trimmed[i] for i in own])
     # The corners a turn uncovers are filled black (PIL, OpenCV) or white (editors' background),
     # both grey and without chroma; the whole box keeps them, the cut box lies inside them.
     # Replicated edges there instead moved the hashes of turned copies of fine textures and print
@@ -505,17 +512,44 @@ def _reduced_features(reduced: list[tuple[np.ndarray, ...]], crop: float, sha256
     white = grey_t + 255.0 * np.tile(lay.corners, (nv, 1, 1))
     h_w, _, _, _ = _box_codes(white, None, [WHOLE], cache=True, mirrored=False)
     at, cut = np.arange(k), lay.turned_cut
-    out = []
-    for i in range(nv):
-        hb, cb, hw = h_b[i * k : (i + 1) * k], c_b[i * k : (i + 1) * k], h_w[i * k : (i + 1) * k]
-        hs[i].append(np.stack([hb[:, 0], hb[at, cut], hw[:, 0]], axis=1).reshape(-1, N_REGIONS))
-        cs[i].append(np.stack([cb[:, 0], cb[at, cut], cb[:, 0]], axis=1).reshape(-1, N_REGIONS, CHROMA_DIM))
-        variants[i].append(lay.turned_variants)
-        parts[i].append(np.ones(len(lay.turned_variants), bool))
-        thumb, colour = reduced[i][2], reduced[i][3]
-        out.append(ViewFeatures(np.concatenate(hs[i]), np.concatenate(variants[i]), thumb, colour, sha256[i],
-                                np.concatenate(cs[i]), np.concatenate(parts[i])))
+    h_b, c_b = h_b.reshape(nv, k, -1, N_REGIONS), c_b.reshape(nv, k, -1, N_REGIONS, CHROMA_DIM)
+    h_t = np.stack([h_b[:, :, 0], h_b[:, at, cut], h_w.reshape(nv, k, N_REGIONS)], axis=2)
+    c_t = np.stack([c_b[:, :, 0], c_b[:, at, cut], c_b[:, :, 0]], axis=2)
+    # Every view's rows in one array (crop boxes, mirrored ones, turns); a view with its own trimmed
+    # box gets that box's two rows before the turns.
+    hashes = np.concatenate([h, hm, h_t.reshape(nv, -1, N_REGIONS)], axis=1)
+    codes = np.concatenate([c, cm, c_t.reshape(nv, -1, N_REGIONS, CHROMA_DIM)], axis=1)
+    n_crop = hashes.shape[1] - 3 * k
+    out = [ViewFeatures(hashes[i], lay.variants, r[2], r[3], sha, codes[i], lay.parts)
+           for i, (r, sha) in enumerate(zip(reduced, sha256, strict=True))]
+    for j, i in enumerate(own):
+        x0, y0, x1, y1 = trimmed[i]
+        v = out[i]
+        v.hashes = np.concatenate([v.hashes[:n_crop], [h1[j], hm1[j]], v.hashes[n_crop:]])
+        v.chroma = np.concatenate([v.chroma[:n_crop], [c1[j], cm1[j]], v.chroma[n_crop:]])
+        v.variants = np.concatenate([lay.variants[:n_crop], [(x0, y0, x1, y1, 0.0, 0.0), (x0, y0, x1, y1, 1.0, 0.0)],
+                                     lay.variants[n_crop:]]).astype(np.float32)
+        v.parts = np.concatenate([lay.parts[:n_crop], [True, True], lay.parts[n_crop:]])
     return out
+
+
+def _own_box_codes(grey: np.ndarray, chroma: np.ndarray, boxes: list[tuple[float, ...]]) -> tuple[np.ndarray, ...]:
+    """`_box_codes` of m views, each with a box of its own ((m, GRID, GRID), (m, GRID, GRID, 2), m
+    boxes): (hashes (m, R), chroma (m, R, CHROMA_DIM), mirrored hashes, mirrored chroma). The same
+    sums as one view at a time (its rows basis, then its columns basis), in one batched product."""
+    subs = [[_sub(b, r) for r in _REGION_BOX] for b in boxes]
+    rows = np.stack([[_axis_basis(round(s[1], 6), round(s[3], 6)) for s in ss] for ss in subs])  # (m, R, 8, GRID)
+    cols_t = np.stack([[_axis_basis(round(s[0], 6), round(s[2], 6)).T for s in ss] for ss in subs])
+    m = len(boxes)
+    coeffs = (rows @ grey[:, None]) @ cols_t  # (m, R, 8, 8)
+    ch = np.ascontiguousarray(chroma.transpose(0, 3, 1, 2))[:, :, None]  # (m, 2, 1, GRID, GRID)
+    cc = (rows[:, None, :, :CHROMA_K] @ ch) @ cols_t[:, None, :, :, :CHROMA_K]  # (m, 2, R, 3, 3)
+    cc = cc.transpose(0, 2, 1, 3, 4)
+    h = dct_bits(coeffs.reshape(m * N_REGIONS, -1)).reshape(m, N_REGIONS)
+    hm = dct_bits((coeffs * _FLIP8).reshape(m * N_REGIONS, -1)).reshape(m, N_REGIONS)[:, _MIRRORED_REGION]
+    c = _quantise(cc).reshape(m, N_REGIONS, CHROMA_DIM)
+    cm = _quantise(cc * _FLIP3).reshape(m, N_REGIONS, CHROMA_DIM)[:, _MIRRORED_REGION]
+    return h, c, hm, cm
 
 
 def views(img: np.ndarray) -> list[np.ndarray]:
