@@ -284,7 +284,9 @@ _cached_plan = lru_cache(maxsize=64)(_plan)
 def dct_bits(coeffs: np.ndarray) -> np.ndarray:
     """uint64 (n,): each coefficient 'above the median of the AC terms' (the DC term only carries brightness)."""
     k = (coeffs.shape[1] - 1) // 2  # 63 AC terms: the median is the 32nd smallest
-    bits = coeffs > np.partition(coeffs[:, 1:], k, axis=1)[:, k : k + 1]
+    # A whole sort, not np.partition: numpy sorts short float32 rows with SIMD networks and selects
+    # row by row, so sorting was 2x faster (6,480 rows: 0.69 against 1.31 ms); the same value either way.
+    bits = coeffs > np.sort(coeffs[:, 1:], axis=1)[:, k : k + 1]
     return np.packbits(bits, axis=1).view(">u8").astype(np.uint64)[:, 0]
 
 
@@ -437,6 +439,8 @@ class _EvalLayout:
     turns: list[np.ndarray]
     corners: np.ndarray
     """float32 (turns, GRID, GRID): 1 where a turn uncovers the grid (a fill shows there)."""
+    white_corners: np.ndarray
+    """255 * corners."""
     turned_boxes: list[tuple[float, float, float, float]]
     turned_cut: np.ndarray
     """Per turn, which of `turned_boxes` is its cut box."""
@@ -473,8 +477,8 @@ def _eval_layout(crop: float) -> _EvalLayout:
     every_part = np.concatenate([crop_parts, np.ones(len(turned_variants), bool)])
     for a in (every, every_part):  # shared by every view's ViewFeatures
         a.flags.writeable = False
-    return _EvalLayout(boxes, flip, crop_variants, crop_parts, turns, corners, turned_boxes, cut_of, turned_variants,
-                       every, every_part)
+    return _EvalLayout(boxes, flip, crop_variants, crop_parts, turns, corners, 255.0 * corners, turned_boxes, cut_of,
+                       turned_variants, every, every_part)
 
 
 def _reduced(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -508,13 +512,19 @@ def _reduced_features(reduced: list[tuple[np.ndarray, ...]], crop: float, sha256
     # Per turn three rows: the whole and the cut box with black corners, the whole box with white
     # ones; white corners change no chroma, and nothing turned is mirrored.
     grey_t = np.ascontiguousarray(turned[..., 0])  # a strided stack would miss BLAS (other rounding)
-    h_b, c_b, _, _ = _box_codes(grey_t, turned[..., 1:], lay.turned_boxes, cache=True, mirrored=False)
-    white = grey_t + 255.0 * np.tile(lay.corners, (nv, 1, 1))
+    # A turn's whole box and its own cut box: one call per cut, for the turns that share it (the other
+    # turns' cut boxes were a third of the work, never kept).
+    h_b = np.empty((nv * k, 2, N_REGIONS), np.uint64)
+    c_b = np.empty((nv * k, 2, N_REGIONS, CHROMA_DIM), np.int8)
+    for j in np.unique(lay.turned_cut):
+        sel = (np.arange(nv)[:, None] * k + np.flatnonzero(lay.turned_cut == j)[None]).ravel()
+        h_b[sel], c_b[sel], _, _ = _box_codes(grey_t[sel], turned[sel, ..., 1:], [WHOLE, lay.turned_boxes[j]],
+                                              cache=True, mirrored=False)
+    white = (grey_t.reshape(nv, k, GRID, GRID) + lay.white_corners).reshape(nv * k, GRID, GRID)
     h_w, _, _, _ = _box_codes(white, None, [WHOLE], cache=True, mirrored=False)
-    at, cut = np.arange(k), lay.turned_cut
-    h_b, c_b = h_b.reshape(nv, k, -1, N_REGIONS), c_b.reshape(nv, k, -1, N_REGIONS, CHROMA_DIM)
-    h_t = np.stack([h_b[:, :, 0], h_b[:, at, cut], h_w.reshape(nv, k, N_REGIONS)], axis=2)
-    c_t = np.stack([c_b[:, :, 0], c_b[:, at, cut], c_b[:, :, 0]], axis=2)
+    h_b, c_b = h_b.reshape(nv, k, 2, N_REGIONS), c_b.reshape(nv, k, 2, N_REGIONS, CHROMA_DIM)
+    h_t = np.concatenate([h_b, h_w.reshape(nv, k, 1, N_REGIONS)], axis=2)
+    c_t = np.concatenate([c_b, c_b[:, :, :1]], axis=2)
     # Every view's rows in one array (crop boxes, mirrored ones, turns); a view with its own trimmed
     # box gets that box's two rows before the turns.
     hashes = np.concatenate([h, hm, h_t.reshape(nv, -1, N_REGIONS)], axis=1)
