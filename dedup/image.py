@@ -380,6 +380,23 @@ def content_box(grey: np.ndarray, tol: float = 6.0, max_cut: float = 0.3) -> tup
     return (left / n, top / n, 1 - right / n, 1 - bottom / n)
 
 
+def content_boxes(greys: np.ndarray, tol: float = 6.0, max_cut: float = 0.3) -> list[tuple[float, float, float, float]]:
+    """`content_box` of each of a stack of grids (m, GRID, GRID), in a few array operations for all (the
+    eval side's groups; one call per grid cost as much as hashing its turned copies)."""
+    n = greys.shape[1]
+    limit = int(n * max_cut)
+
+    def run(lines: np.ndarray) -> np.ndarray:  # (m, n, n), the outermost line first
+        ref = np.partition(lines[:, 0], n // 2, axis=1)[:, n // 2]  # each outermost line's median
+        flat = np.abs(lines[:, :limit] - ref[:, None, None]).max(axis=2) <= tol
+        k = np.where(flat.all(axis=1), limit, np.argmin(flat, axis=1))
+        return np.where(k >= 2, k + 1, 0)
+
+    t = greys.transpose(0, 2, 1)
+    top, bottom, left, right = (run(x).tolist() for x in (greys, greys[:, ::-1], t, t[:, ::-1]))
+    return [(lf / n, tp / n, 1 - r / n, 1 - b / n) for tp, b, lf, r in zip(top, bottom, left, right, strict=True)]
+
+
 def crop_boxes(crop: float) -> list[tuple[float, float, float, float]]:
     """Every box cutting 0, `crop` / 2 or `crop` from each side (81 boxes; the whole image alone when
     crop is 0)."""
@@ -497,7 +514,7 @@ def _reduced_features(reduced: list[tuple[np.ndarray, ...]], crop: float, sha256
         return []
     grey, chroma = np.stack([r[0] for r in reduced]), np.stack([r[1] for r in reduced])
     h, c, hm, cm = _box_codes(grey, chroma, lay.boxes, cache=True, mirror=lay.flip)
-    trimmed = [content_box(x) for x in grey]
+    trimmed = content_boxes(grey)
     own = [i for i, t in enumerate(trimmed) if t != WHOLE]
     if own:  # each its own box: one call for all (`_own_box_codes`), not one plan per view
         h1, c1, hm1, cm1 = _own_box_codes(grey[own], chroma[own], [trimmed[i] for i in own])

@@ -312,6 +312,25 @@ def test_banded_lookup_equals_brute_force_on_real_hashes(shapes_set):
         [s.item_ids.index(it.id) for it in es.items[:20]]))
 
 
+def test_content_boxes_of_a_stack_equal_one_at_a_time():
+    # Letterboxes, pillarboxes and frames of several widths and colours, one-cell JPEG edges, a flat
+    # grid (every side cut to the limit) and plain pictures, as the eval groups stack them.
+    rng = np.random.default_rng(3)
+    grids = []
+    for _ in range(40):
+        g = rng.uniform(0, 255, (im.GRID, im.GRID)).astype(np.float32)
+        cuts = rng.integers(0, 24, 4) * rng.integers(0, 2, 4)
+        fill = float(rng.choice([0.0, 255.0, rng.uniform(0, 255)]))
+        t, b, lf, r = cuts
+        g[:t], g[im.GRID - b :], g[:, :lf], g[:, im.GRID - r :] = fill, fill, fill, fill
+        grids.append(g + rng.uniform(-3, 3, g.shape).astype(np.float32))
+    grids.append(np.full((im.GRID, im.GRID), 128.0, np.float32))
+    stack = np.stack(grids)
+    want = [im.content_box(g) for g in stack]
+    assert im.content_boxes(stack) == want
+    assert len(set(want)) > 20 and im.WHOLE in want  # the grids do exercise many cuts, and none
+
+
 def test_eval_group_holds_one_decoded_image_at_a_time():
     # 16 copies of a 4000x3000 JPEG hashed as one group: each image is reduced to its grids and
     # thumbnails as soon as it is decoded. Holding all 16 decoded images and their views until the
