@@ -3,6 +3,11 @@ the edit table of issue 10.
 
     python benchmarks/dedup.py --captions 50000 --images 5000 [--photos report|tune] [--clock wall|cpu]
         [--out bench-out/dedup.json]
+    python benchmarks/dedup.py --skip text,edits --against 2519966 --rounds 3
+
+`--against REV`: the image part of this code and of revision REV of this clone (issue 10's reference is
+2519966, the last dedup change before its work), each in a fresh process, rounds alternating which goes
+first, both timed by CPU time; prints each round's figures and the ratios, ours over theirs.
 
 Not a timed test: it prints figures. Captions: random sentences, with planted
 copies of eval captions (case/punctuation/spacing changed) and near copies
@@ -18,10 +23,15 @@ family, precision, hashes/s and matches/s."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import random
+import shutil
+import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections import defaultdict
@@ -274,6 +284,60 @@ def format_edit_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+REPO = Path(__file__).resolve().parents[1]
+SPEED_KEYS = ("hashes_per_s", "eval_hashes_per_s", "train_hashes_per_s", "match_per_s_incl_verification")
+
+
+def against(rev: str, rounds: int, n_images: int, seed: int) -> dict:
+    """The image part of this code and of `rev`, `rounds` times, alternating which runs first."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev], capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"benchmarks/dedup.py: --against {rev}: git archive failed: {archive.stderr.decode()[-300:]}")
+    tree = Path(tempfile.mkdtemp(prefix="dedup-against-"))  # removed at the end: made here
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(tree, filter="data")
+        return _against(rev, tree, rounds, n_images, seed)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+def _against(rev: str, tree: Path, rounds: int, n_images: int, seed: int) -> dict:
+    ours_cmd = [sys.executable, str(Path(__file__).resolve()), "--skip", "text,edits", "--images", str(n_images),
+                "--seed", str(seed), "--clock", "cpu"]
+    theirs_cmd = [sys.executable, str(Path(__file__).resolve().parent / "reference_images.py"), str(tree),
+                  str(n_images), str(seed)]
+
+    def run(cmd: list[str], who: str, r: int) -> dict:
+        print(f"round {r}: {who} ...", file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO if who == "ours" else tree)
+        if out.returncode:
+            raise SystemExit(f"benchmarks/dedup.py: --against {rev}: {who} failed: {out.stderr.strip()[-400:]}")
+        figures = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
+        return figures.get("image", figures)
+
+    per_round = []
+    for r in range(1, rounds + 1):
+        pair = {}
+        for who in (("ours", "theirs") if r % 2 else ("theirs", "ours")):
+            pair[who] = run(ours_cmd if who == "ours" else theirs_cmd, who, r)
+        per_round.append({who: {k: pair[who][k] for k in SPEED_KEYS + ("precision", "recall")} for who in pair})
+    ratios = {k: [round(x["ours"][k] / x["theirs"][k], 2) for x in per_round] for k in SPEED_KEYS}
+    return {"rev": rev, "rounds": per_round, "ratios": ratios,
+            "median_ratios": {k: round(statistics.median(v), 2) for k, v in ratios.items()}}
+
+
+def format_against(a: dict) -> str:
+    lines = [f"ours against {a['rev']}, {len(a['rounds'])} rounds alternating, per CPU-second:",
+             f"{'':<30} {'ours':>20} {'theirs':>20} {'ratio':>16} {'median':>7}"]
+    for k in SPEED_KEYS:
+        ours = " / ".join(str(x["ours"][k]) for x in a["rounds"])
+        theirs = " / ".join(str(x["theirs"][k]) for x in a["rounds"])
+        ratio = " / ".join(f"{v:.2f}" for v in a["ratios"][k])
+        lines.append(f"{k:<30} {ours:>20} {theirs:>20} {ratio:>16} {a['median_ratios'][k]:>7.2f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--captions", type=int, default=50_000)
@@ -289,7 +353,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="image parts: time by the wall clock or by this process's CPU time")
     p.add_argument("--repeats", type=int, default=3, help="caption signature timings (ours, datasketch): best of N")
     p.add_argument("--out", default=None, help="also write the figures here as JSON")
+    p.add_argument("--against", default=None, metavar="REV",
+                   help="also run the image part of this clone's revision REV, alternating (ratios ours/theirs)")
+    p.add_argument("--rounds", type=int, default=3, help="--against: rounds of each")
     args = p.parse_args(argv)
+    if args.against is not None:
+        found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", args.against + "^{commit}"],
+                               capture_output=True, text=True)
+        if found.returncode or args.rounds < 1:
+            why = "--rounds must be at least 1" if found.returncode == 0 else f"{args.against} is not a commit of {REPO}"
+            print(f"benchmarks/dedup.py: --against: {why}", file=sys.stderr)
+            return 2
     import cv2
 
     cv2.setNumThreads(1)  # figures per core
@@ -304,10 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         result["image"] = bench_images(args.images, args.seed, cfg)
     if "edits" not in skip:
         result["edits"] = bench_edits(args.copies, args.generated, args.seed, cfg, args.photos)
+    if args.against is not None:
+        result["against"] = against(args.against, args.rounds, args.images, args.seed)
     text = json.dumps(result, indent=2)
     print(text)
     if "edits" in result:
         print(format_edit_table(result["edits"]))
+    if "against" in result:
+        print(format_against(result["against"]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
