@@ -5,9 +5,10 @@ the edit table of issue 10.
         [--out bench-out/dedup.json]
     python benchmarks/dedup.py --skip text,edits --against 2519966 --rounds 3
 
-`--against REV`: the image part of this code and of revision REV of this clone (issue 10's reference is
-2519966, the last dedup change before its work), each in a fresh process, rounds alternating which goes
-first, both timed by CPU time; prints each round's figures and the ratios, ours over theirs.
+`--against REV`: the image part of this code and of revision REV of this clone (issue 10's reference
+is 2519966, the last dedup change before its work), each in a fresh process instead of this one,
+rounds alternating which goes first, both timed by CPU time; prints each round's figures and the
+ratios, ours over theirs.
 
 Not a timed test: it prints figures. Captions: random sentences, with planted
 copies of eval captions (case/punctuation/spacing changed) and near copies
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"clock": args.clock}
     if "text" not in skip:
         result["text"] = bench_text(args.captions, args.eval_captions, args.seed, cfg, args.repeats)
-    if "image" not in skip:
+    if "image" not in skip and args.against is None:  # --against runs it in a process of its own
         result["image"] = bench_images(args.images, args.seed, cfg)
     if "edits" not in skip:
         result["edits"] = bench_edits(args.copies, args.generated, args.seed, cfg, args.photos)
