@@ -219,17 +219,21 @@ def read_corpus(corpus: str, out: str, rd: RunDir) -> Corpus:
     """Check an input corpus (build_corpus output or img2dataset webdataset output, local or URL)
     and that --out lies outside it (bad input: AuditError, one line). Reads only metadata."""
     fs, shards_dir = resolve_shards_dir(corpus)
+    from pathlib import Path, PurePosixPath
+
     from fsspec.implementations.local import LocalFileSystem
 
-    if isinstance(fs, LocalFileSystem) and isinstance(rd.fs, LocalFileSystem):
-        from pathlib import Path
-
-        out_path = Path(rd.root).resolve()
-        corpus_path = Path(shards_dir).resolve()
+    local = isinstance(fs, LocalFileSystem) and isinstance(rd.fs, LocalFileSystem)
+    # On object storage the check is on the paths within one kind of store (two endpoints of one kind
+    # cannot be told apart here, and are judged as one: a refusal at worst, never a write into the input).
+    if local or type(fs) is type(rd.fs):
+        out_path = Path(rd.root).resolve() if local else PurePosixPath("/", rd.root.strip("/"))
+        corpus_path = Path(shards_dir).resolve() if local else PurePosixPath("/", shards_dir.strip("/"))
         corpus_path = corpus_path.parent if corpus_path.name == "shards" else corpus_path
         if out_path == corpus_path or corpus_path in out_path.parents or out_path in corpus_path.parents:
-            raise AuditError(f"{out}: --out must lie outside the corpus folder {corpus_path} (the input is only "
-                             "read, never written into)")
+            where = str(corpus_path) if local else _url(fs, str(corpus_path).lstrip("/"))
+            raise AuditError(f"{out}: --out must lie outside the corpus folder {where} (the input is only read, "
+                             "never written into)")
     try:
         if fs.exists(f"{shards_dir}/{SIZES_FILE}"):
             with fs.open(f"{shards_dir}/{SIZES_FILE}", "rb") as f:

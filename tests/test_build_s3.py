@@ -337,3 +337,29 @@ def test_bad_urls_are_one_line_exit_2_and_write_nothing(tmp_path, s3, flag, valu
     assert lines[0].startswith(f"build_corpus: error: {flag}") or given[flag] in lines[0], lines[0]
     assert expect in lines[0], lines[0]
     assert s3.keys() == before and list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("out, why", [
+    ("corpus/audited", "--out must lie outside the corpus folder s3://{bucket}/corpus "),
+    ("corpus/shards/audited", "--out must lie outside the corpus folder s3://{bucket}/corpus "),
+    ("corpus", "--out holds files that clipforge did not write (shards)"),
+    ("", "--out holds files that clipforge did not write (corpus)"),
+])
+def test_audit_out_in_or_above_an_s3_corpus_is_one_line_exit_2(tmp_path, s3, out, why):
+    # The same refusal as on local disk: the input is only read. Only local paths were checked, so an
+    # audit into s3://BUCKET/corpus/audited went ahead and wrote into the corpus it read (the corpus
+    # itself and folders above it were already refused: they hold files clipforge did not write).
+    fs = s3.fs()
+    fs.pipe(f"{s3.bucket}/corpus/shards/sizes.json", b"{}")
+    eval_dir = tmp_path / "eval"
+    write_imagefolder(eval_dir, per_class=1)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = s3.keys()
+    target = s3.url(out) if out else f"s3://{s3.bucket}"
+    r = run_job("audit_overlap.py", "--corpus", s3.url("corpus"), "--eval", f"shapes={eval_dir}", "--out", target,
+                "--executor", "local", cwd=cwd)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert why.format(bucket=s3.bucket) in lines[0], lines[0]
+    assert s3.keys() == before and list(cwd.iterdir()) == []
