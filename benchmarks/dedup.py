@@ -312,16 +312,25 @@ def _against(rev: str, tree: Path, rounds: int, n_images: int, seed: int) -> dic
     def run(cmd: list[str], who: str, r: int) -> dict:
         print(f"round {r}: {who} ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO if who == "ours" else tree)
+        if out.returncode == 2:  # the revision cannot be measured (its line says why): bad input
+            print(f"benchmarks/dedup.py: --against {rev}: {out.stderr.strip().splitlines()[-1]}", file=sys.stderr)
+            raise SystemExit(2)
         if out.returncode:
             raise SystemExit(f"benchmarks/dedup.py: --against {rev}: {who} failed: {out.stderr.strip()[-400:]}")
         figures = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
         return figures.get("image", figures)
 
+    def theirs(r: int) -> dict:
+        figures = run(theirs_cmd + ["bench"], "theirs", r)
+        if "eval_hashes_per_s" not in figures:  # its benchmark does not split them: timed apart, also fresh
+            figures.update(run(theirs_cmd + ["split"], "theirs (eval/training split)", r))
+        return figures
+
     per_round = []
     for r in range(1, rounds + 1):
         pair = {}
         for who in (("ours", "theirs") if r % 2 else ("theirs", "ours")):
-            pair[who] = run(ours_cmd if who == "ours" else theirs_cmd, who, r)
+            pair[who] = run(ours_cmd, who, r) if who == "ours" else theirs(r)
         per_round.append({who: {k: pair[who][k] for k in SPEED_KEYS + ("precision", "recall")} for who in pair})
     ratios = {k: [round(x["ours"][k] / x["theirs"][k], 2) for x in per_round] for k in SPEED_KEYS}
     return {"rev": rev, "rounds": per_round, "ratios": ratios,
@@ -358,11 +367,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the image part of this clone's revision REV, alternating (ratios ours/theirs)")
     p.add_argument("--rounds", type=int, default=3, help="--against: rounds of each")
     args = p.parse_args(argv)
+    if args.images < 10:
+        print(f"benchmarks/dedup.py: --images must be at least 10, got {args.images}", file=sys.stderr)
+        return 2
     if args.against is not None:
+        why = None
         found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", args.against + "^{commit}"],
                                capture_output=True, text=True)
-        if found.returncode or args.rounds < 1:
-            why = "--rounds must be at least 1" if found.returncode == 0 else f"{args.against} is not a commit of {REPO}"
+        if found.returncode:
+            why = (f"{args.against} is not a commit of {REPO}" + (" (a shallow clone: git fetch --unshallow)"
+                   if (REPO / ".git" / "shallow").exists() else ""))
+        elif subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{args.against}:benchmarks/dedup.py"],
+                            capture_output=True).returncode:
+            why = f"{args.against} has no benchmarks/dedup.py to run"
+        elif args.rounds < 1:
+            why = "--rounds must be at least 1"
+        if why:
             print(f"benchmarks/dedup.py: --against: {why}", file=sys.stderr)
             return 2
     import cv2

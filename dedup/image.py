@@ -563,7 +563,8 @@ def _reduced_features(reduced: list[tuple[np.ndarray, ...]], crop: float, sha256
 def _own_box_codes(grey: np.ndarray, chroma: np.ndarray, boxes: list[tuple[float, ...]]) -> tuple[np.ndarray, ...]:
     """`_box_codes` of m views, each with a box of its own ((m, GRID, GRID), (m, GRID, GRID, 2), m
     boxes): (hashes (m, R), chroma (m, R, CHROMA_DIM), mirrored hashes, mirrored chroma). The same
-    sums as one view at a time (its rows basis, then its columns basis), in one batched product."""
+    sums as one view at a time (its rows basis, then its columns basis), in one batched product (in
+    flat regions the float32 noise differs, as in `_reduced_features`)."""
     subs = [[_sub(b, r) for r in _REGION_BOX] for b in boxes]
     rows = np.stack([[_axis_basis(round(s[1], 6), round(s[3], 6)) for s in ss] for ss in subs])  # (m, R, 8, GRID)
     cols_t = np.stack([[_axis_basis(round(s[0], 6), round(s[2], 6)).T for s in ss] for ss in subs])
@@ -606,7 +607,8 @@ def view_features(data: bytes, crop: float = 0.08) -> tuple[str, list[ViewFeatur
 def view_features_many(datas: list[bytes], crop: float = 0.08) -> list[tuple[str, list[ViewFeatures]]]:
     """`view_features` of several eval images, their views hashed together (`_reduced_features`):
     2 to 3x fewer hashing calls per image than one at a time, the same codes (up to float32
-    rounding, should a BLAS sum the other matrix shapes in another order; bit for bit where measured)."""
+    rounding, should a BLAS sum the other matrix shapes in another order; bit for bit where measured, except in
+    flat regions, whose AC terms are float32 noise tied at the median: there some bits flip either way)."""
     shas = [hashlib.sha256(d).hexdigest() for d in datas]
     # Each image is reduced to its views' grids and thumbnails as soon as it is decoded, so a group
     # holds one decoded image at a time, as one image per call did (16 decoded 12 MP photographs and

@@ -58,9 +58,12 @@ class SettingsChanged(OutputError):
     """The output folder holds a run of this job made with other settings or other input."""
 
 
-def resolve(url: str, what: str = "--out") -> tuple[fsspec.AbstractFileSystem, str]:
+def resolve(url: str, what: str = "--out", output: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, normalised path) for a local path or an fsspec URL; a URL no filesystem
-    serves, or a malformed one, is an OutputError (never a local folder named after it)."""
+    serves, or a malformed one, is an OutputError (never a local folder named after it).
+    `output`: a job's output folder, where chained URLs (simplecache::s3://...) are refused: a cache
+    or dir:: layer over a folder we write would hide where the files really go, and with it the
+    checks that keep an output out of its inputs."""
     if not url or not url.strip():
         raise OutputError(f"{what}: empty path")
     m = _SCHEME_RE.match(url)
@@ -68,6 +71,10 @@ def resolve(url: str, what: str = "--out") -> tuple[fsspec.AbstractFileSystem, s
         scheme = m.group(1).lower()
         if scheme != "file" and "://" not in url:
             raise OutputError(f"{what} {url!r}: malformed URL (expected {scheme}://BUCKET/PATH)")
+        if output and "::" in url:
+            raise OutputError(f"{what} {url!r}: chained URLs are not supported for an output; give the store's "
+                              "own URL (s3://BUCKET/PATH)")
+        url = scheme + url[len(scheme) :]  # S3://b/x is s3://b/x (fsspec knows lower-case protocols only)
         try:
             fsspec.get_filesystem_class(scheme)
         except (ValueError, ImportError) as exc:
@@ -102,7 +109,7 @@ class RunDir:
     _lock: RunLock | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.fs, self.root = resolve(self.url)
+        self.fs, self.root = resolve(self.url, output=True)
 
     # -- paths ----------------------------------------------------------------------
 

@@ -324,6 +324,7 @@ def test_files_written_by_another_process_are_seen_after_a_listing(s3):
     ("--urls", "s3:/BUCKET/in/urls.parquet", "malformed URL (expected s3://BUCKET/PATH)"),
     ("--urls", "foo://x/urls.parquet", "no filesystem for foo://"),
     ("--urls", "s3://BUCKET/in/missing.parquet", "no such file or folder"),
+    ("--out", "simplecache::s3://BUCKET/corpus", "chained URLs are not supported for an output"),
 ])
 def test_bad_urls_are_one_line_exit_2_and_write_nothing(tmp_path, s3, flag, value, expect):
     urls = put_table(s3, "in/urls.parquet", [{"url": "http://127.0.0.1:9/a.jpg", "caption": "a red circle"}])

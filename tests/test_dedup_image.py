@@ -181,18 +181,27 @@ def test_flat_images():
     assert im.features(b"not an image") is None
 
 
-def _codes_computing_everything(img: np.ndarray, crop: float) -> tuple[np.ndarray, np.ndarray]:
-    """An eval view's (hashes, chroma) as they were computed before the eval side skipped codes it
-    never keeps: every turn and fill hashed on every turned box, mirrored too, then rows picked."""
+def _codes_computing_everything(img: np.ndarray, crop: float) -> tuple[np.ndarray, ...]:
+    """An eval view's (hashes, chroma, variants, parts) as they were computed before the eval side
+    skipped codes it never keeps: every turn and fill hashed on every turned box, mirrored too, then
+    rows picked; one view at a time."""
     lay = im._eval_layout(crop)
     grey, chroma = im.grids(img)
     h, c, hm, cm = im._box_codes(grey, chroma, lay.boxes, mirror=lay.flip)
     hs, cs = [h, hm], [c, cm]
+    variants = [(*b, 0.0, 0.0) for b in lay.boxes] + [(*lay.boxes[i], 1.0, 0.0) for i in lay.flip]
+    parts = list(lay.crop_parts)
     trimmed = im.content_box(grey)
     if trimmed != im.WHOLE:
         h, c, hm, cm = im._box_codes(grey, chroma, [trimmed])
         hs += [h, hm]
         cs += [c, cm]
+        variants += [(*trimmed, 0.0, 0.0), (*trimmed, 1.0, 0.0)]
+        parts += [True, True]
+    for a in im.ROTATIONS:
+        cut = im.rotated_cut(a)
+        variants += [(*im.WHOLE, 0.0, a), (cut, cut, 1 - cut, 1 - cut, 0.0, a), (*im.WHOLE, 0.0, a)]
+        parts += [True] * 3
     both = np.dstack([grey, chroma])
     turned = np.stack([cv2.warpAffine(both, m, (im.GRID, im.GRID), flags=cv2.INTER_LINEAR,
                                       borderMode=cv2.BORDER_CONSTANT) for m in lay.turns])
@@ -202,7 +211,7 @@ def _codes_computing_everything(img: np.ndarray, crop: float) -> tuple[np.ndarra
     rows = [r for i, j in enumerate(lay.turned_cut) for r in (i * nb, i * nb + j, (k + i) * nb)]
     hs.append(h_t.reshape(-1, im.N_REGIONS)[rows])
     cs.append(c_t.reshape(-1, im.N_REGIONS, im.CHROMA_DIM)[rows])
-    return np.concatenate(hs), np.concatenate(cs)
+    return np.concatenate(hs), np.concatenate(cs), np.array(variants, np.float32), np.array(parts)
 
 
 def _assert_same_codes(hashes, chroma, want_hashes, want_chroma):
@@ -230,8 +239,10 @@ def test_batched_eval_codes_equal_computing_everything():
         assert (sha, len(views)) == (im.view_features(data)[0], len(im.view_features(data)[1]))
         img = im.decode(data)
         for view, v in zip(im.views(img), views, strict=True):
-            hashes, chroma = _codes_computing_everything(view, 0.08)
+            hashes, chroma, variants, parts = _codes_computing_everything(view, 0.08)
             _assert_same_codes(v.hashes, v.chroma, hashes, chroma)
+            # Each row labelled with its box, mirror and turn, and parts indexed where they were.
+            assert np.array_equal(v.variants, variants) and np.array_equal(v.parts, parts)
             assert np.array_equal(v.thumb, im._thumbs(view)[0]) and v.sha256 == sha
             trimmed += im.content_box(im.grids(view)[0]) != im.WHOLE
         # The training side keeps the unmirrored codes of the same boxes.

@@ -400,3 +400,18 @@ def test_a_usage_error_is_one_line_exit_2(tmp_path, entry, argv):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0] and "usage" not in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_url_schemes_are_case_blind_and_an_output_takes_no_chained_url(tmp_path):
+    from pipeline.rundir import OutputError, resolve
+
+    # fsspec knows lower-case protocols only: S3://b/x raised a raw "Protocol not known: S3".
+    fs, path = resolve("S3://bucket/corpus/")
+    assert "s3" in fs.protocol and path == "bucket/corpus"
+    # A cache or dir:: layer over an output hid the store underneath from the checks that keep an
+    # output out of its inputs (an audit into simplecache::s3://B/corpus/audited was let through).
+    for url in ("simplecache::s3://bucket/corpus/audited", f"dir::file://{tmp_path}/out"):
+        with pytest.raises(OutputError, match="chained URLs are not supported for an output"):
+            RunDir(url, "audit_overlap")
+    assert list(tmp_path.iterdir()) == []
+    assert resolve("simplecache::s3://bucket/corpus")[1] == "bucket/corpus"  # an input may be read through one
