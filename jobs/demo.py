@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import sys
@@ -64,11 +65,40 @@ log = logging.getLogger("clipforge.demo")
 STAGE_OUTPUTS = ("corpus", "audited", "run", "corpus-filtered", "filtered", "run-filtered")
 
 
+MARKER = ".clipforge-demo"
+"""Written first into a new demo output folder: only a folder holding it is cleared by the next demo."""
+DEMO_FILES = ("evalsets", "data", "filtering.json", *STAGE_OUTPUTS)
+
+
+class DemoError(Exception):
+    """Bad input to the demo: one line, exit 2, nothing written or removed."""
+
+
 def fresh_start(out: Path) -> list[Path]:
-    """Remove the previous run's stage outputs under `out`; return what was removed."""
-    removed = [out / name for name in STAGE_OUTPUTS if (out / name).exists()]
+    """Claim `out` for the demo: create it with its marker, or clear the previous demo's outputs
+    from a folder holding the marker; return what was removed. Anything else (a folder without the
+    marker, other files beside the demo's, a symlink) is refused and nothing is removed: `--out ~/work`
+    must never cost the user's ~/work/run."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise DemoError(f"{out}: --out must be a folder (not a file or a symlink)")
+    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if entries and MARKER not in entries:
+        raise DemoError(f"{out}: --out holds files the demo did not write ({', '.join(entries[:3])}) and no "
+                        f"{MARKER}; use an empty or new folder (a demo run before the marker existed: remove "
+                        "its folder first)")
+    foreign = [n for n in entries if n not in (MARKER, *DEMO_FILES)]
+    links = [n for n in entries if (out / n).is_symlink()]
+    if foreign or links:
+        raise DemoError(f"{out}: --out holds {'symlinks' if links else 'files the demo did not write'} "
+                        f"({', '.join((links or foreign)[:3])}); nothing was removed")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("clipforge demo output: the next `make demo` clears this folder\n")
+    removed = [out / name for name in DEMO_FILES if (out / name).exists()]
     for path in removed:
-        shutil.rmtree(path)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     if removed:
         log.info("demo starts clean: removed the previous run's %s", ", ".join(str(p) for p in removed))
     return removed
@@ -297,11 +327,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--mismatched {args.mismatched} and --reuploads {args.reuploads} add up to more than the images")
     if args.clip_top_frac is not None and not 0 < args.clip_top_frac <= 1:
         p.error(f"--clip-top-frac is a fraction in (0, 1]; got {args.clip_top_frac}")
+    for name in ("images", "train_samples"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if bad := [k for k in args.dedup_within.split(",") if k and k not in ("text", "image")]:
+        p.error(f"--dedup-within takes text, image or both (comma-separated); got {', '.join(bad)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    out = Path(args.out).resolve()
+    out = Path(os.path.abspath(args.out))  # not resolved: a symlinked --out is refused, not followed
     rng = random.Random(0)
-    fresh_start(out)
+    try:
+        fresh_start(out)
+    except DemoError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
 
     print("== 1. generating evaluation sets and the local web", flush=True)
     evals = {"shapes": out / "evalsets" / "shapes", "pairs": out / "evalsets" / "pairs"}

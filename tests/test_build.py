@@ -294,19 +294,65 @@ def test_demo_starts_from_a_clean_corpus(tmp_path, caplog):
     """Each demo run serves a new port, so a kept corpus would be refused on the second `make demo`."""
     import logging
 
-    from jobs.demo import fresh_start
+    from jobs.demo import MARKER, fresh_start
 
     out = tmp_path / "demo-out"
+    assert fresh_start(out) == [] and (out / MARKER).is_file()  # a new folder is claimed with the marker
     (out / "corpus" / "parts").mkdir(parents=True)
     (out / "corpus" / "run.json").write_text('{"allow_hosts": ["127.0.0.1:1"]}')
     (out / "audited").mkdir()
     (out / "evalsets").mkdir()
+    (out / "filtering.json").write_text("{}")  # the last run's before/after figures go too
     with caplog.at_level(logging.INFO, logger="clipforge.demo"):
         removed = fresh_start(out)
-    assert sorted(p.name for p in removed) == ["audited", "corpus"]
-    assert not (out / "corpus").exists() and (out / "evalsets").exists()
+    assert sorted(p.name for p in removed) == ["audited", "corpus", "evalsets", "filtering.json"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]
     assert len([r for r in caplog.records if "starts clean" in r.message]) == 1
     assert fresh_start(out) == []
+
+
+@pytest.mark.parametrize("case", ["no_marker", "foreign_beside_marker", "symlink_inside", "symlink_out", "file_out"])
+def test_demo_never_removes_what_it_did_not_write(tmp_path, case, capsys):
+    # `fresh_start` removed run/, corpus/, ... under any --out: `--out ~/work` cost the user's ~/work/run.
+    from jobs.demo import MARKER, main
+
+    out = tmp_path / "work"
+    out.mkdir()
+    mine = out / "run" / "checkpoints"
+    mine.mkdir(parents=True)
+    (mine / "epoch_9.pt").write_bytes(b"weeks of training")
+    if case == "foreign_beside_marker":
+        (out / MARKER).write_text("")
+        (out / "notes.txt").write_text("mine")
+    elif case == "symlink_inside":
+        (out / MARKER).write_text("")
+        (out / "corpus").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    elif case == "symlink_out":
+        (tmp_path / "link").symlink_to(out, target_is_directory=True)
+        (out / MARKER).write_text("")
+        out = tmp_path / "link"
+    elif case == "file_out":
+        out = tmp_path / "file"
+        out.write_text("mine")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert main(["--out", str(out), "--skip-train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"demo: error: {out}: --out"), err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert (mine / "epoch_9.pt").read_bytes() == b"weeks of training"
+
+
+@pytest.mark.parametrize("args, why", [(["--images", "0"], "--images must be at least 1"),
+                                       (["--train-samples", "-5"], "--train-samples must be at least 1"),
+                                       (["--dedup-within", "embedding:0.95"], "--dedup-within takes text, image")])
+def test_demo_bad_arguments_are_refused_before_anything_runs(tmp_path, args, why, capsys):
+    # --dedup-within was refused only at step 5, three minutes in; --images 0 ended in a ZeroDivisionError.
+    from jobs.demo import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "out"), *args])
+    assert exc.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kind", ["csv", "tsv"])
