@@ -131,7 +131,8 @@ def near_section(summary: dict[str, Any], shown: dict[int, dict[str, Any]], rule
     kinds = list(summary["removed"])
     out = ["<h2 id='near-duplicates'>Near-duplicates within the corpus</h2>",
            "<table><tr><th>kind</th><th>clusters</th><th>samples removed</th><th>rule (clusters joined "
-           "transitively; the lowest row of each stays)</th></tr>"]
+           "transitively; the lowest row of each stays, unless it is itself removed as the other kind's "
+           "duplicate)</th></tr>"]
     for k in kinds:
         out.append(f"<tr><td>{e(k)}</td><td>{summary['clusters_by_kind'][k]}</td><td>{summary['removed'][k]}</td>"
                    f"<td>{rule.get(k, '')}</td></tr>")
@@ -139,13 +140,13 @@ def near_section(summary: dict[str, Any], shown: dict[int, dict[str, Any]], rule
                "lowest removed members; the manifest lists every removed sample (reason "
                "<code>near_duplicate:KIND</code>, <code>duplicate_of</code> the kept sample's key).</p>")
 
-    def cell(row: int, cls: str) -> str:
+    def cell(row: int, cls: str, label: str | None = None) -> str:
         s = shown.get(row)
         if s is None:
             raise AccountingError(f"near-duplicate report: the near_thumbs step's files hold no row {row}; delete "
                                   "the output folder's _steps/near_thumbs* and rerun")
-        return (f"<td class='{cls}' data-key='{e(s['key'])}'>{_img(jpeg_uri(s['jpeg']))}{cls} <code>{e(s['key'])}"
-                f"</code><br>{e(s['caption'] or '')}</td>")
+        return (f"<td class='{cls}' data-key='{e(s['key'])}'>{_img(jpeg_uri(s['jpeg']))}{e(label or cls)} "
+                f"<code>{e(s['key'])}</code><br>{e(s['caption'] or '')}</td>")
 
     for k in kinds:
         clusters = [c for c in summary["report"] if c["kind"] == k]
@@ -156,7 +157,9 @@ def near_section(summary: dict[str, Any], shown: dict[int, dict[str, Any]], rule
         out.append(f"<table class='near' data-kind='{e(k)}'>")
         for c in clusters:
             more = c["size"] - 1 - len(c["shown"])
-            kept = cell(c["root"], "kept")
+            fate = c.get("root_fate")  # the root removed as the other kind's duplicate: not "kept"
+            kept = cell(c["root"], "kept") if not fate else cell(c["root"], "removed",
+                                                                 f"removed too ({fate[1]} duplicate)")
             out.append(f"<tr class='cluster' data-root='{e(shown[c['root']]['key'])}' data-size='{c['size']}'>"
                        f"<th>{c['size']} samples</th>{kept}"
                        + "".join(cell(m, "removed") for m in c["shown"])

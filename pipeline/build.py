@@ -799,7 +799,7 @@ def _build(cfg: BuildConfig, rd: RunDir, slices: list[InputSlice], buckets: int,
                                    plan.slice_offsets, rd.url_of("_near"), record["near_buckets"], near),
                  executor, progress_every=every)
         near_summary = run_step(rd, NearClusterStep(rd.url_of("_near"), record["near_buckets"], plan.slice_offsets,
-                                                    rd.url_of("_dups")), executor, progress_every=every)[0]
+                                                    rd.url_of("_dups"), near.kinds), executor, progress_every=every)[0]
         if "report" not in near_summary:
             raise AccountingError(f"{rd.url_of('_steps', 'near_cluster.json')}: written by an older clipforge (no "
                                   "clusters for the report); delete the folder's _steps/near_cluster* and rerun")

@@ -492,16 +492,18 @@ REPORT_MEMBERS = 5
 def report_clusters(dropped: dict[int, tuple[int, str]], per_kind: int = REPORT_CLUSTERS,
                     members: int = REPORT_MEMBERS) -> list[dict[str, Any]]:
     """The clusters the report shows: per kind, the `per_kind` largest (ties: the lowest kept row), each
-    {kind, root, size, shown}: `shown` its `members` lowest removed rows. Clusters as the manifest has
-    them: a kept row and the rows dropped `near_duplicate:KIND` with it as `duplicate_of`."""
+    {kind, root, size, shown, root_fate}: `shown` its `members` lowest removed rows. Clusters as the
+    manifest has them: a root and the rows dropped `near_duplicate:KIND` with it as `duplicate_of`.
+    `root_fate`: None when the root stays, else [its own root, kind]: a caption cluster's lowest row can
+    itself be a near-duplicate image of a lower row (kinds are clustered apart), and is removed as one."""
     by_cluster: dict[tuple[str, int], list[int]] = {}
     for row, (root, kind) in dropped.items():
         by_cluster.setdefault((kind, root), []).append(row)
     out = []
     for kind in KINDS:
         mine = sorted(((-len(rows), root, rows) for (k, root), rows in by_cluster.items() if k == kind))[:per_kind]
-        out += [{"kind": kind, "root": root, "size": 1 - neg, "shown": sorted(rows)[:members]}
-                for neg, root, rows in mine]
+        out += [{"kind": kind, "root": root, "size": 1 - neg, "shown": sorted(rows)[:members],
+                 "root_fate": list(dropped[root]) if root in dropped else None} for neg, root, rows in mine]
     return out
 
 
@@ -606,8 +608,12 @@ class NearClusterStep(Step):
     name = "near_cluster"
     what = "tasks"
 
-    def __init__(self, edges_dir: str, buckets: int, slice_offsets: list[int], dups_dir: str):
+    def __init__(self, edges_dir: str, buckets: int, slice_offsets: list[int], dups_dir: str,
+                 kinds: tuple[str, ...] = KINDS):
         self.edges_dir, self.buckets, self.offsets, self.dups_dir = edges_dir, buckets, slice_offsets, dups_dir
+        self.kinds = tuple(k for k in KINDS if k in kinds)
+        """The kinds --dedup-within compares: counts are reported for these only (0 text duplicates
+        said of a run that never compared captions would read as a finding)."""
 
     def tasks(self) -> list[int]:
         return [0]
@@ -629,9 +635,9 @@ class NearClusterStep(Step):
             t = pa.table({"row": part, "root": [dropped[r][0] for r in part], "kind": [dropped[r][1] for r in part]},
                          schema=NEAR_SCHEMA)
             atomic_write_bytes(fs, f"{self.dups_dir}/near-{s:05d}.parquet", parquet_bytes(t))
-        removed = {k: sum(1 for _, kind in dropped.values() if kind == k) for k in KINDS}
+        removed = {k: sum(1 for _, kind in dropped.values() if kind == k) for k in self.kinds}
         # A cluster: a kept row with the rows dropped for it, per kind.
-        found = {k: len({root for root, kind in dropped.values() if kind == k}) for k in KINDS}
+        found = {k: len({root for root, kind in dropped.values() if kind == k}) for k in self.kinds}
         # The report's few clusters travel in the summary (a few hundred numbers): the steps that draw
         # their thumbnails and the page need nothing else from this one.
         return {"clusters": sum(found.values()), "clusters_by_kind": found, "removed": removed,

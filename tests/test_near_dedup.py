@@ -298,6 +298,40 @@ def test_report_without_clusters(tmp_path, web):
     assert json.loads((out / "_steps" / "near_thumbs.json").read_text()) == []
 
 
+def test_only_the_kinds_compared_are_reported(tmp_path, web):
+    """--dedup-within image: stats.json and the page report image duplicates alone. Both kinds were
+    reported, so a run that never compared captions said it found 0 text duplicates, by a rule it never applied."""
+    rows, *_ = _planted(web)
+    pq.write_table(pa.Table.from_pylist(rows[:20]), tmp_path / "in.parquet")
+    out = tmp_path / "o"
+    args = _near_args(tmp_path / "in.parquet", out, web)
+    args[args.index("--dedup-within") + 1] = "image"
+    assert main(args) == 0
+    near = json.loads((out / "stats.json").read_text())["near_duplicates"]
+    assert list(near["removed"]) == ["image"] and list(near["clusters_by_kind"]) == ["image"]
+    html = (out / "audit" / "report.html").read_text()
+    assert "<tr><td>image</td><td>0</td><td>0</td>" in html and "<td>text</td>" not in html
+    assert "caption Jaccard" not in html and html.count("None found.") == 1
+
+
+def test_a_kept_row_removed_as_the_other_kinds_duplicate_is_not_labelled_kept():
+    # Row 2 keeps a caption cluster (5 is its copy) but is itself an image copy of row 1: the page
+    # called it "kept" while the manifest removes it (duplicate_of 1).
+    from dedup.report import near_section
+    from pipeline.near_dedup import report_clusters
+
+    dropped = {2: (1, "image"), 5: (2, "text")}
+    summary = {"clusters_by_kind": {"text": 1, "image": 1}, "removed": {"text": 1, "image": 1},
+               "report": report_clusters(dropped)}
+    shown = {r: {"key": f"{r:09d}", "jpeg": b"\xff\xd8", "caption": f"caption {r}"} for r in (1, 2, 5)}
+    html = near_section(summary, shown, {"text_threshold": 0.8, "ngram": 3, "image_max_distance": 10,
+                                         "image_min_similarity": 0.96})
+    got = _report_clusters(html)
+    assert [(c, k) for c, k, _ in got[("text", "000000002")][1]] == [("removed", "000000002"), ("removed", "000000005")]
+    assert [(c, k) for c, k, _ in got[("image", "000000001")][1]] == [("kept", "000000001"), ("removed", "000000002")]
+    assert "removed too (image duplicate)" in html
+
+
 def test_report_with_eval_holds_both_sections(tmp_path, web):
     """--eval and --dedup-within: one report.html, the eval sets' tables, then the near-duplicate section."""
     from pipeline.localweb import write_imagefolder
