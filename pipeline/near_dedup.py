@@ -433,6 +433,20 @@ def image_edges(keys: pa.Table, bucket: int, buckets: int, settings: NearSetting
         return bool(im.chroma_residual(cb, ca)[0] <= m.image_max_chroma)
 
     edges: set[tuple[int, int]] = set()
+    # Components so far: a pair of groups whose rows would all join one component already changes no
+    # cluster, and is not verified. Copies re-encoded at other qualities or sizes keep one hash but
+    # differ in thumbnails (one group each): k of them cost k^2 / 2 checks (780 at k = 40), not k.
+    joined = _UnionFind()
+
+    def add(new: list[tuple[int, int]]) -> None:
+        edges.update(new)
+        for a, b in new:
+            joined.union(a, b)
+
+    def one_component(rows: list[int]) -> bool:
+        root = joined.find(rows[0])
+        return all(joined.find(r) == root for r in rows[1:])
+
     for ka, kb in groups:
         c_ab, c_ba = chroma_ok(ka, kb), chroma_ok(kb, ka)
         for i, f in enumerate(sub[ka]):
@@ -440,15 +454,18 @@ def image_edges(keys: pa.Table, bucket: int, buckets: int, settings: NearSetting
                 if ka == kb and j < i:
                     continue
                 if f is g:  # pairs within one group of equal rows: all verify alike
-                    if len(f) > 1 and c_ab and ok(f[0], f[0]):
-                        edges.update((f[0], x) for x in f[1:])
+                    if len(f) > 1 and c_ab and not one_component(f) and ok(f[0], f[0]):
+                        add([(f[0], x) for x in f[1:]])
                     continue
                 for lower, upper, chroma in ((f, g, c_ab), (g, f, c_ba)):
                     # Every pair x < y with x in `lower`, y in `upper` verifies alike: joined through
                     # lower's lowest row and upper's highest.
-                    if chroma and lower[0] < upper[-1] and ok(lower[0], upper[0]):
-                        edges.update((lower[0], y) for y in upper if y > lower[0])
-                        edges.update((x, upper[-1]) for x in lower if x < upper[-1])
+                    if not (chroma and lower[0] < upper[-1]):
+                        continue
+                    new = ([(lower[0], y) for y in upper if y > lower[0]]
+                           + [(x, upper[-1]) for x in lower if x < upper[-1]])
+                    if not one_component([r for e in new for r in e]) and ok(lower[0], upper[0]):
+                        add(new)
     uf = _UnionFind()
     return [e for e in sorted(edges) if uf.union(*e)], len(groups)
 

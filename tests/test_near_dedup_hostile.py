@@ -90,6 +90,37 @@ def test_collapsed_image_copies_give_the_brute_force_clusters():
     assert len(got) >= 24 and got == brute_force_clusters([""] * len(bodies), bodies, _settings("image"))
 
 
+def _reencoded_rows(k: int) -> list[bytes]:
+    """k re-uploads of one image, each at another JPEG quality or a few pixels larger or smaller: one
+    hash, but thumbnails that differ (no two rows collapse into one group of equal features)."""
+    from PIL import Image
+
+    base = make_image("circle", "red", (128, 128), random.Random(1))
+    out = []
+    for i in range(k):
+        side = 128 + (i % 9) - 4
+        out.append(encode(base.resize((side, side), Image.BICUBIC) if side != 128 else base, "jpg", 55 + (i * 7) % 45))
+    return out
+
+
+def test_reencoded_copies_verify_about_once_each_and_give_the_brute_force_clusters(monkeypatch):
+    # Every pair of distinct groups was verified: k re-encodes cost k^2 / 2 checks (1,970 at k = 80,
+    # hours for thousands of re-uploads of one picture in a bucket). A pair whose rows are already
+    # one component changes no cluster.
+    import dedup.image as im
+    from pipeline.near_dedup import brute_force_clusters, clusters
+
+    bodies = _reencoded_rows(60)
+    calls = []
+    real = im.verify
+    monkeypatch.setattr(im, "verify", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = clusters({"image": _image_edges(bodies)})
+    assert len(calls) < 2 * len(bodies), len(calls)
+    monkeypatch.setattr(im, "verify", real)
+    want = brute_force_clusters([""] * len(bodies), bodies, _settings("image"))
+    assert len(want) >= 50 and got == want
+
+
 @pytest.mark.parametrize("value", ["TEXT", "embedding:2", "embedding:0.95", "text,caption"])
 def test_bad_dedup_within_values_exit_2_and_write_nothing(tmp_path, web, corpus_input, capsys, value):
     from conftest import build_args
