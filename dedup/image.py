@@ -366,6 +366,9 @@ def content_box(grey: np.ndarray, tol: float = 6.0, max_cut: float = 0.3) -> tup
     median; at most `max_cut` of a side is cut, and a cut of one cell is ignored (JPEG edges). Past a
     border one more cell goes: the border rarely ends on a cell edge, and a sliver of a high-contrast
     border costs the precise check more than a sliver of picture does.
+
+    One grid at a time for the training side: `content_boxes` gives the same for a stack, but costs
+    15 us more for one grid (63 against 48 us: 2% of a training image's hashing).
     """
     n = grey.shape[0]
     limit = int(n * max_cut)

@@ -432,16 +432,15 @@ def image_edges(keys: pa.Table, bucket: int, buckets: int, settings: NearSetting
         ca, cb = (np.frombuffer(k[1], np.int8)[None] for k in (ka, kb))
         return bool(im.chroma_residual(cb, ca)[0] <= m.image_max_chroma)
 
-    edges: set[tuple[int, int]] = set()
-    # Components so far: a pair of groups whose rows would all join one component already changes no
-    # cluster, and is not verified. Copies re-encoded at other qualities or sizes keep one hash but
-    # differ in thumbnails (one group each): k of them cost k^2 / 2 checks (780 at k = 40), not k.
+    # Components so far, and the edges that made them (a spanning forest: the clusters need no more).
+    # A pair of groups whose rows would all join one component already changes no cluster, and is not
+    # verified: copies re-encoded at other qualities or sizes keep one hash but differ in thumbnails
+    # (one group each), and k of them cost k^2 / 2 checks (780 at k = 40), not k.
     joined = _UnionFind()
+    forest: list[tuple[int, int]] = []
 
     def add(new: list[tuple[int, int]]) -> None:
-        edges.update(new)
-        for a, b in new:
-            joined.union(a, b)
+        forest.extend(e for e in new if joined.union(*e))
 
     def one_component(rows: list[int]) -> bool:
         root = joined.find(rows[0])
@@ -466,8 +465,7 @@ def image_edges(keys: pa.Table, bucket: int, buckets: int, settings: NearSetting
                            + [(x, upper[-1]) for x in lower if x < upper[-1]])
                     if not one_component([r for e in new for r in e]) and ok(lower[0], upper[0]):
                         add(new)
-    uf = _UnionFind()
-    return [e for e in sorted(edges) if uf.union(*e)], len(groups)
+    return sorted(forest), len(groups)
 
 
 def _thumb(b: bytes) -> np.ndarray:
